@@ -1,0 +1,433 @@
+"""GAD data: teacher-response datasets, a resumable prompt loader and verl-layout collation.
+
+Rows hold a prompt (``prompt_key``: a string or a list of chat messages) and the black-box teacher's
+text (``teacher_response_key``). Files are JSON lines (``.jsonl``/``.json``) or Parquet.
+
+EOS policy
+----------
+Student samples end with the EOS token when the student stops by itself, so every teacher response is
+tokenised as ``encode(text, add_special_tokens=False) + [eos_token_id]``. A teacher text that already
+ends with the EOS string keeps a single EOS (the string is removed before encoding). Both sides of the
+discriminator therefore end the same way; otherwise it could separate teacher from student by the
+final token alone (d_acc ~ 1, useless reward). Student samples cut at the max response length without
+an EOS are the trainer's concern, not this module's.
+
+Prompts are encoded with the tokenizer's chat template (``add_generation_prompt=True``) when it has one
+(a string prompt becomes one user message); without a template a string prompt is encoded plainly
+(with the tokenizer's own special tokens, e.g. BOS) and a message list is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class DataError(ValueError):
+    """A bad row or file; the message names the file, the 1-based line (or row) and the problem."""
+
+
+class _BadRow(Exception):
+    """Internal: carries a skip reason and a human-readable problem for one row."""
+
+    def __init__(self, reason: str, problem: str):
+        super().__init__(problem)
+        self.reason = reason
+        self.problem = problem
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
+    """Yields (location, row-or-_BadRow); blank lines (e.g. a trailing newline) are not rows."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            loc = f"{path}:{line_no}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield loc, _BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                yield loc, _BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield loc, row
+
+
+def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    # Read only the columns we need; absent ones surface as "missing key" per row.
+    columns = [k for k in keys if k in pf.schema_arrow.names]
+    row_no = 0
+    for batch in pf.iter_batches(columns=columns, batch_size=4096):
+        for row in batch.to_pylist():
+            row_no += 1
+            yield f"{path} row {row_no}", row
+    if not columns:  # no batches carry rows without columns: report every row as missing keys
+        for _ in range(pf.metadata.num_rows):
+            row_no += 1
+            yield f"{path} row {row_no}", {}
+
+
+def _iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    lower = path.lower()
+    if lower.endswith(JSONL_SUFFIXES):
+        return _iter_jsonl(path)
+    if lower.endswith(PARQUET_SUFFIXES):
+        return _iter_parquet(path, keys)
+    raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+
+
+def _check_prompt(value: Any, key: str) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise _BadRow("empty", f"empty prompt '{key}'")
+        return value
+    if isinstance(value, list):
+        if not value:
+            raise _BadRow("empty", f"empty prompt '{key}' (no messages)")
+        for i, msg in enumerate(value):
+            if not (
+                isinstance(msg, dict)
+                and isinstance(msg.get("role"), str)
+                and isinstance(msg.get("content"), str)
+            ):
+                raise _BadRow(
+                    "bad_type", f"prompt '{key}' message {i} is not {{'role': str, 'content': str}}"
+                )
+        if not any(msg["content"].strip() for msg in value):
+            raise _BadRow("empty", f"empty prompt '{key}' (all messages empty)")
+        return [{"role": m["role"], "content": m["content"]} for m in value]
+    raise _BadRow(
+        "bad_type", f"prompt '{key}' must be a string or a list of messages, got {type(value).__name__}"
+    )
+
+
+def _check_row(row: Any, prompt_key: str, response_key: str) -> tuple[Any, str]:
+    if isinstance(row, _BadRow):
+        raise row
+    if not isinstance(row, dict):
+        raise _BadRow("bad_type", f"row is not an object, got {type(row).__name__}")
+    for key in (prompt_key, response_key):
+        if row.get(key) is None:
+            raise _BadRow("missing_key", f"missing key '{key}'")
+    prompt = _check_prompt(row[prompt_key], prompt_key)
+    response = row[response_key]
+    if not isinstance(response, str):
+        raise _BadRow(
+            "bad_type", f"teacher response '{response_key}' must be a string, got {type(response).__name__}"
+        )
+    if not response.strip():
+        raise _BadRow("empty", f"empty teacher response '{response_key}'")
+    return prompt, response
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_ids(out: Any) -> list[int]:
+    # transformers 5 may return a BatchEncoding even with return_dict=False on some tokenizers.
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt, following the module's template policy."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return _as_ids(
+            tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+    if not isinstance(prompt, str):
+        raise _BadRow("no_chat_template", "prompt is a message list but the tokenizer has no chat template")
+    return _as_ids(tokenizer.encode(prompt))
+
+
+def encode_teacher_response(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a teacher response, ending with exactly one EOS (see the module docstring)."""
+    eos_id = tokenizer.eos_token_id
+    eos = tokenizer.eos_token
+    if eos and text.endswith(eos):
+        text = text[: -len(eos)]
+    ids = _as_ids(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    if not ids or ids[-1] != eos_id:
+        ids.append(int(eos_id))
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class GADDataset:
+    """Tokenised (prompt, teacher response) pairs, checked and tokenised once at construction."""
+
+    def __init__(
+        self,
+        files: str | os.PathLike | Sequence[str | os.PathLike],
+        tokenizer: Any,
+        prompt_key: str = "content",
+        teacher_response_key: str = "teacher_response",
+        max_prompt_length: int = 2048,
+        max_response_length: int = 1536,
+        on_bad_row: str = "error",
+    ):
+        if on_bad_row not in ("error", "skip"):
+            raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if isinstance(files, (str, os.PathLike)):
+            files = [files]
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id; GAD needs one to end teacher responses")
+        self.files = [str(f) for f in files]
+        self.tokenizer = tokenizer
+        self.prompt_key = prompt_key
+        self.teacher_response_key = teacher_response_key
+        self.max_prompt_length = max_prompt_length
+        self.max_response_length = max_response_length
+        self.on_bad_row = on_bad_row
+        self.prompt_ids: list[list[int]] = []
+        self.teacher_response_ids: list[list[int]] = []
+        self.skipped: dict[str, int] = {}
+
+        skipped: Counter[str] = Counter()
+        for path in self.files:
+            for loc, row in _iter_file(path, (prompt_key, teacher_response_key)):
+                try:
+                    p_ids, r_ids = self._tokenize_row(row)
+                except _BadRow as bad:
+                    if on_bad_row == "error":
+                        raise DataError(f"{loc}: {bad.problem}") from None
+                    skipped[bad.reason] += 1
+                    continue
+                self.prompt_ids.append(p_ids)
+                self.teacher_response_ids.append(r_ids)
+        self.skipped = dict(sorted(skipped.items()))
+        if self.skipped:
+            logger.warning(
+                "GADDataset: kept %d rows, skipped %d bad rows (%s)",
+                len(self),
+                sum(self.skipped.values()),
+                ", ".join(f"{k}={v}" for k, v in self.skipped.items()),
+            )
+
+    def _tokenize_row(self, row: Any) -> tuple[list[int], list[int]]:
+        prompt, response = _check_row(row, self.prompt_key, self.teacher_response_key)
+        p_ids = encode_prompt(self.tokenizer, prompt)
+        if len(p_ids) > self.max_prompt_length:
+            raise _BadRow(
+                "prompt_too_long", f"prompt has {len(p_ids)} tokens > max_prompt_length {self.max_prompt_length}"
+            )
+        r_ids = encode_teacher_response(self.tokenizer, response)
+        if len(r_ids) > self.max_response_length:
+            raise _BadRow(
+                "response_too_long",
+                f"teacher response has {len(r_ids)} tokens (with EOS) > max_response_length "
+                f"{self.max_response_length}",
+            )
+        return p_ids, r_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {
+            "prompt_ids": self.prompt_ids[index],
+            "teacher_response_ids": self.teacher_response_ids[index],
+            "index": index,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable sampling
+# ----------------------------------------------------------------------------------------------
+
+
+class StatefulSampler:
+    """Endless iterator of index batches; epoch e uses a permutation seeded by (seed, e).
+
+    The state is (epoch, position in the epoch's order), so a loader restored from
+    ``state_dict()`` yields exactly the batches the original would have yielded next.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_samples < 1 or (drop_last and num_samples < batch_size):
+            raise ValueError(
+                f"{num_samples} samples cannot fill one batch of {batch_size} (drop_last={drop_last})"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.position = 0
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+
+    def __len__(self) -> int:
+        """Batches per epoch (iteration itself never ends)."""
+        full, rest = divmod(self.num_samples, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> "StatefulSampler":
+        return self
+
+    def __next__(self) -> list[int]:
+        remaining = self.num_samples - self.position
+        if remaining == 0 or (self.drop_last and remaining < self.batch_size):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._epoch_order(self.epoch)
+        end = min(self.position + self.batch_size, self.num_samples)
+        batch = self._order[self.position : end].tolist()
+        self.position = end
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Resuming with different data or batching would silently change the batch sequence.
+        for key in ("num_samples", "batch_size", "shuffle", "seed", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]!r}, this sampler has {getattr(self, key)!r}")
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._order = self._epoch_order(self.epoch)
+
+
+class PromptLoader:
+    """Endless iterator of batches (lists of dataset items) with a resumable state."""
+
+    def __init__(self, dataset: Any, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = True):
+        self.dataset = dataset
+        self.sampler = StatefulSampler(len(dataset), batch_size, shuffle, seed, drop_last)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def __iter__(self) -> "PromptLoader":
+        return self
+
+    def __next__(self) -> list[dict[str, Any]]:
+        return [self.dataset[i] for i in next(self.sampler)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Collation (verl layout: left-padded prompt ++ right-padded response)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, cols] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, cols] = 1
+    return ids, mask
+
+
+def build_sequences(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joins left-padded prompts [B,P] and right-padded responses [B,R] into [B,P+R] sequences.
+
+    Returns (input_ids, attention_mask, position_ids); positions count valid tokens from 0 and stay
+    at the last valid position over right padding (and at 0 over left padding).
+    """
+    input_ids = torch.cat([prompt_ids, responses], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).to(torch.long)
+    position_ids = (torch.cumsum(attention_mask, dim=1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last 1 in each row of a [B,T] mask (any padding side); -1 for an all-zero row."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+    return torch.where(attention_mask.bool(), positions, -1).amax(dim=-1).to(torch.long)
+
+
+def collate_prompts(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pads a batch of dataset items into prompt tensors and the teacher sequence tensors."""
+    if not items:
+        raise ValueError("collate_prompts needs at least one item")
+    prompt_ids, prompt_mask = _pad([it["prompt_ids"] for it in items], pad_id, left=True)
+    teacher_response, teacher_response_mask = _pad(
+        [it["teacher_response_ids"] for it in items], pad_id, left=False
+    )
+    input_ids, attention_mask, position_ids = build_sequences(
+        prompt_ids, prompt_mask, teacher_response, teacher_response_mask
+    )
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "teacher_input_ids": input_ids,
+        "teacher_attention_mask": attention_mask,
+        "teacher_position_ids": position_ids,
+        "teacher_response": teacher_response,
+        "teacher_response_mask": teacher_response_mask,
+        "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
+    }
