@@ -1,0 +1,61 @@
+"""Outcome advantage estimators over groups of n samples per prompt."""
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+_ADV_ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_adv_estimator(name: str):
+    def deco(fn):
+        _ADV_ESTIMATORS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_adv_estimator(name: str) -> Callable:
+    if name not in _ADV_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(_ADV_ESTIMATORS))}")
+    return _ADV_ESTIMATORS[name]
+
+
+def _grouped(rewards: Tensor, n: int) -> Tensor:
+    assert rewards.dim() == 1 and rewards.numel() % n == 0, f"{rewards.numel()} rewards not divisible by n={n}"
+    return rewards.float().view(-1, n)  # [N, n]
+
+
+@register_adv_estimator("grpo")
+def compute_grpo_advantages(
+    rewards: Tensor, response_mask: Tensor, n: int, norm_by_std: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """GRPO: (r - mean_group) / (std_group + eps), broadcast over response tokens.
+
+    rewards: [N*n] (consecutive blocks of n share a prompt); response_mask: [N*n, T].
+    n == 1 has no group baseline: advantage 0.
+    """
+    r = _grouped(rewards, n)  # [N, n]
+    if n == 1:
+        adv = torch.zeros_like(r)
+    else:
+        adv = r - r.mean(dim=1, keepdim=True)
+        if norm_by_std:
+            # unbiased std like verl; equal rewards -> 0 / eps = 0, no NaN
+            adv = adv / (r.std(dim=1, keepdim=True) + eps)
+    adv = adv.reshape(-1, 1) * response_mask.to(adv.dtype)  # [N*n, T]
+    return adv, adv
+
+
+@register_adv_estimator("rloo")
+def compute_rloo_advantages(rewards: Tensor, response_mask: Tensor, n: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """RLOO: r_i - mean of the other n-1 rewards of its group. n == 1 -> 0."""
+    r = _grouped(rewards, n)
+    if n == 1:
+        adv = torch.zeros_like(r)
+    else:
+        loo_mean = (r.sum(dim=1, keepdim=True) - r) / (n - 1)
+        adv = r - loo_mean
+    adv = adv.reshape(-1, 1) * response_mask.to(adv.dtype)
+    return adv, adv

@@ -1,0 +1,37 @@
+"""Bradley-Terry discriminator loss for GAD (pure torch, on scores)."""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def discriminator_loss(
+    student_scores: Tensor, teacher_scores: Tensor, n: int, score_reg_coef: float = 0.0
+) -> tuple[Tensor, dict]:
+    """-logsigmoid(D(teacher) - D(student)), averaged over the N*n pairs.
+
+    student_scores: [N*n], samples i*n .. i*n+n-1 belong to prompt i
+    teacher_scores: [N], one teacher response per prompt
+    score_reg_coef: optional coef * mean(s^2) over all N + N*n scores, keeps scores
+        from drifting (BT is shift-invariant); 0 = off.
+    """
+    assert student_scores.dim() == 1 and teacher_scores.dim() == 1, "scores must be 1-D"
+    assert student_scores.numel() == teacher_scores.numel() * n, (
+        f"expected {teacher_scores.numel()} * {n} student scores, got {student_scores.numel()}"
+    )
+    s = student_scores.float()
+    t = teacher_scores.float().repeat_interleave(n)  # [N*n], paired with s
+    diff = t - s
+    bt_loss = -F.logsigmoid(diff).mean()
+    score_reg = score_reg_coef * torch.cat([teacher_scores.float(), s]).pow(2).mean()
+    loss = bt_loss + score_reg if score_reg_coef else bt_loss
+    with torch.no_grad():
+        metrics = {
+            "d_loss": bt_loss.detach(),
+            "d_acc": (diff > 0).float().mean(),
+            "student_value_mean": s.mean(),
+            "teacher_value_mean": teacher_scores.float().mean(),
+            "score_gap": teacher_scores.float().mean() - s.mean(),
+            "score_reg": score_reg.detach(),
+        }
+    return loss, metrics

@@ -1,0 +1,62 @@
+"""PPO-clip policy loss (with dual-clip) for the actor."""
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .utils import agg_loss, masked_mean
+
+_POLICY_LOSSES: dict[str, Callable] = {}
+
+
+def register_policy_loss(name: str):
+    def deco(fn):
+        _POLICY_LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_policy_loss(name: str) -> Callable:
+    if name not in _POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; known: {', '.join(sorted(_POLICY_LOSSES))}")
+    return _POLICY_LOSSES[name]
+
+
+@register_policy_loss("ppo")
+@register_policy_loss("vanilla")
+def ppo_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Tensor, dict]:
+    """Clipped surrogate; all inputs [B, T].
+
+    Dual clip: for A < 0 the loss is capped at -A * clip_ratio_c, so a huge ratio on a
+    bad token cannot blow up the update.
+    """
+    assert clip_ratio_c > 1.0, f"clip_ratio_c must be > 1, got {clip_ratio_c}"
+    log_ratio = (log_prob - old_log_prob).clamp(-20.0, 20.0)  # clamp keeps exp finite
+    ratio = torch.exp(log_ratio)
+    loss_unclipped = -advantages * ratio
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
+    loss_cap = -advantages * clip_ratio_c
+    loss_dual = torch.minimum(loss_ppo, loss_cap)
+    neg = advantages < 0
+    pg_losses = torch.where(neg, loss_dual, loss_ppo)
+    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
+    with torch.no_grad():
+        metrics = {
+            "pg_loss": pg_loss.detach(),
+            "pg_clipfrac": masked_mean((loss_clipped > loss_unclipped).float(), response_mask),
+            "ppo_kl": masked_mean(-log_ratio, response_mask),
+            "pg_clipfrac_lower": masked_mean(((loss_ppo > loss_cap) & neg).float(), response_mask),
+        }
+    return pg_loss, metrics

@@ -1,0 +1,11 @@
+"""Supervised loss on teacher tokens (SFT warmup of the generator)."""
+
+from torch import Tensor
+
+from .utils import agg_loss
+
+
+def sft_loss(log_probs: Tensor, mask: Tensor, loss_agg_mode: str = "token-mean") -> tuple[Tensor, dict]:
+    """Negative log-likelihood of the teacher tokens; log_probs, mask: [B, T]."""
+    loss = agg_loss(-log_probs, mask, loss_agg_mode)
+    return loss, {"sft_loss": loss.detach()}
