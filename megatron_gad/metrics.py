@@ -161,12 +161,13 @@ class MetricsLogger:
                     "logger 'wandb' was requested but wandb is not installed; "
                     "pip install 'megatron-gad[wandb]' or drop 'wandb' from the loggers"
                 ) from e
-            os.environ.setdefault("WANDB_MODE", "offline")
+            # Offline unless the user chose otherwise; passed as an argument to leave os.environ alone.
             self._wandb = wandb.init(
                 project=project,
                 name=experiment,
                 config=dict(config_dict or {}),
                 dir=self.out_dir,
+                mode=os.environ.get("WANDB_MODE", "offline"),
             )
 
     def _prepare_jsonl(self, resume_step: int | None) -> None:
