@@ -1,0 +1,622 @@
+"""Typed, strict run configuration for megatron-gad.
+
+The schema is a tree of frozen dataclasses whose key names follow verl (``actor_rollout_ref.actor.optim.lr``,
+``trainer.critic_warmup``, ...) so verl users can carry their scripts over. A config comes from a YAML file
+plus ``key.sub=value`` overrides. Loading is strict: a typo or a wrong type fails at start-up with the full
+dotted key, instead of being silently ignored and discovered hours into a run. ``validate`` then checks the
+cross-field rules (parallel layout, batch divisibility, model architecture) and says how to fix each one.
+
+Only the standard library and PyYAML are imported here: the driver loads the config before torch or Ray start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import operator
+import os
+import re
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "ConfigError", "GADConfig", "load_config", "config_from_dict", "to_dict", "dump_yaml", "apply_overrides",
+    "validate", "padded_vocab_size", "world_size", "actor_dp", "critic_dp", "critic_model_path",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or would not run; the message names the key and the fix."""
+
+
+# Schema
+ParamsDtype = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    prompt_key: str = "content"
+    teacher_response_key: str = "teacher_response"
+    max_prompt_length: int = 256
+    max_response_length: int = 256
+    train_batch_size: int = 8  # prompts per step
+    shuffle: bool = True
+    seed: int = 1
+    on_bad_row: Literal["error", "skip"] = "error"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""
+    # Padding the vocab to a fixed multiple (not multiplied by TP, unlike Megatron's default) keeps the
+    # embedding shape identical for every TP, so checkpoints reshard without touching the vocab rows.
+    make_vocab_size_divisible_by: int = 128
+
+
+@dataclass(frozen=True)
+class MegatronConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    params_dtype: ParamsDtype = "float32"
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    clip_grad: float = 0.2
+    lr_warmup_steps: int = 0
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ppo_mini_batch_size: int = 8  # prompts per optimizer step
+    ppo_micro_batch_size_per_gpu: int = 4  # sequences per micro-batch
+    ppo_epochs: int = 1
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float = 3.0
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    policy_loss: Literal["vanilla"] = "vanilla"
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: Literal["low_var_kl", "k1", "k2", "k3", "kl", "abs", "mse"] = "low_var_kl"
+    entropy_coeff: float = 0.0
+    logprob_chunk_size: int = 1024
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    name: Literal["megatron", "vllm"] = "megatron"
+    n: int = 8
+    temperature: float = 0.8
+    top_p: float = 1.0
+    top_k: int = -1
+    log_prob_micro_batch_size_per_gpu: int = 8
+    gpu_memory_utilization: float = 0.5
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    log_prob_micro_batch_size_per_gpu: int = 8
+
+
+@dataclass(frozen=True)
+class ActorRolloutRefConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+
+
+@dataclass(frozen=True)
+class CriticModelConfig:
+    path: str = ""  # empty: initialise the discriminator from the actor's checkpoint (as GAD does)
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    model: CriticModelConfig = field(default_factory=CriticModelConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    # Prompts per micro-batch: a micro-batch holds each prompt's teacher sequence and its n student samples,
+    # so every Bradley-Terry pair is scored within one forward pass.
+    ppo_micro_batch_size_per_gpu: int = 4
+    ppo_epochs: int = 1
+    fused_loss: Literal["auto", "triton", "torch", "te"] = "auto"
+    score_reg_coef: float = 0.0
+    head_init_std: float = 0.0  # 0.0 = zero-init scalar head
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    adv_estimator: Literal["grpo", "rloo"] = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    mode: Literal["frozen", "sft"] = "frozen"
+    until_d_acc: Optional[list[float]] = None  # [low, high] band of discriminator accuracy
+    patience: int = 3
+    max_steps: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    total_training_steps: Optional[int] = None
+    total_epochs: int = 1
+    critic_warmup: int = 0
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    save_freq: int = -1  # -1: no periodic checkpoints; N: every N steps
+    default_local_dir: str = "outputs/gad"
+    resume_mode: Literal["auto", "disable"] = "auto"
+    resume_from_path: Optional[str] = None
+    init_critic_from: Optional[str] = None  # a warmup checkpoint's critic dir
+    init_actor_from: Optional[str] = None
+    logger: list[Literal["console", "jsonl", "wandb"]] = field(default_factory=lambda: ["console"])
+    project_name: str = "megatron_gad"
+    experiment_name: str = "gad"
+    seed: int = 1
+    nnodes: int = 1
+    n_gpus_per_node: int = 1
+    placement: Literal["colocate", "split"] = "colocate"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    local_mode: bool = False
+
+
+@dataclass(frozen=True)
+class GADConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# YAML: PyYAML follows YAML 1.1, where a float needs a dot, so `1e-6` would load as the string "1e-6".
+# Learning rates are written that way, so our loader also resolves dot-less exponent forms to floats.
+_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+# dict -> dataclasses, with strict type checks
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    # Annotations are strings under `from __future__ import annotations`; resolve them once per class.
+    return {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
+
+
+def _join(prefix: str, name: Any) -> str:
+    return f"{prefix}.{name}" if prefix else str(name)
+
+
+def _unknown_key(prefix: str, name: Any, valid: list[str]) -> ConfigError:
+    msg = f"unknown config key '{_join(prefix, name)}'"
+    close = difflib.get_close_matches(str(name), valid, n=1)
+    if close:
+        msg += f"; did you mean '{_join(prefix, close[0])}'?"
+    return ConfigError(f"{msg} Valid keys at {prefix or 'the top level'}: {', '.join(valid)}")
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    if _is_union(tp):
+        names = [_type_name(a) for a in get_args(tp) if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in get_args(tp) else "")
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple):
+        return f"{get_origin(tp).__name__}[{', '.join(_type_name(a) for a in get_args(tp))}]"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _accepts_str(tp: Any) -> bool:
+    if _is_union(tp):
+        return any(_accepts_str(a) for a in get_args(tp))
+    if get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in get_args(tp))
+    return tp is str
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    def bad() -> ConfigError:
+        return ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise bad()
+        return _build(tp, value, key)
+    if _is_union(tp):
+        if value is None and type(None) in get_args(tp):
+            return None
+        options = [a for a in get_args(tp) if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: let X's own (more precise) error through
+            return _coerce(value, options[0], key)
+        for option in options:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise bad()
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        # `type(...) is` so that True does not pass for 1 (True == 1 in Python).
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{key}: expected {_type_name(tp)}; got {value!r}{hint}")
+    if origin is list:
+        (item,) = get_args(tp)
+        if isinstance(value, str) and _accepts_str(item):
+            value = [value]  # `train_files: data.parquet` means a one-element list
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(tp)}), got {list(value)!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is Any:
+        return value
+    if tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # Dicts built outside our YAML loader (json, argparse) may still carry "1e-6" as text.
+        if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+            return float(value.replace("_", ""))
+        raise bad()
+    raise TypeError(f"config schema uses an unsupported type at {key}: {tp!r}")  # a bug in this file
+
+
+def _build(cls: type, d: Mapping, prefix: str) -> Any:
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in d.items():
+        if name not in hints:
+            raise _unknown_key(prefix, name, list(hints))
+        kwargs[name] = _coerce(value, hints[name], _join(prefix, name))
+    return cls(**kwargs)
+
+
+def config_from_dict(d: Mapping | None) -> GADConfig:
+    """Build a GADConfig from a (possibly partial) nested dict; missing keys take their defaults."""
+    if d is None:
+        return GADConfig()
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(d).__name__}")
+    return _build(GADConfig, d, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists, no tuples) that `config_from_dict` turns back into an equal config."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+# Overrides, loading, dumping
+def apply_overrides(cfg: GADConfig, overrides: list[str] | tuple[str, ...] = ()) -> GADConfig:
+    """Return a new config with `key.sub=value` overrides applied (values parsed as YAML)."""
+    if isinstance(overrides, str):
+        overrides = [overrides]  # a bare string would otherwise be iterated character by character
+    d = to_dict(cfg)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = _yaml_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        tp: Any = GADConfig
+        for part in parts:  # the target field's type; unknown keys are reported by config_from_dict below
+            tp = _hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+        # Names and paths such as `experiment_name=0042` or `=true` must stay text, not become 42 / True.
+        if isinstance(value, (bool, int, float)) and tp is not None and _accepts_str(tp):
+            value = raw.strip()
+        for part in reversed(parts):
+            value = {part: value}
+        d = _merge(d, value)  # a mapping value merges: `trainer.warmup={mode: sft}` changes only `mode`
+    return config_from_dict(d)
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> GADConfig:
+    """Load a YAML config (None = all defaults) and apply dotlist overrides. Does not call `validate`."""
+    data: Any = None
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = _yaml_load(f.read())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    return apply_overrides(config_from_dict(data), overrides)
+
+
+def dump_yaml(cfg: GADConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config (every key, defaults included) so a run can be reproduced exactly."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("# Resolved megatron-gad config (all keys, defaults included). Reload with load_config().\n")
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+
+
+# Derived quantities
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Round vocab_size up to a multiple of divisible_by (independent of TP, so checkpoints reshard)."""
+    if divisible_by < 1:
+        raise ConfigError(f"make_vocab_size_divisible_by must be >= 1, got {divisible_by}")
+    return -(-vocab_size // divisible_by) * divisible_by
+
+
+def world_size(cfg: GADConfig) -> int:
+    return cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+
+
+def _model_parallel(m: MegatronConfig) -> int:
+    return m.tensor_model_parallel_size * m.pipeline_model_parallel_size
+
+
+def _role_world(cfg: GADConfig) -> int:
+    # colocate: actor and critic time-share every GPU; split: each gets its own half of the GPUs.
+    return world_size(cfg) if cfg.trainer.placement == "colocate" else world_size(cfg) // 2
+
+
+def actor_dp(cfg: GADConfig) -> int:
+    return _role_world(cfg) // max(1, _model_parallel(cfg.actor_rollout_ref.actor.megatron))
+
+
+def critic_dp(cfg: GADConfig) -> int:
+    return _role_world(cfg) // max(1, _model_parallel(cfg.critic.megatron))
+
+
+def critic_model_path(cfg: GADConfig) -> str:
+    return cfg.critic.model.path or cfg.actor_rollout_ref.model.path
+
+
+# Validation
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+_ROLES = ("actor_rollout_ref.actor", "critic")
+_SIZE_KEYS = ["trainer.nnodes", "trainer.n_gpus_per_node"] + [
+    f"{r}.megatron.{k}" for r in _ROLES for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")]
+_BATCH_KEYS = ["data.train_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_size", "actor_rollout_ref.rollout.n"]
+_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
+# (key, op, bound): single-field ranges; None values (unset optional fields) are skipped.
+_BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
+    "data.max_prompt_length", "data.max_response_length", "actor_rollout_ref.model.make_vocab_size_divisible_by",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
+    "actor_rollout_ref.actor.logprob_chunk_size", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", "critic.ppo_micro_batch_size_per_gpu",
+    "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
+    "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus",
+]] + [(k, ">=", 0) for k in [
+    "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
+] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
+    ("actor_rollout_ref.rollout.temperature", ">", 0), ("actor_rollout_ref.rollout.top_p", ">", 0),
+    ("actor_rollout_ref.rollout.top_p", "<=", 1), ("actor_rollout_ref.rollout.gpu_memory_utilization", ">", 0),
+    ("actor_rollout_ref.rollout.gpu_memory_utilization", "<=", 1), ("actor_rollout_ref.actor.clip_ratio_low", ">", 0),
+    ("actor_rollout_ref.actor.clip_ratio_high", ">", 0), ("actor_rollout_ref.actor.clip_ratio_c", ">", 1),
+] + [(f"{r}.optim.eps", ">", 0) for r in _ROLES]
+_WHY = {  # the reason behind the less obvious bounds, appended to the message
+    "actor_rollout_ref.rollout.temperature": "on-policy RL needs sampling; greedy decoding makes all n samples "
+                                             "identical. Use e.g. 0.8",
+    "actor_rollout_ref.actor.clip_ratio_c": "it is the dual-clip bound for negative advantages; e.g. 3.0",
+    "actor_rollout_ref.actor.clip_ratio_low": "e.g. 0.2", "actor_rollout_ref.actor.clip_ratio_high": "e.g. 0.2",
+}
+
+
+def _check_optim(key: str, o: OptimConfig, bad: list[str]) -> None:
+    if o.lr_scheduler != "constant" and o.min_lr > o.lr:
+        bad.append(f"{key}.min_lr={o.min_lr} is above {key}.lr={o.lr}; the {o.lr_scheduler} schedule decays "
+                   f"from lr down to min_lr, so set min_lr <= lr")
+    if not all(0 <= b < 1 for b in o.betas):
+        bad.append(f"{key}.betas={list(o.betas)}: Adam betas must each be in [0, 1)")
+
+
+def _check_layout(cfg: GADConfig, bad: list[str]) -> None:
+    world, placement = world_size(cfg), cfg.trainer.placement
+    if placement == "split" and world % 2:
+        bad.append(f"trainer.placement=split gives half the GPUs to the actor and half to the critic, but the "
+                   f"world size (trainer.nnodes*trainer.n_gpus_per_node) is {world}, which is odd; use an even "
+                   f"world size or trainer.placement=colocate")
+        return
+    for role in _ROLES:
+        m = _get(cfg, role).megatron
+        mp, tp, pp = _model_parallel(m), m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+        if placement == "colocate" and world % mp:
+            bad.append(f"{role}.megatron: TP*PP={tp}*{pp}={mp} must divide the world size "
+                       f"trainer.nnodes*trainer.n_gpus_per_node={world}; change the parallel sizes or GPU count")
+        elif placement == "split" and (world // 2) % mp:
+            bad.append(f"{role}.megatron: with trainer.placement=split the {role.split('.')[-1]} gets "
+                       f"world/2={world // 2} GPUs, which is not a multiple of TP*PP={tp}*{pp}={mp}; change the "
+                       f"parallel sizes or GPU count, or use trainer.placement=colocate")
+
+
+def _check_batches(cfg: GADConfig, bad: list[str]) -> None:
+    actor, n = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout.n
+    tbs, mini = cfg.data.train_batch_size, actor.ppo_mini_batch_size
+    if tbs % mini:
+        bad.append(f"data.train_batch_size={tbs} must be divisible by actor_rollout_ref.actor.ppo_mini_batch_size="
+                   f"{mini} (each step is split into whole mini-batches of prompts)")
+    dp = actor_dp(cfg)
+    if dp >= 1 and (mini * n) % dp:
+        bad.append(f"actor_rollout_ref.actor.ppo_mini_batch_size*rollout.n={mini}*{n}={mini * n} sequences must be "
+                   f"divisible by the actor data-parallel size {dp}; adjust ppo_mini_batch_size, n or the layout")
+    cdp = critic_dp(cfg)
+    if cdp >= 1 and tbs % cdp:
+        bad.append(f"data.train_batch_size={tbs} must be divisible by the critic data-parallel size {cdp}: each "
+                   f"prompt's teacher and student sequences are scored together on one rank")
+
+
+def _load_arch(model_path: str) -> dict | None:
+    path = os.path.join(model_path, "config.json")
+    if not model_path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read model architecture {path!r}: {e}") from None
+
+
+def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad: list[str]) -> None:
+    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+    key = f"{role}.megatron.tensor_model_parallel_size"
+    heads = arch.get("num_attention_heads")
+    # Megatron gives each TP rank whole heads and an equal slice of the MLP; MHA configs omit the KV-head count.
+    for name, size in (("num_attention_heads", heads), ("num_key_value_heads", arch.get("num_key_value_heads", heads)),
+                       ("intermediate_size", arch.get("intermediate_size"))):
+        if size and size % tp:
+            bad.append(f"{key}={tp} must divide the model's {name}={size}; pick a TP that divides it")
+    vocab = arch.get("vocab_size")
+    divisible_by = cfg.actor_rollout_ref.model.make_vocab_size_divisible_by
+    if vocab and divisible_by >= 1 and padded_vocab_size(vocab, divisible_by) % tp:
+        bad.append(f"{key}={tp}: the padded vocab {padded_vocab_size(vocab, divisible_by)} (vocab_size={vocab} "
+                   f"rounded up to a multiple of {divisible_by}) is not divisible by TP; set "
+                   f"actor_rollout_ref.model.make_vocab_size_divisible_by to a multiple of TP={tp}")
+    layers = arch.get("num_hidden_layers")
+    if layers and pp > layers:
+        bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} exceeds the model's num_hidden_layers="
+                   f"{layers}; every pipeline stage needs at least one layer")
+    max_pos = arch.get("max_position_embeddings")
+    total = cfg.data.max_prompt_length + cfg.data.max_response_length
+    if max_pos and total > max_pos:
+        bad.append(f"data.max_prompt_length+data.max_response_length={total} exceeds the model's "
+                   f"max_position_embeddings={max_pos}; shorten them")
+
+
+def validate(cfg: GADConfig, arch: Mapping | None = None) -> None:
+    """Check cross-field rules; raise one ConfigError listing every problem (key and fix for each).
+
+    `arch` is the model's HF `config.json` as a dict. When None, `<model.path>/config.json` is read if it
+    exists (for the actor, and for the critic when its path differs); otherwise architecture checks are skipped.
+    """
+    bad: list[str] = []
+    for key, op, bound in _BOUNDS:
+        value = _get(cfg, key)
+        if value is not None and not _OPS[op](value, bound):
+            why = f" ({_WHY[key]})" if key in _WHY else ""
+            bad.append(f"{key}={value} must be {op} {bound}{why}")
+    _check_optim("actor_rollout_ref.actor.optim", cfg.actor_rollout_ref.actor.optim, bad)
+    _check_optim("critic.optim", cfg.critic.optim, bad)
+    actor, rollout, trainer = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.trainer
+
+    if rollout.n == 1 and cfg.algorithm.adv_estimator in ("grpo", "rloo"):
+        bad.append(f"actor_rollout_ref.rollout.n=1 but algorithm.adv_estimator={cfg.algorithm.adv_estimator} "
+                   f"normalises rewards within each prompt's group of samples, which needs n >= 2; set "
+                   f"actor_rollout_ref.rollout.n >= 2")
+    if rollout.top_k == 0 or rollout.top_k < -1:
+        bad.append(f"actor_rollout_ref.rollout.top_k={rollout.top_k} must be -1 (disabled) or >= 1")
+    band = trainer.warmup.until_d_acc
+    if band is not None and not (len(band) == 2 and 0.5 <= band[0] < band[1] <= 1):
+        bad.append(f"trainer.warmup.until_d_acc={band} must be [low, high] with 0.5 <= low < high <= 1 "
+                   f"(0.5 is a blind discriminator; e.g. [0.6, 0.7]), or null to disable")
+    if trainer.save_freq != -1 and trainer.save_freq < 1:
+        bad.append(f"trainer.save_freq={trainer.save_freq} must be -1 (never) or >= 1 (every N steps)")
+
+    if rollout.name == "vllm" and trainer.device != "cuda":
+        bad.append(f"actor_rollout_ref.rollout.name=vllm needs trainer.device=cuda (vLLM runs only on NVIDIA GPUs; "
+                   f"'auto' is not enough because the driver may have no GPU), got trainer.device="
+                   f"{trainer.device}; set trainer.device=cuda or use actor_rollout_ref.rollout.name=megatron")
+    if trainer.device == "cpu":
+        for role in _ROLES:
+            if _get(cfg, role).megatron.params_dtype == "float16":
+                bad.append(f"{role}.megatron.params_dtype=float16 is not supported with trainer.device=cpu "
+                           f"(fp16 needs loss scaling and GPU kernels); use bfloat16 or float32 on CPU")
+
+    # Layout, batch and architecture rules divide by these sizes: run them only once the sizes are positive
+    # (a non-positive size is already reported above and would only add noise or a ZeroDivisionError).
+    sizes_ok = all(_get(cfg, k) >= 1 for k in _SIZE_KEYS)
+    if sizes_ok:
+        _check_layout(cfg, bad)
+        if all(_get(cfg, k) >= 1 for k in _BATCH_KEYS):
+            _check_batches(cfg, bad)
+
+    actor_arch = arch if arch is not None else _load_arch(cfg.actor_rollout_ref.model.path)
+    critic_arch = actor_arch
+    if cfg.critic.model.path and cfg.critic.model.path != cfg.actor_rollout_ref.model.path:
+        critic_arch = _load_arch(cfg.critic.model.path) or actor_arch
+    if sizes_ok and cfg.actor_rollout_ref.model.make_vocab_size_divisible_by >= 1:
+        if actor_arch:
+            _check_arch(cfg, "actor_rollout_ref.actor", actor.megatron, actor_arch, bad)
+        if critic_arch:
+            _check_arch(cfg, "critic", cfg.critic.megatron, critic_arch, bad)
+
+    if bad:
+        bad = list(dict.fromkeys(bad))  # actor and critic may report the same shared-length problem
+        raise ConfigError(f"invalid config ({len(bad)} problem{'s' if len(bad) > 1 else ''}):\n  - "
+                          + "\n  - ".join(bad))
