@@ -1,0 +1,141 @@
+"""Distributed checkpoints of one model role (Megatron ``dist_checkpointing``), written atomically.
+
+Layout of a model checkpoint directory (also what ``convert hf-to-mcore`` writes)::
+
+    config.json            the HF architecture (so any tool can rebuild the model)
+    tokenizer files        copied from the source model
+    megatron_gad.json      {"role": "actor"|"critic", "vocab_divisible_by": ..., "has_optimizer": ...}
+    dist/                  Megatron distributed checkpoint: model (+ optimizer) shards
+    rng/rank_<r>.pt        per-rank RNG states (+ caller extras such as the step)
+
+It is written to ``<dir>.tmp`` and renamed when every rank has finished, so a crash never leaves a
+half checkpoint under the final name. A training run keeps ``latest_checkpointed_iteration.txt``
+beside its ``global_step_<N>`` directories (verl's name) as the pointer to the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+META = "megatron_gad.json"
+LATEST = "latest_checkpointed_iteration.txt"
+
+
+def is_megatron_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META))
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _model_sharded_state_dict(model, skip_output_layer: bool = False):
+    sd = model.sharded_state_dict()
+    if skip_output_layer:
+        sd = {k: v for k, v in sd.items() if not k.startswith("output_layer.")}
+    return sd
+
+
+def save_checkpoint(path: str, model, optimizer=None, *, hf_config: dict, role: str,
+                    vocab_divisible_by: int, tokenizer_src: str | None = None, extra: dict | None = None) -> None:
+    """Collective: every rank of the role calls it with its own shard."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_gad.models.hf import copy_tokenizer_files
+
+    rank = dist.get_rank()
+    tmp = path.rstrip("/") + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "dist"))
+        os.makedirs(os.path.join(tmp, "rng"))
+    dist.barrier()
+    model_sd = _model_sharded_state_dict(model)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+    dist_checkpointing.save(state, os.path.join(tmp, "dist"))
+    torch.save({"rng": _rng_state(), "extra": extra or {}}, os.path.join(tmp, "rng", f"rank_{rank}.pt"))
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({"role": role, "vocab_divisible_by": vocab_divisible_by,
+                       "has_optimizer": optimizer is not None, "world_size": dist.get_world_size(),
+                       "extra": extra or {}}, f, indent=2)
+        if tokenizer_src:
+            copy_tokenizer_files(tokenizer_src, tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+def load_checkpoint(path: str, model, optimizer=None, *, load_rng: bool = False,
+                    skip_output_layer: bool = False) -> dict:
+    """Collective load into this rank's shard at whatever TP x PP the model now has (Megatron
+    reshards). ``skip_output_layer`` loads a backbone only, e.g. a discriminator from an actor
+    checkpoint. Returns the ``extra`` dict saved with it."""
+    from megatron.core import dist_checkpointing
+
+    if not is_megatron_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a megatron-gad checkpoint (no {META})")
+    meta = read_meta(path)
+    model_sd = _model_sharded_state_dict(model, skip_output_layer)
+    state = {"model": model_sd}
+    if optimizer is not None:
+        if not meta.get("has_optimizer"):
+            raise ValueError(f"{path} holds no optimizer state")
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    loaded = dist_checkpointing.load(state, os.path.join(path, "dist"))
+    missing = model.load_state_dict(loaded["model"], strict=False)
+    bad = [k for k in missing.missing_keys if not (skip_output_layer and k.startswith("output_layer."))
+           and not k.endswith("_extra_state")]
+    if bad:
+        raise KeyError(f"{path}: checkpoint lacks {bad[:5]}{'...' if len(bad) > 5 else ''}")
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    extra = meta.get("extra", {})
+    rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank()}.pt")
+    if load_rng and os.path.isfile(rng_file):
+        saved = torch.load(rng_file, weights_only=False)
+        _set_rng_state(saved["rng"])
+        extra = saved["extra"]
+    return extra
+
+
+def write_latest(run_dir: str, step: int) -> None:
+    tmp = os.path.join(run_dir, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(step))
+    os.replace(tmp, os.path.join(run_dir, LATEST))
+
+
+def read_latest(run_dir: str) -> int | None:
+    p = os.path.join(run_dir, LATEST)
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return int(f.read().strip())

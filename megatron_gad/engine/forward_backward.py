@@ -1,0 +1,74 @@
+"""forward_backward(micro_batches, loss_fn) over Megatron-Core pipeline schedules.
+
+The only place that drives ``get_forward_backward_func``. Callers (workers) hand a list of
+micro-batches (dicts of tensors, each already padded to one length) and a loss function that runs
+on the last pipeline stage; the same call serves training (backward) and scoring (forward only).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+
+# loss_fn(output, micro_batch) -> (loss: 0-d tensor, results: dict[str, tensor | float])
+# ``output`` is [B, S, V/tp] logits for the actor and [B, S, H] normed hidden states for the critic.
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] padding mask (1 = token) -> Megatron's [B, 1, S, S] boolean mask (True = masked):
+    causal, and padded keys hidden. Fully masked (padding) query rows stay finite in Megatron's
+    softmax (it fills with -10000), and their outputs are never read."""
+    B, S = attention_mask.shape
+    causal = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask.bool()[:, None, :]
+    return (~allowed)[:, None]
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _forward_step(loss_fn: LossFn, data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["input_ids"], batch["position_ids"], attention_mask_4d(batch["attention_mask"]))
+    return output, partial(_loss_wrapper, loss_fn, batch)
+
+
+def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
+    loss, results = loss_fn(output, batch)
+    return loss, results
+
+
+def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
+    """Run the micro-batches through this rank's pipeline stage.
+
+    Every micro-batch needs ``input_ids``, ``attention_mask`` (and ``position_ids``, derived if
+    missing). Returns the loss function's result dicts on the last stage, ``[]`` elsewhere. With
+    ``forward_only=False`` gradients accumulate into the (DDP) model; the loss Megatron
+    back-propagates is each micro-batch's loss divided by the number of micro-batches.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not micro_batches:
+        return []
+    for mb in micro_batches:
+        if "position_ids" not in mb:
+            mb["position_ids"] = position_ids_from_mask(mb["attention_mask"])
+    seq_length = max(mb["input_ids"].shape[1] for mb in micro_batches)
+    mbs = micro_batches[0]["input_ids"].shape[0]
+    fb = get_forward_backward_func()
+    ctx = torch.no_grad() if forward_only else torch.enable_grad()
+    with ctx:
+        out = fb(
+            forward_step_func=partial(_forward_step, loss_fn),
+            data_iterator=iter(micro_batches),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+    return list(out) if out else []

@@ -1,0 +1,124 @@
+"""Build the two model roles on Megatron-Core: actor (LM head) and discriminator (scalar head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_gad.models.arch import Arch, padded_vocab, torch_dtype
+
+
+def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32"):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch_dtype(params_dtype)
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_heads,
+        num_query_groups=arch.num_kv_heads,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Build full weights on CPU then slice: TP layouts get identical weights from one seed.
+        use_cpu_initialization=True,
+        # Fusions need CUDA kernels (or apex); they change nothing numerically we rely on.
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        variable_seq_lengths=True,  # micro-batches may differ in length (p2p sends shapes)
+        moe_token_dispatcher_type="alltoall",  # (dense model; only to satisfy the check above)
+        deallocate_pipeline_outputs=False,
+    )
+
+
+def layer_spec(arch: Arch):
+    """Transformer Engine spec on a GPU with TE installed; Megatron's local spec otherwise."""
+    if torch.cuda.is_available():
+        try:
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            import transformer_engine  # noqa: F401
+
+            return get_gpt_layer_with_transformer_engine_spec()
+        except ImportError:
+            pass
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+class ValueHead(nn.Linear):
+    """hidden -> 1 head stored as the GPT ``output_layer`` (so dist-checkpointing sees
+    ``output_layer.weight``), but its forward passes the normed hidden states through: the
+    discriminator loss gathers each sequence's last valid token first and applies this weight only
+    there (``kernels.disc_loss``), never over every token."""
+
+    def __init__(self, hidden: int, init_std: float = 0.0, dtype=torch.float32):
+        super().__init__(hidden, 1, bias=True, dtype=dtype)
+        with torch.no_grad():
+            if init_std > 0:
+                self.weight.normal_(0.0, init_std)
+            else:
+                self.weight.zero_()  # zero init: D starts blind (score 0, d_acc ~ 0.5)
+            self.bias.zero_()
+
+    def forward(self, x, weight=None, runtime_gather_output=None):
+        return x, None
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        # Replicated across TP: no tensor-parallel axis.
+        return make_sharded_tensors_for_checkpoint(state, prefix, {}, sharded_offsets)
+
+
+def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "float32",
+                vocab_divisible_by: int = 128, head_init_std: float = 0.0):
+    """This rank's stage of the actor (``role="actor"``) or discriminator (``role="critic"``).
+
+    Call after ``parallel.state.init_model_parallel``.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if role not in ("actor", "critic"):
+        raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
+    config = transformer_config(arch, tp, pp, params_dtype)
+    pre = ps.is_pipeline_first_stage()
+    post = ps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(arch),
+        vocab_size=padded_vocab(arch.vocab_size, vocab_divisible_by),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre,
+        post_process=post,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and role == "actor",
+        position_embedding_type="rope",
+        rotary_base=arch.rope_theta,
+    )
+    if role == "critic" and post:
+        model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype)
+    model.megatron_gad_role = role
+    return model

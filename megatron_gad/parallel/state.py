@@ -1,0 +1,140 @@
+"""Process groups for one role (actor or discriminator) — the only module touching parallel_state.
+
+Each role runs in its own set of processes (Ray workers or locally spawned ranks), so Megatron's
+process-global ``parallel_state`` describes exactly one TP x PP x DP layout per process. That is
+what lets the actor and the discriminator use different layouts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_gad.parallel.cpu_compat import cuda_available, enable_cpu_mode
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits in its role's TP x PP x DP grid."""
+
+    rank: int
+    world_size: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+
+def device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
+                     backend: str | None = None, timeout_s: int = 600) -> None:
+    """Join the role's process group (gloo on CPU, NCCL on GPU)."""
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if cuda_available() else "gloo")
+    if backend == "gloo":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if master_addr.startswith("127.") else "")
+        enable_cpu_mode()
+        torch.set_num_threads(int(os.environ.get("MEGATRON_GAD_THREADS", "1")))
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
+    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}",
+                            rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def init_model_parallel(tp: int, pp: int, seed: int = 42) -> Layout:
+    """Create Megatron's TP/PP/DP groups for this process and seed its model-parallel RNG."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of TP*PP = {tp}*{pp}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return layout()
+
+
+def layout() -> Layout:
+    from megatron.core import parallel_state as ps
+
+    return Layout(
+        rank=dist.get_rank(), world_size=dist.get_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+    )
+
+
+def tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group()
+
+
+def pp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_group()
+
+
+def dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group()
+
+
+def last_stage_global_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_last_rank()
+
+
+def tp_src_global_rank() -> int:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_src_rank()
+
+
+def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
+    """Give every pipeline stage the tensor held by the last stage (same shape/dtype everywhere)."""
+    if layout().pp_size > 1:
+        dist.broadcast(tensor, src=last_stage_global_rank(), group=pp_group())
+    return tensor
+
+
+def broadcast_object_from_last_stage(obj):
+    if layout().pp_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=last_stage_global_rank(), group=pp_group())
+    return box[0]
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

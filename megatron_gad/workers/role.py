@@ -1,0 +1,174 @@
+"""One model role on this rank: Megatron model shard, lazy DDP + optimizer, checkpoints.
+
+Plain Python (no Ray): the Ray workers wrap it, and tests drive it from locally spawned ranks.
+Call inside ``parallel.cpu_compat.cpu_device_mode()`` on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_gad import checkpoint as ckpt
+from megatron_gad.engine.forward_backward import LossFn, forward_backward
+from megatron_gad.models import hf as hfmap
+from megatron_gad.models.arch import arch_from_hf_config, padded_vocab, read_hf_config
+from megatron_gad.models.build import build_model
+from megatron_gad.parallel import state
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    clip_grad: float = 0.2
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    lr_warmup_steps: int = 0
+    lr_scheduler: str = "constant"
+    min_lr: float = 0.0
+    total_steps: int = 0
+
+
+def lr_at(o: OptimSettings, step: int) -> float:
+    """Linear warmup, then constant / linear / cosine decay to ``min_lr`` over ``total_steps``."""
+    if o.lr_warmup_steps > 0 and step < o.lr_warmup_steps:
+        return o.lr * (step + 1) / o.lr_warmup_steps
+    if o.lr_scheduler == "constant" or o.total_steps <= o.lr_warmup_steps:
+        return o.lr
+    frac = min(1.0, (step - o.lr_warmup_steps) / max(1, o.total_steps - o.lr_warmup_steps))
+    if o.lr_scheduler == "linear":
+        return o.min_lr + (o.lr - o.min_lr) * (1 - frac)
+    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+class ModelRole:
+    """``role`` is "actor" (LM head) or "critic" (scalar head). Weights come from an HF directory
+    or a megatron-gad checkpoint (a critic may start from an actor/HF checkpoint: its head is new)."""
+
+    def __init__(self, role: str, model_path: str, tp: int, pp: int, *, params_dtype: str = "float32",
+                 vocab_divisible_by: int = 128, seed: int = 42, optim: OptimSettings | None = None,
+                 head_init_std: float = 0.0, trainable: bool = True):
+        self.role = role
+        self.model_path = model_path
+        self.hf_config = read_hf_config(model_path)
+        self.arch = arch_from_hf_config(self.hf_config)
+        self.vocab_divisible_by = vocab_divisible_by
+        self.padded_vocab = padded_vocab(self.arch.vocab_size, vocab_divisible_by)
+        self.layout = state.init_model_parallel(tp, pp, seed)
+        torch.manual_seed(seed)
+        self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std)
+        self.optim = optim or OptimSettings()
+        self.trainable = trainable
+        self.ddp = None
+        self.optimizer = None
+        self.opt_step = 0
+        self.load_weights(model_path)
+
+    # ---------------------------------------------------------------- weights
+    def load_weights(self, path: str) -> None:
+        if ckpt.is_megatron_checkpoint(path):
+            src_role = ckpt.read_meta(path)["role"]
+            ckpt.load_checkpoint(path, self.module, skip_output_layer=src_role != self.role)
+        else:
+            full = hfmap.hf_to_mcore(hfmap.read_hf_state_dict(path), self.arch, self.vocab_divisible_by)
+            skip = ("output_layer.",) if self.role == "critic" else ()
+            hfmap.load_full_state_dict(self.module, full, self.layout.tp_rank, self.layout.tp_size, skip)
+
+    @property
+    def model(self):
+        """What forward passes call: the DDP wrapper once training started, else the bare module."""
+        return self.ddp if self.ddp is not None else self.module
+
+    # ---------------------------------------------------------------- optimizer (lazy)
+    def ensure_optimizer(self) -> None:
+        """Allocate DDP grad buffers and Adam state on first use — a frozen actor never pays."""
+        if self.optimizer is not None:
+            return
+        if not self.trainable:
+            raise RuntimeError(f"{self.role} role was built frozen; it has no optimizer")
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        cfg = self.module.config
+        self.ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), self.module)
+        cfg.finalize_model_grads_func = finalize_model_grads
+        o = self.optim
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad,
+            bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype, use_distributed_optimizer=False,
+        ), [self.ddp])
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state (Adam moments, fp32 master copies) held on this rank."""
+        if self.optimizer is None:
+            return 0
+        total = 0
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", opt)
+            for s in inner.state.values():
+                total += sum(t.numel() * t.element_size() for t in s.values() if torch.is_tensor(t))
+        return total
+
+    # ---------------------------------------------------------------- steps
+    def forward(self, micro_batches: list[dict], loss_fn: LossFn) -> list[dict]:
+        self.module.eval()
+        return forward_backward(self.model, micro_batches, loss_fn, forward_only=True)
+
+    def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> tuple[list[dict], dict]:
+        """One optimizer step over the micro-batches (gradient accumulation)."""
+        self.ensure_optimizer()
+        self.module.train()
+        lr = lr_at(self.optim, self.opt_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        results = forward_backward(self.ddp, micro_batches, loss_fn, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.opt_step += 1
+        return results, {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+                         "update_ok": float(bool(ok))}
+
+    # ---------------------------------------------------------------- checkpoints / export
+    def save(self, path: str, extra: dict | None = None, with_optimizer: bool = True) -> None:
+        extra = dict(extra or {}, opt_step=self.opt_step)
+        ckpt.save_checkpoint(path, self.module, self.optimizer if with_optimizer else None,
+                             hf_config=self.hf_config, role=self.role,
+                             vocab_divisible_by=self.vocab_divisible_by, tokenizer_src=self.model_path,
+                             extra=extra)
+
+    def load(self, path: str, with_optimizer: bool, load_rng: bool = True) -> dict:
+        if with_optimizer and ckpt.read_meta(path).get("has_optimizer"):
+            self.ensure_optimizer()
+            extra = ckpt.load_checkpoint(path, self.module, self.optimizer, load_rng=load_rng)
+        else:
+            extra = ckpt.load_checkpoint(path, self.module, load_rng=load_rng)
+        self.opt_step = int(extra.get("opt_step", 0))
+        return extra
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full Megatron state dict (global names) on global rank 0, None elsewhere (collective)."""
+        import torch.distributed as dist
+
+        stage = hfmap.gather_full_state_dict(self.module, state.tp_group(), self.layout.tp_size)
+        if self.layout.tp_rank != 0 or self.layout.dp_rank != 0:
+            stage = None
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, stage)
+        if dist.get_rank() != 0:
+            return None
+        full = {}
+        for part in gathered:
+            if part:
+                full.update(part)
+        return full
+
+    def weights_sum(self) -> float:
+        """A cheap fingerprint of this rank's shard (tests and frozen-weight checks use exact equality)."""
+        return float(sum(p.detach().double().sum() for p in self.module.parameters()))
