@@ -38,8 +38,8 @@ class DataError(ValueError):
     """A bad row or file; the message names the file, the 1-based line (or row) and the problem."""
 
 
-class _BadRow(Exception):
-    """Internal: carries a skip reason and a human-readable problem for one row."""
+class _BadRow(DataError):
+    """One bad row: a skip reason plus the problem; the dataset adds the file and line."""
 
     def __init__(self, reason: str, problem: str):
         super().__init__(problem)
@@ -125,8 +125,10 @@ def _check_row(row: Any, prompt_key: str, response_key: str) -> tuple[Any, str]:
     if not isinstance(row, dict):
         raise _BadRow("bad_type", f"row is not an object, got {type(row).__name__}")
     for key in (prompt_key, response_key):
-        if row.get(key) is None:
+        if key not in row:
             raise _BadRow("missing_key", f"missing key '{key}'")
+        if row[key] is None:
+            raise _BadRow("missing_key", f"null value for '{key}'")
     prompt = _check_prompt(row[prompt_key], prompt_key)
     response = row[response_key]
     if not isinstance(response, str):

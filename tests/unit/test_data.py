@@ -150,7 +150,7 @@ BAD_ROWS = [
     ([1, 2], "bad_type", "row is not an object, got list"),
     ({"content": "ab"}, "missing_key", "missing key 'teacher_response'"),
     ({"teacher_response": "ab"}, "missing_key", "missing key 'content'"),
-    ({"content": None, "teacher_response": "ab"}, "missing_key", "missing key 'content'"),
+    ({"content": None, "teacher_response": "ab"}, "missing_key", "null value for 'content'"),
     ({"content": " ", "teacher_response": "ab"}, "empty", "empty prompt 'content'"),
     ({"content": [], "teacher_response": "ab"}, "empty", "empty prompt 'content' (no messages)"),
     ({"content": "ab", "teacher_response": ""}, "empty", "empty teacher response 'teacher_response'"),
