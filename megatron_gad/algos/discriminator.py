@@ -19,19 +19,21 @@ def discriminator_loss(
     assert student_scores.numel() == teacher_scores.numel() * n, (
         f"expected {teacher_scores.numel()} * {n} student scores, got {student_scores.numel()}"
     )
-    s = student_scores.float()
-    t = teacher_scores.float().repeat_interleave(n)  # [N*n], paired with s
+    # at least fp32 (bf16 scores), float64 kept for gradient checks
+    dtype = torch.promote_types(student_scores.dtype, torch.float32)
+    s, t0 = student_scores.to(dtype), teacher_scores.to(dtype)
+    t = t0.repeat_interleave(n)  # [N*n], paired with s
     diff = t - s
     bt_loss = -F.logsigmoid(diff).mean()
-    score_reg = score_reg_coef * torch.cat([teacher_scores.float(), s]).pow(2).mean()
+    score_reg = score_reg_coef * torch.cat([t0, s]).pow(2).mean()
     loss = bt_loss + score_reg if score_reg_coef else bt_loss
     with torch.no_grad():
         metrics = {
             "d_loss": bt_loss.detach(),
             "d_acc": (diff > 0).float().mean(),
             "student_value_mean": s.mean(),
-            "teacher_value_mean": teacher_scores.float().mean(),
-            "score_gap": teacher_scores.float().mean() - s.mean(),
+            "teacher_value_mean": t0.mean(),
+            "score_gap": t0.mean() - s.mean(),
             "score_reg": score_reg.detach(),
         }
     return loss, metrics
