@@ -69,6 +69,9 @@ def init_model_parallel(tp: int, pp: int, seed: int = 42) -> Layout:
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP*PP = {tp}*{pp}")
     if ps.model_parallel_is_initialized():
+        cur = layout()
+        if (cur.tp_size, cur.pp_size) == (tp, pp):  # e.g. a reference model beside the actor
+            return cur
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,81 @@
+"""Autoregressive sampling through the Megatron pipeline (native rollout engine).
+
+Every rank of one data-parallel replica calls :func:`generate` with the same prompts. Each step
+runs one forward pass over the whole sequence so far (no KV cache: exact, simple, and fast enough
+for CPU-sized models; vLLM is the rollout engine for scale), gathers the last position's logits
+across TP on the last stage, samples there with a generator seeded identically on every TP rank,
+and broadcasts the new tokens to the other pipeline stages.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_gad.parallel import state
+
+
+def sample_next(logits: torch.Tensor, vocab_size: int, temperature: float, top_k: int, top_p: float,
+                greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V_padded] (full vocabulary) -> next token ids [B]; padded ids are never chosen."""
+    logits = logits.float().clone()
+    logits[:, vocab_size:] = float("-inf")
+    if greedy:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, vocab_size), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
+             eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
+             greedy: bool = False, seed: int = 0, micro_batch_size: int = 64) -> dict:
+    """prompt_ids/prompt_mask [B, P] left-padded -> {"responses": [B, R], "response_mask": [B, R]}.
+
+    A response ends with its EOS token (kept, mask 1) or at ``max_new_tokens``; after that it is
+    right-padded with ``pad_id`` (mask 0).
+    """
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    B = prompt_ids.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    seq, mask = prompt_ids.clone(), prompt_mask.clone()
+    done = torch.zeros(B, dtype=torch.bool)
+    out_tokens, out_mask = [], []
+    lay = role.layout
+
+    def last_logits(output, batch):
+        last = output[:, -1, :]  # every row ends at the same (latest) position: left padding
+        full = gather_from_tensor_model_parallel_region(last)
+        return full.sum() * 0, {"logits": full}
+
+    for _ in range(max_new_tokens):
+        mbs = [{"input_ids": seq[i:i + micro_batch_size], "attention_mask": mask[i:i + micro_batch_size]}
+               for i in range(0, B, micro_batch_size)]
+        results = role.forward(mbs, last_logits)
+        nxt = torch.zeros(B, dtype=torch.long)
+        if lay.is_last_stage:
+            logits = torch.cat([r["logits"] for r in results], 0)
+            nxt = sample_next(logits, role.arch.vocab_size, temperature, top_k, top_p, greedy, gen)
+        if lay.tp_size > 1:  # identical already; make it explicit and robust
+            dist.broadcast(nxt, src=state.tp_src_global_rank(), group=state.tp_group())
+        nxt = state.broadcast_from_last_stage(nxt)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out_tokens.append(nxt)
+        out_mask.append((~done).long())
+        seq = torch.cat([seq, nxt[:, None]], 1)
+        mask = torch.cat([mask, (~done).long()[:, None]], 1)
+        done = done | (nxt == eos_id)
+        if bool(done.all()):
+            break
+    return {"responses": torch.stack(out_tokens, 1), "response_mask": torch.stack(out_mask, 1)}
