@@ -52,13 +52,15 @@ class _VocabParallelLogProb(torch.autograd.Function):
             # one SUM collective for [sum exp, target logit, sum exp * x] (all relative to max)
             stats = torch.zeros(3 if compute_entropy else 2, e - s, device=logits.device)
             if n_valid > 0:
-                ex = torch.exp(x - m[:, None])  # [C, Vv]
-                stats[0] = ex.sum(dim=-1)
+                # in-place ops: at most two [C, Vv] temporaries per chunk
+                xm = x - m[:, None]  # [C, Vv]
                 tgt = x.gather(1, local_t[s:e, None]).squeeze(1)
                 stats[1] = torch.where(owned[s:e], tgt, torch.zeros_like(tgt))
-                if compute_entropy:
-                    stats[2] = (ex * (x - m[:, None])).sum(dim=-1)
-                del ex
+                ex = xm.exp() if compute_entropy else xm.exp_()
+                stats[0] = ex.sum(dim=-1)
+                if compute_entropy:  # sum_j ex_j * xm_j as a batched dot: no product temporary
+                    stats[2] = (ex.unsqueeze(1) @ xm.unsqueeze(2)).view(-1)
+                del ex, xm
             del x
             if multi:
                 dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
@@ -95,17 +97,21 @@ class _VocabParallelLogProb(torch.autograd.Function):
         for s in range(0, T, chunk_size):
             e = min(s + chunk_size, T)
             x = logits[s:e, :n_valid].float()  # [C, Vv]
-            p = torch.exp(x - lse[s:e, None])  # [C, Vv] softmax recomputed
-            # d log_prob / dx = onehot(target) - p
-            g = p * (-grad_lp[s:e, None])
+            g = (x - lse[s:e, None]).exp_()  # [C, Vv] softmax p, recomputed
             if use_ent:
                 # d H / dx_j = -p_j (x_j - E_p[x]),  E_p[x] = lse - H
                 mean_x = (lse[s:e] - entropy[s:e])[:, None]
-                g -= p * (x - mean_x) * grad_ent[s:e, None].float()
+                ent_term = (x - mean_x).mul_(g).mul_(grad_ent[s:e, None].float())
+            # d log_prob / dx = onehot(target) - p
+            g.mul_(-grad_lp[s:e, None])
+            if use_ent:
+                g.sub_(ent_term)
+                del ent_term
             rows = torch.arange(e - s, device=logits.device)
             g[rows, local_t[s:e]] += torch.where(owned[s:e], grad_lp[s:e], torch.zeros_like(grad_lp[s:e]))
-            del x, p
+            del x
             grad[s:e, :n_valid] = g.to(grad.dtype)
+            del g
         return grad, None, None, None, None, None, None, None
 
 
