@@ -1,0 +1,252 @@
+"""The single-controller GAD loop (reads top to bottom: one global step is ``_step``).
+
+Step order (the spec): rollout -> reward (= discriminator scores of the student samples) ->
+old log-probs -> reference log-probs (KL on) -> GRPO advantages -> update discriminator (every
+step) -> update actor (GAD steps only). During a *frozen* warmup the actor only samples: no
+reward pass, no old/ref log-prob passes, no backward and no optimizer state (allocated lazily at
+the first real update). A *sft* warmup trains the actor on the teacher responses instead.
+The rollout engine is the actor's own Megatron model, so there are no weights to sync after an
+update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+
+from megatron_gad import algos
+from megatron_gad import checkpoint as ckpt
+from megatron_gad.config import GADConfig, actor_dp, critic_dp, dump_yaml, to_dict
+from megatron_gad.controller.warmup import WarmupSchedule
+from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
+from megatron_gad.metrics import MetricsLogger, Timer
+from megatron_gad.workers.batching import pad_right
+
+log = logging.getLogger("megatron_gad")
+
+
+def _use_gpu(cfg: GADConfig) -> bool:
+    if cfg.trainer.device == "auto":
+        return torch.cuda.is_available()
+    return cfg.trainer.device == "cuda"
+
+
+class GADTrainer:
+    def __init__(self, cfg: GADConfig):
+        import ray
+        from transformers import AutoTokenizer
+
+        from megatron_gad.controller.worker_group import RoleGroup
+
+        self.cfg = cfg
+        t, d = cfg.trainer, cfg.data
+        if cfg.actor_rollout_ref.rollout.name != "megatron":
+            raise NotImplementedError("actor_rollout_ref.rollout.name=vllm is not wired into the trainer yet; "
+                                      "use the native Megatron rollout (rollout.name=megatron)")
+        self.run_dir = t.default_local_dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        dump_yaml(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+        self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        self.dataset = GADDataset(d.train_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
+                                  d.max_prompt_length, d.max_response_length, d.on_bad_row)
+        self.loader = PromptLoader(self.dataset, d.train_batch_size, d.shuffle, d.seed)
+        self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
+        self.n = cfg.actor_rollout_ref.rollout.n
+        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
+        self.step = 0
+
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                     log_to_driver=True, configure_logging=False)
+        gpu = _use_gpu(cfg)
+        world_actor = actor_dp(cfg) * cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size \
+            * cfg.actor_rollout_ref.actor.megatron.pipeline_model_parallel_size
+        world_critic = critic_dp(cfg) * cfg.critic.megatron.tensor_model_parallel_size \
+            * cfg.critic.megatron.pipeline_model_parallel_size
+        pg, critic_offset, frac = self._placement(gpu, world_actor, world_critic)
+        log.info("starting %d actor ranks and %d discriminator ranks (%s)", world_actor, world_critic,
+                 t.placement)
+        common = dict(total_steps=self.total_steps)
+        self.actor = RoleGroup("actor", world_actor, dict(cfg=cfg, eos_id=self.eos_id, pad_id=self.pad_id, **common),
+                               gpu, pg, 0, frac)
+        self.critic = RoleGroup("critic", world_critic, dict(cfg=cfg, **common), gpu, pg, critic_offset, frac)
+        self.logger = None
+
+    def _placement(self, gpu: bool, world_actor: int, world_critic: int):
+        """GPU bundles: colocated roles share each GPU (half each); split gives each its own GPUs."""
+        if not gpu:
+            return None, 0, 1.0
+        from ray.util.placement_group import placement_group
+
+        colocate = self.cfg.trainer.placement == "colocate"
+        bundles = max(world_actor, world_critic) if colocate else world_actor + world_critic
+        pg = placement_group([{"GPU": 1, "CPU": 1}] * bundles, strategy="PACK")
+        import ray
+
+        ray.get(pg.ready())
+        return pg, (0 if colocate else world_actor), (0.5 if colocate else 1.0)
+
+    # ------------------------------------------------------------------ one global step
+    def _step(self, batch: dict, timer: Timer) -> dict:
+        cfg, n = self.cfg, self.n
+        warm = self.warmup.active()
+        stage = "warmup" if warm else "gad"
+        metrics: dict = {"stage": stage}
+        B = batch["prompt_ids"].shape[0]
+
+        with timer("gen"):  # rollout: n samples per prompt
+            gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
+                      "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
+            outs = self.actor.run_dp("generate", gen_in, seed=cfg.trainer.seed * 1_000_003 + self.step)
+            R = max(o["responses"].shape[1] for o in outs)
+            student = dict(gen_in,
+                           responses=torch.cat([pad_right(o["responses"], R, self.pad_id) for o in outs]),
+                           response_mask=torch.cat([pad_right(o["response_mask"], R) for o in outs]))
+        lengths = student["response_mask"].sum(-1).float()
+        ends_eos = (student["responses"] == self.eos_id).any(-1)
+        metrics.update({"response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
+                        "response_length/clip_ratio": (~ends_eos).float().mean().item()})
+
+        gad_step = not warm
+        if gad_step:
+            with timer("reward"):  # D(student), before this step's discriminator update
+                rewards = torch.cat([o["scores"] for o in self.critic.run_dp("compute_scores", student)])
+            with timer("old_log_prob"):
+                student["old_log_prob"] = torch.cat(
+                    [o["log_prob"] for o in self.actor.run_dp("compute_log_prob", student)])
+            if cfg.actor_rollout_ref.actor.use_kl_loss:
+                with timer("ref"):
+                    student["ref_log_prob"] = torch.cat(
+                        [o["log_prob"] for o in self.actor.run_dp("compute_ref_log_prob", student)])
+            with timer("adv"):
+                est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
+                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if cfg.algorithm.adv_estimator == "grpo" else {}
+                student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
+            metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
+
+        with timer("update_critic"):  # every step: teacher vs student pairs
+            critic_batch = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                            "teacher_response": batch["teacher_response"],
+                            "teacher_response_mask": batch["teacher_response_mask"],
+                            # [B, n, R]: a prompt's n samples stay with it through the DP split
+                            "responses": student["responses"].view(B, n, R),
+                            "response_mask": student["response_mask"].view(B, n, R)}
+            outs = self.critic.run_dp("update_critic", critic_batch, n)
+            metrics.update(_mean_dicts(outs))
+
+        if gad_step:
+            with timer("update_actor"):
+                num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+                metrics.update(_mean_dicts(self.actor.run_dp("update_actor", student, num_mini)))
+        elif cfg.trainer.warmup.mode == "sft":
+            with timer("sft"):
+                metrics.update(_mean_dicts(self.actor.run_dp("sft_step", batch)))
+
+        if warm:
+            self.warmup.observe(metrics["critic/d_acc"])
+            if self.warmup.done:
+                metrics["warmup/ended_at_step"] = float(self.warmup.ended_at)
+        metrics["actor/optimizer_state_bytes"] = float(sum(self.actor.run_all("optimizer_state_bytes")))
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> None:
+        t = self.cfg.trainer
+        resumed = self._maybe_resume()
+        self.logger = MetricsLogger(self.run_dir, loggers=_loggers(t.logger), project=t.project_name,
+                                    experiment=t.experiment_name, config_dict=to_dict(self.cfg),
+                                    total_steps=self.total_steps, resume_step=self.step if resumed else None)
+        timer = Timer()
+        try:
+            while self.step < self.total_steps:
+                timer.start_step()
+                items = next(self.loader)
+                batch = collate_prompts(items, self.pad_id)
+                metrics = self._step(batch, timer)
+                self.step += 1
+                metrics["epoch"] = self.loader.epoch
+                if t.save_freq > 0 and self.step % t.save_freq == 0 or self.step == self.total_steps:
+                    with timer("save"):
+                        self.save()
+                metrics.update(timer.collect())
+                self.logger.log(self.step, metrics)
+        finally:
+            self.logger.close()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        path = os.path.join(self.run_dir, f"global_step_{self.step}")
+        extra = {"step": self.step}
+        self.actor.run_all("save", os.path.join(path, "actor"), extra)
+        self.critic.run_all("save", os.path.join(path, "critic"), extra)
+        with open(os.path.join(path, "trainer_state.json"), "w") as f:
+            json.dump({"step": self.step, "loader": self.loader.state_dict(),
+                       "warmup": self.warmup.state_dict()}, f)
+        ckpt.write_latest(self.run_dir, self.step)
+        return path
+
+    def _maybe_resume(self) -> bool:
+        t = self.cfg.trainer
+        path = t.resume_from_path
+        if path is None and t.resume_mode == "auto":
+            latest = ckpt.read_latest(self.run_dir)
+            path = os.path.join(self.run_dir, f"global_step_{latest}") if latest is not None else None
+        if path is None:
+            return False
+        if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            raise FileNotFoundError(f"{path} is not a megatron-gad training checkpoint (no trainer_state.json)")
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            st = json.load(f)
+        self.actor.run_all("load", os.path.join(path, "actor"))
+        self.critic.run_all("load", os.path.join(path, "critic"))
+        self.loader.load_state_dict(st["loader"])
+        self.warmup.load_state_dict(st["warmup"])
+        self.step = int(st["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def shutdown(self) -> None:
+        self.actor.shutdown()
+        self.critic.shutdown()
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    from megatron_gad.metrics import reduce_metrics
+
+    return reduce_metrics(dicts)
+
+
+def _loggers(names) -> tuple[str, ...]:
+    out = list(names)
+    if "jsonl" not in out:  # metrics.jsonl is always written: scripts and resume rely on it
+        out.append("jsonl")
+    return tuple(out)
+
+
+def main_train(args) -> int:
+    from megatron_gad.config import load_config, validate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cfg = load_config(args.config, list(args.overrides))
+    validate(cfg)
+    import yaml
+
+    print("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
+    if getattr(args, "print_config", False):
+        return 0
+    start = time.time()
+    trainer = GADTrainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    log.info("done: %d steps in %.1f s; metrics in %s", trainer.step, time.time() - start,
+             os.path.join(cfg.trainer.default_local_dir, "metrics.jsonl"))
+    return 0
