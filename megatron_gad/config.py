@@ -162,6 +162,9 @@ class TrainerConfig:
     total_training_steps: Optional[int] = None
     total_epochs: int = 1
     critic_warmup: int = 0
+    # "gad": the adversarial loop (with its warmup); "sft": plain distillation on the teacher responses
+    # (sequence-level KD, the baseline GAD is compared with) — no rollout and no discriminator.
+    mode: Literal["gad", "sft"] = "gad"
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     save_freq: int = -1  # -1: no periodic checkpoints; N: every N steps
     default_local_dir: str = "outputs/gad"

@@ -76,7 +76,9 @@ class GADTrainer:
         common = dict(total_steps=self.total_steps)
         self.actor = RoleGroup("actor", world_actor, dict(cfg=cfg, eos_id=self.eos_id, pad_id=self.pad_id, **common),
                                gpu, pg, 0, frac)
-        self.critic = RoleGroup("critic", world_critic, dict(cfg=cfg, **common), gpu, pg, critic_offset, frac)
+        self.critic = None
+        if t.mode == "gad":
+            self.critic = RoleGroup("critic", world_critic, dict(cfg=cfg, **common), gpu, pg, critic_offset, frac)
         self.logger = None
 
     def _placement(self, gpu: bool, world_actor: int, world_critic: int):
@@ -94,8 +96,14 @@ class GADTrainer:
         return pg, (0 if colocate else world_actor), (0.5 if colocate else 1.0)
 
     # ------------------------------------------------------------------ one global step
+    def _sft_step(self, batch: dict, timer: Timer) -> dict:
+        with timer("sft"):
+            return dict(_mean_dicts(self.actor.run_dp("sft_step", batch)), stage="sft")
+
     def _step(self, batch: dict, timer: Timer) -> dict:
         cfg, n = self.cfg, self.n
+        if cfg.trainer.mode == "sft":
+            return self._sft_step(batch, timer)
         warm = self.warmup.active()
         stage = "warmup" if warm else "gad"
         metrics: dict = {"stage": stage}
@@ -185,7 +193,8 @@ class GADTrainer:
         path = os.path.join(self.run_dir, f"global_step_{self.step}")
         extra = {"step": self.step}
         self.actor.run_all("save", os.path.join(path, "actor"), extra)
-        self.critic.run_all("save", os.path.join(path, "critic"), extra)
+        if self.critic is not None:
+            self.critic.run_all("save", os.path.join(path, "critic"), extra)
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             json.dump({"step": self.step, "loader": self.loader.state_dict(),
                        "warmup": self.warmup.state_dict()}, f)
@@ -205,16 +214,32 @@ class GADTrainer:
         with open(os.path.join(path, "trainer_state.json")) as f:
             st = json.load(f)
         self.actor.run_all("load", os.path.join(path, "actor"))
-        self.critic.run_all("load", os.path.join(path, "critic"))
+        if self.critic is not None:
+            self.critic.run_all("load", os.path.join(path, "critic"))
         self.loader.load_state_dict(st["loader"])
         self.warmup.load_state_dict(st["warmup"])
         self.step = int(st["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
+    def sample(self, items: list[dict], n: int, temperature: float | None = None, greedy: bool = False,
+               seed: int = 0) -> list[list[str]]:
+        """Decoded samples (``n`` per prompt) from the current actor, e.g. for held-out evaluation."""
+        batch = collate_prompts(items, self.pad_id)
+        gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
+                  "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
+        outs = self.actor.run_dp("generate", gen_in, seed=seed, temperature=temperature, greedy=greedy)
+        texts = []
+        for o in outs:
+            for ids, m in zip(o["responses"], o["response_mask"]):
+                ids = [int(i) for i, keep in zip(ids, m) if keep and int(i) != self.eos_id]
+                texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return [texts[i * n:(i + 1) * n] for i in range(len(items))]
+
     def shutdown(self) -> None:
         self.actor.shutdown()
-        self.critic.shutdown()
+        if self.critic is not None:
+            self.critic.shutdown()
 
 
 def _mean_dicts(dicts: list[dict]) -> dict:

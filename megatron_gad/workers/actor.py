@@ -75,13 +75,13 @@ class ActorWorker:
         return mbs
 
     # ---------------------------------------------------------------- rollout
-    def generate(self, batch: dict, seed: int) -> dict | None:
+    def generate(self, batch: dict, seed: int, temperature: float | None = None, greedy: bool = False) -> dict | None:
         r = self.cfg.actor_rollout_ref.rollout
         with cpu_device_mode():
             out = generate(self.actor, batch["prompt_ids"], batch["prompt_mask"],
                            max_new_tokens=self.cfg.data.max_response_length, eos_id=self.eos_id,
-                           pad_id=self.pad_id, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
-                           seed=seed + 7919 * self.layout.dp_rank,
+                           pad_id=self.pad_id, temperature=temperature or r.temperature, top_k=r.top_k,
+                           top_p=r.top_p, greedy=greedy, seed=seed + 7919 * self.layout.dp_rank,
                            micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
         return out if self.is_collector() else None
 
