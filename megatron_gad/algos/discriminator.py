@@ -30,7 +30,8 @@ def discriminator_loss(
     with torch.no_grad():
         metrics = {
             "d_loss": bt_loss.detach(),
-            "d_acc": (diff > 0).float().mean(),
+            # exact ties count half: a blind (e.g. zero-initialised) head reports 0.5, not 0
+            "d_acc": ((diff > 0).float() + 0.5 * (diff == 0).float()).mean(),
             "student_value_mean": s.mean(),
             "teacher_value_mean": t0.mean(),
             "score_gap": t0.mean() - s.mean(),
