@@ -11,6 +11,7 @@ update.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ class GADTrainer:
         self.n = cfg.actor_rollout_ref.rollout.n
         self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
         self.step = 0
+        self.phases: list[str] = []
 
         if not ray.is_initialized():
             ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
@@ -96,8 +98,15 @@ class GADTrainer:
         return pg, (0 if colocate else world_actor), (0.5 if colocate else 1.0)
 
     # ------------------------------------------------------------------ one global step
+    @contextlib.contextmanager
+    def _phase(self, timer: Timer, name: str):
+        """Time a phase and record the order (``self.phases``: this step's phases, for tests/debug)."""
+        self.phases.append(name)
+        with timer(name):
+            yield
+
     def _sft_step(self, batch: dict, timer: Timer) -> dict:
-        with timer("sft"):
+        with self._phase(timer, "sft"):
             return dict(_mean_dicts(self.actor.run_dp("sft_step", batch)), stage="sft")
 
     def _step(self, batch: dict, timer: Timer) -> dict:
@@ -109,7 +118,7 @@ class GADTrainer:
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
 
-        with timer("gen"):  # rollout: n samples per prompt
+        with self._phase(timer, "gen"):  # rollout: n samples per prompt
             gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                       "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
             outs = self.actor.run_dp("generate", gen_in, seed=cfg.trainer.seed * 1_000_003 + self.step)
@@ -124,22 +133,22 @@ class GADTrainer:
 
         gad_step = not warm
         if gad_step:
-            with timer("reward"):  # D(student), before this step's discriminator update
+            with self._phase(timer, "reward"):  # D(student), before this step's discriminator update
                 rewards = torch.cat([o["scores"] for o in self.critic.run_dp("compute_scores", student)])
-            with timer("old_log_prob"):
+            with self._phase(timer, "old_log_prob"):
                 student["old_log_prob"] = torch.cat(
                     [o["log_prob"] for o in self.actor.run_dp("compute_log_prob", student)])
             if cfg.actor_rollout_ref.actor.use_kl_loss:
-                with timer("ref"):
+                with self._phase(timer, "ref"):
                     student["ref_log_prob"] = torch.cat(
                         [o["log_prob"] for o in self.actor.run_dp("compute_ref_log_prob", student)])
-            with timer("adv"):
+            with self._phase(timer, "adv"):
                 est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
                 kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if cfg.algorithm.adv_estimator == "grpo" else {}
                 student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
-        with timer("update_critic"):  # every step: teacher vs student pairs
+        with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
             critic_batch = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                             "teacher_response": batch["teacher_response"],
                             "teacher_response_mask": batch["teacher_response_mask"],
@@ -150,11 +159,11 @@ class GADTrainer:
             metrics.update(_mean_dicts(outs))
 
         if gad_step:
-            with timer("update_actor"):
+            with self._phase(timer, "update_actor"):
                 num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
                 metrics.update(_mean_dicts(self.actor.run_dp("update_actor", student, num_mini)))
         elif cfg.trainer.warmup.mode == "sft":
-            with timer("sft"):
+            with self._phase(timer, "sft"):
                 metrics.update(_mean_dicts(self.actor.run_dp("sft_step", batch)))
 
         if warm:
@@ -175,13 +184,14 @@ class GADTrainer:
         try:
             while self.step < self.total_steps:
                 timer.start_step()
+                self.phases = []
                 items = next(self.loader)
                 batch = collate_prompts(items, self.pad_id)
                 metrics = self._step(batch, timer)
                 self.step += 1
                 metrics["epoch"] = self.loader.epoch
                 if t.save_freq > 0 and self.step % t.save_freq == 0 or self.step == self.total_steps:
-                    with timer("save"):
+                    with self._phase(timer, "save"):
                         self.save()
                 metrics.update(timer.collect())
                 self.logger.log(self.step, metrics)
