@@ -73,11 +73,32 @@ def resolve_impl(requested: str = "auto") -> str:
     return "torch"
 
 
+class _GatherLast(torch.autograd.Function):
+    # Backward writes B rows into a zero [S, B, H] (one row per column: no accumulation,
+    # unlike advanced indexing's accumulate path). The dense zero grad is what the backbone needs.
+    @staticmethod
+    def forward(ctx, hidden, last_index):
+        cols = torch.arange(hidden.shape[1], device=hidden.device)
+        ctx.save_for_backward(last_index, cols)
+        ctx.shape = hidden.shape
+        return hidden[last_index, cols]
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        last_index, cols = ctx.saved_tensors
+        grad = grad_rows.new_zeros(ctx.shape)
+        grad[last_index, cols] = grad_rows
+        return grad, None
+
+
 def gather_last_hidden(hidden: Tensor, last_index: Tensor) -> Tensor:
-    """hidden [S, B, H] (sequence-first), last_index [B] -> [B, H] rows at each last valid token."""
+    """hidden [S, B, H] (sequence-first), last_index [B] -> [B, H] rows at each last valid token.
+
+    The caller gives the index, so left and right padding both work.
+    """
     S, B, H = hidden.shape
     assert last_index.shape == (B,), f"last_index {tuple(last_index.shape)} vs batch {B}"
-    return hidden[last_index.long(), torch.arange(B, device=hidden.device)]
+    return _GatherLast.apply(hidden, last_index.long())
 
 
 def disc_head_scores(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -119,3 +119,14 @@ def test_triton_interpreted_matches_torch():
     env = dict(os.environ, TRITON_INTERPRET="1")
     r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "TRITON_OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_gather_last_hidden_grad():
+    hidden = torch.randn(4, 3, 2, requires_grad=True)
+    last = torch.tensor([3, 0, 2])
+    g = torch.randn(3, 2)
+    (gather_last_hidden(hidden, last) * g).sum().backward()
+    want = torch.zeros(4, 3, 2)
+    for b in range(3):
+        want[last[b], b] = g[b]
+    assert torch.equal(hidden.grad, want)
