@@ -74,7 +74,9 @@ class _VocabParallelLogProb(torch.autograd.Function):
         ctx.cfg = (vocab_start, n_valid, chunk_size, compute_entropy, inplace_backward)
         if compute_entropy:
             return log_prob, entropy
-        return log_prob, torch.zeros(0, device=logits.device)
+        empty = torch.zeros(0, device=logits.device)  # autograd.Function outputs must be tensors
+        ctx.mark_non_differentiable(empty)
+        return log_prob, empty
 
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
@@ -128,7 +130,7 @@ def vocab_parallel_logprob(
     """log p(target) (and entropy) from vocab-sharded logits, fp32 results.
 
     logits: [..., V_local], this rank's shard starting at global id `vocab_start`
-    target: [...] global token ids
+    target: [...] global token ids (ids outside [0, vocab_size) give finite garbage: mask them)
     vocab_size: real vocabulary; global ids >= vocab_size are padding (excluded, = -inf)
     inplace_backward: write the gradient into the logits storage (like Megatron's fused
         cross-entropy); only when nothing else reads the logits after backward.
