@@ -1,0 +1,160 @@
+"""``megatron-gad`` console script: argument parsing and dispatch only.
+
+Command bodies live elsewhere and are imported lazily, so ``--help`` and argument errors answer
+without importing torch / Megatron:
+  convert  -> megatron_gad.tools.convert.main_convert
+  generate -> megatron_gad.tools.generate.main_generate
+  train    -> megatron_gad.controller.trainer.main_train
+  demo     -> megatron_gad.demo.run.main_demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function): the lazy dispatch table
+_COMMANDS = {
+    "convert": ("megatron_gad.tools.convert", "main_convert"),
+    "generate": ("megatron_gad.tools.generate", "main_generate"),
+    "train": ("megatron_gad.controller.trainer", "main_train"),
+    "demo": ("megatron_gad.demo.run", "main_demo"),
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _override(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"override {text!r} is not key=value (e.g. trainer.total_training_steps=10)")
+    return text
+
+
+def _add_layout(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (default 1)")
+    p.add_argument("--pp", type=_positive_int, default=1, help="pipeline-parallel size (default 1)")
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="convert weights between Hugging Face and megatron-gad checkpoints",
+                       description="Convert weights between a Hugging Face model directory and a megatron-gad "
+                                   "distributed checkpoint.")
+    dirs = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    h = dirs.add_parser("hf-to-mcore", help="HF directory -> megatron-gad checkpoint sharded at TP x PP",
+                        description="Shard an HF Llama/Qwen2 model at TP x PP (TP*PP local ranks) and save a "
+                                    "megatron-gad dist checkpoint without optimizer state.")
+    h.add_argument("hf_dir", metavar="HF_DIR", help="Hugging Face model directory (config.json + safetensors)")
+    h.add_argument("out_dir", metavar="OUT_DIR", help="checkpoint directory to write")
+    _add_layout(h)
+    h.add_argument("--role", choices=("actor", "critic"), default="actor",
+                   help="actor (LM head) or critic (discriminator: new zero-initialised scalar head)")
+    h.add_argument("--vocab-divisible-by", type=_positive_int, default=128,
+                   help="pad the vocabulary to a multiple of this (independent of TP; default 128)")
+    h.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="parameter dtype of the checkpoint (default float32)")
+    h.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    m = dirs.add_parser("mcore-to-hf", help="megatron-gad actor checkpoint (any layout) -> HF directory",
+                        description="Load a megatron-gad actor checkpoint at TP=PP=1 (resharding) and write "
+                                    "safetensors, config.json and tokenizer files loadable by transformers.")
+    m.add_argument("ckpt_dir", metavar="CKPT_DIR", help="megatron-gad checkpoint directory")
+    m.add_argument("out_dir", metavar="OUT_DIR", help="Hugging Face directory to write")
+    m.add_argument("--overwrite", action="store_true", help="write into OUT_DIR even if it is not empty")
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate a continuation with the native Megatron engine at TP x PP",
+                       description="Generate from an HF directory or megatron-gad actor checkpoint on TP*PP "
+                                   "local ranks; prints the continuation (or one JSON line with --json).")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face directory or megatron-gad checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text, tokenized with the model's tokenizer")
+    src.add_argument("--prompt-ids", metavar="IDS", help='prompt token ids, e.g. "1 2 3"')
+    p.add_argument("--chat", action="store_true", help="wrap --prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, required=True, help="tokens to generate at most")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--greedy", action="store_true", help="argmax decoding")
+    mode.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--top-k", type=int, default=-1, help="keep the K most likely tokens (-1: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    p.add_argument("--eos-id", type=int, default=None, help="stop token id (default: the tokenizer's EOS)")
+    p.add_argument("--vocab-divisible-by", type=_positive_int, default=128,
+                   help="vocabulary padding for HF directories (checkpoints record their own)")
+    _add_layout(p)
+    p.add_argument("--json", action="store_true",
+                   help='print exactly one JSON line {"token_ids": [...], "text": "..."} on stdout')
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="run GAD training from a YAML config (Ray single controller)",
+                       description="Train with Generative Adversarial Distillation from a YAML config; "
+                                   "key=value overrides (dotlist) are applied on top.")
+    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override,
+                   help="config overrides, e.g. trainer.total_training_steps=10")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the self-contained tiny GAD demo (CPU, minutes)",
+                       description="Distil a tiny student on the built-in demo task and report the result.")
+    p.add_argument("--seeds", type=_positive_int, default=1, metavar="K", help="number of seeds to run (default 1)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: a temporary one)")
+    p.add_argument("--quick", action="store_true", help="a shorter run (smoke test)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatron-gad",
+        description="Generative Adversarial Distillation on Megatron-Core (TP x PP actor and discriminator).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _convert_parser(sub)
+    _generate_parser(sub)
+    _train_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def _load_command(name: str):
+    module, func = _COMMANDS[name]
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ImportError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):  # the command itself is missing, not a dependency
+            raise SystemExit(f"megatron-gad {name}: not available in this installation ({module} is missing)")
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from megatron_gad.tools import ToolError
+
+    command = _load_command(args.command)
+    try:
+        return int(command(args) or 0)
+    except ToolError as e:  # input problems: one clear line, usage-style exit code
+        print(f"megatron-gad {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not str(e).startswith("distributed run"):
+            raise
+        # a rank failed: its traceback is in the message; skip the parent's own (uninformative) stack
+        print(f"megatron-gad {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""``megatron-gad generate``: sample from an HF directory or megatron-gad checkpoint at TP x PP.
+
+The parent process tokenizes and validates; TP*PP spawned ranks (gloo on CPU, NCCL on a GPU:
+``state.init_distributed`` picks the backend) build the actor shard and run
+:func:`megatron_gad.engine.generate.generate`; rank 0 returns the token ids.
+
+:func:`generate_on_rank` is the per-rank body, usable inside any launched rank (tests run
+several models in one launch with :func:`run_specs`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from megatron_gad.tools import ToolError, log, stdout_to_stderr
+from megatron_gad.tools.convert import check_layout, read_model_dir
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    """One generation request. ``prompts`` are unpadded token-id lists (left-padded internally)."""
+
+    model: str
+    prompts: list[list[int]]
+    max_new_tokens: int
+    eos_id: int
+    pad_id: int
+    tp: int = 1
+    pp: int = 1
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int = 0
+    vocab_divisible_by: int = 128
+    params_dtype: str = "float32"
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    """Token lists -> (ids, mask) [B, P] left-padded: the engine samples at the last column."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def generate_on_rank(spec: GenerateSpec) -> list[list[int]]:
+    """Inside a launched rank (call within ``cpu_device_mode()`` on CPU): the new tokens of each
+    prompt, EOS included when it was produced. Every rank returns the same lists."""
+    from megatron_gad.engine.generate import generate
+    from megatron_gad.workers.role import ModelRole
+
+    role = ModelRole("actor", spec.model, spec.tp, spec.pp, params_dtype=spec.params_dtype,
+                     vocab_divisible_by=spec.vocab_divisible_by, trainable=False)
+    ids, mask = left_pad(spec.prompts, spec.pad_id)
+    out = generate(role, ids, mask, max_new_tokens=spec.max_new_tokens, eos_id=spec.eos_id, pad_id=spec.pad_id,
+                   temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, greedy=spec.greedy,
+                   seed=spec.seed)
+    return [row[m.bool()].tolist() for row, m in zip(out["responses"], out["response_mask"])]
+
+
+def _rank_main(rank: int, world: int, specs: list[GenerateSpec]) -> list[list[list[int]]]:
+    from megatron_gad.parallel.cpu_compat import cpu_device_mode
+
+    stdout_to_stderr()
+    with cpu_device_mode():
+        return [generate_on_rank(s) for s in specs]
+
+
+def run_specs(specs: list[GenerateSpec]) -> list[list[list[int]]]:
+    """Run several requests (same TP x PP) in one launch of TP*PP ranks; results of rank 0."""
+    from megatron_gad.parallel.launch import run_local
+
+    layouts = {(s.tp, s.pp) for s in specs}
+    if len(layouts) != 1:
+        raise ValueError(f"all specs of one launch need the same TP x PP, got {sorted(layouts)}")
+    tp, pp = layouts.pop()
+    return run_local(_rank_main, tp * pp, list(specs))[0]
+
+
+# ---------------------------------------------------------------- CLI body
+def model_settings(model: str, tp: int, pp: int, vocab_divisible_by: int) -> tuple[dict, int, str]:
+    """(hf_config, vocab_divisible_by, params_dtype) for MODEL; checkpoints carry their own."""
+    cfg, arch, meta = read_model_dir(model)
+    dtype = "float32"
+    if meta is not None:
+        if meta.get("role") != "actor":
+            raise ToolError(f"{model} is a {meta.get('role')} (discriminator) checkpoint; it scores sequences "
+                            "and cannot generate. Use an actor checkpoint or HF directory")
+        vocab_divisible_by = int(meta["vocab_divisible_by"])
+        dtype = meta.get("extra", {}).get("params_dtype", "float32")
+    check_layout(arch, tp, pp, vocab_divisible_by)
+    return cfg, vocab_divisible_by, dtype
+
+
+def _load_tokenizer(model: str, required: bool):
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # no tokenizer files, or files transformers cannot read
+        if required:
+            raise ToolError(f"{model}: cannot load a tokenizer ({type(e).__name__}: {e}); "
+                            "pass token ids with --prompt-ids instead") from None
+        log(f"no tokenizer in {model}: output text will be empty")
+        return None
+
+
+def _first(x):
+    return x[0] if isinstance(x, (list, tuple)) else x
+
+
+def _special_ids(cfg: dict, tok, eos_override: int | None) -> tuple[int, int]:
+    eos = eos_override
+    if eos is None:
+        eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else _first(cfg.get("eos_token_id"))
+    if eos is None:
+        raise ToolError("the model defines no eos_token_id; pass --eos-id")
+    pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else _first(cfg.get("pad_token_id"))
+    return int(eos), int(pad if pad is not None else eos)
+
+
+def _prompt_ids(args, tok) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise ToolError(f"--prompt-ids must be integers separated by spaces, got {args.prompt_ids!r}") from None
+        if not ids:
+            raise ToolError("--prompt-ids is empty")
+        return ids
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise ToolError(f"{args.model}: the tokenizer has no chat template; drop --chat")
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    else:
+        ids = tok(args.prompt, add_special_tokens=True)["input_ids"]
+    if not ids:
+        raise ToolError("--prompt tokenizes to no tokens")
+    return list(ids)
+
+
+def main_generate(args) -> int:
+    if args.max_new_tokens < 1:
+        raise ToolError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and args.temperature <= 0:
+        raise ToolError(f"--temperature must be > 0 (use --greedy for argmax decoding), got {args.temperature}")
+    if args.top_k == 0 or args.top_k < -1:
+        raise ToolError(f"--top-k must be -1 (off) or >= 1, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise ToolError(f"--top-p must be in (0, 1], got {args.top_p}")
+    cfg, vdb, dtype = model_settings(args.model, args.tp, args.pp, args.vocab_divisible_by)
+    tok = _load_tokenizer(args.model, required=args.prompt is not None)
+    prompt = _prompt_ids(args, tok)
+    vocab = cfg["vocab_size"]
+    if max(prompt) >= vocab or min(prompt) < 0:
+        raise ToolError(f"prompt token ids must be in [0, {vocab}) for this model")
+    eos, pad = _special_ids(cfg, tok, args.eos_id)
+    spec = GenerateSpec(model=args.model, prompts=[prompt], max_new_tokens=args.max_new_tokens, eos_id=eos,
+                        pad_id=pad, tp=args.tp, pp=args.pp, greedy=args.greedy,
+                        temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                        vocab_divisible_by=vdb, params_dtype=dtype)
+    mode = "greedy" if args.greedy else f"sampling (T={spec.temperature}, top-k={args.top_k}, top-p={args.top_p}, " \
+                                         f"seed={args.seed})"
+    log(f"generate: {len(prompt)} prompt tokens, up to {args.max_new_tokens} new, {mode}, "
+        f"TP={args.tp} PP={args.pp}; launching {args.tp * args.pp} rank(s)")
+    (tokens,) = run_specs([spec])
+    text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else ""
+    if args.json:
+        print(json.dumps({"token_ids": tokens, "text": text}), flush=True)
+    else:
+        print(text, flush=True)
+    return 0

@@ -1,0 +1,219 @@
+"""The ``megatron-gad`` console script: help, argument errors, lazy dispatch, input checks.
+
+Nothing here spawns ranks: every error is caught in the calling process before any launch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+
+from megatron_gad import cli
+from megatron_gad.tools import ToolError
+from tiny_models import CONFIGS
+
+
+def _run(argv, capsys):
+    """(exit code, stdout, stderr) of ``megatron-gad argv``."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_top_level_help_lists_commands(capsys):
+    code, out, _ = _run(["--help"], capsys)
+    assert code == 0
+    for name in ("convert", "generate", "train", "demo"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv,options", [
+    (["convert"], ["hf-to-mcore", "mcore-to-hf"]),
+    (["convert", "hf-to-mcore"], ["HF_DIR", "OUT_DIR", "--tp", "--pp", "--role", "--vocab-divisible-by", "--dtype"]),
+    (["convert", "mcore-to-hf"], ["CKPT_DIR", "OUT_DIR"]),
+    (["generate"], ["MODEL", "--prompt", "--prompt-ids", "--max-new-tokens", "--greedy", "--temperature", "--seed",
+                    "--top-k", "--top-p", "--tp", "--pp", "--json", "--chat"]),
+    (["train"], ["CONFIG", "KEY=VALUE", "--print-config"]),
+    (["demo"], ["--seeds", "--out", "--quick"]),
+])
+def test_subcommand_help(argv, options, capsys):
+    code, out, _ = _run(argv + ["--help"], capsys)
+    assert code == 0
+    for opt in options:
+        assert opt in out, f"{opt} missing from `{' '.join(argv)} --help`"
+
+
+def test_help_does_not_import_megatron():
+    import subprocess
+
+    code = ("import sys; from megatron_gad import cli\n"
+            "try:\n    cli.main(['generate', '--help'])\nexcept SystemExit: pass\n"
+            "assert 'megatron.core' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "required"),
+    (["convert"], "required"),
+    (["convert", "hf-to-mcore", "a"], "OUT_DIR"),
+    (["convert", "hf-to-mcore", "a", "b", "--tp", "0"], "must be >= 1"),
+    (["convert", "hf-to-mcore", "a", "b", "--tp", "two"], "expected an integer"),
+    (["convert", "hf-to-mcore", "a", "b", "--role", "teacher"], "invalid choice"),
+    (["generate", "m", "--max-new-tokens", "4"], "one of the arguments --prompt --prompt-ids is required"),
+    (["generate", "m", "--prompt", "x", "--prompt-ids", "1", "--max-new-tokens", "4"], "not allowed"),
+    (["generate", "m", "--prompt", "x"], "--max-new-tokens"),
+    (["generate", "m", "--prompt", "x", "--max-new-tokens", "4", "--greedy", "--temperature", "0.7"], "not allowed"),
+    (["train", "c.yaml", "trainer.total_training_steps"], "not key=value"),
+    (["demo", "--seeds", "0"], "must be >= 1"),
+])
+def test_bad_arguments(argv, message, capsys):
+    code, _, err = _run(argv, capsys)
+    assert code == 2
+    assert message in err
+
+
+@pytest.fixture()
+def fake_command(monkeypatch):
+    """Install a stand-in module for a command implemented elsewhere; returns the recorded args."""
+    calls = []
+
+    def install(module: str, func: str):
+        mod = types.ModuleType(module)
+        setattr(mod, func, lambda args: calls.append(args) or 0)
+        monkeypatch.setitem(sys.modules, module, mod)
+        return calls
+
+    return install
+
+
+def test_train_dispatches_lazily(fake_command, capsys):
+    calls = fake_command("megatron_gad.controller.trainer", "main_train")
+    code, _, _ = _run(["train", "cfg.yaml", "trainer.total_training_steps=3", "data.train_batch_size=8",
+                       "--print-config"], capsys)
+    assert code == 0
+    (args,) = calls
+    assert args.config == "cfg.yaml"
+    assert args.overrides == ["trainer.total_training_steps=3", "data.train_batch_size=8"]
+    assert args.print_config is True
+
+
+def test_demo_dispatches_lazily(fake_command, capsys):
+    calls = fake_command("megatron_gad.demo.run", "main_demo")
+    code, _, _ = _run(["demo", "--seeds", "3", "--out", "/tmp/x", "--quick"], capsys)
+    assert code == 0
+    (args,) = calls
+    assert (args.seeds, args.out, args.quick) == (3, "/tmp/x", True)
+    calls.clear()
+    _run(["demo"], capsys)
+    assert (calls[0].seeds, calls[0].out, calls[0].quick) == (1, None, False)
+
+
+# ---------------------------------------------------------------- input checks (no launch)
+def _config_dir(tmp_path, name="llama", **overrides) -> str:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(dict(CONFIGS["llama"], **overrides)))
+    return str(d)
+
+
+def test_convert_missing_dir(tmp_path, capsys):
+    code, _, err = _run(["convert", "hf-to-mcore", str(tmp_path / "nope"), str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert "no such directory" in err and err.startswith("megatron-gad convert: error:")
+
+
+def test_convert_dir_without_config(tmp_path, capsys):
+    code, _, err = _run(["convert", "hf-to-mcore", str(tmp_path), str(tmp_path / "out")], capsys)
+    assert code == 2 and "no config.json" in err
+
+
+def test_convert_unsupported_model_type(tmp_path, capsys):
+    d = _config_dir(tmp_path, model_type="gpt2")
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(tmp_path / "out")], capsys)
+    assert code == 2 and "'gpt2' is not supported" in err
+
+
+def test_convert_tp_must_divide_heads(tmp_path, capsys):
+    d = _config_dir(tmp_path)  # 4 heads, 2 KV heads, ffn 64, 4 layers
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(tmp_path / "out"), "--tp", "3"], capsys)
+    assert code == 2
+    assert "num_attention_heads=4" in err and "num_key_value_heads=2" in err
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(tmp_path / "out"), "--tp", "4"], capsys)
+    assert "num_key_value_heads=2" in err and "num_attention_heads" not in err
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(tmp_path / "out"), "--pp", "3"], capsys)
+    assert code == 2 and "num_hidden_layers=4" in err
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(tmp_path / "out"), "--tp", "2",
+                         "--vocab-divisible-by", "1", ], capsys)  # 96 % 2 == 0: only the weights are missing
+    assert code == 2 and "no *.safetensors" in err
+
+
+def test_convert_vocab_padding_must_divide_tp(tmp_path, capsys):
+    d = _config_dir(tmp_path, vocab_size=95, num_attention_heads=2, num_key_value_heads=2, hidden_size=32)
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(tmp_path / "out"), "--tp", "2",
+                         "--vocab-divisible-by", "1"], capsys)
+    assert code == 2 and "padded vocabulary 95" in err
+
+
+def test_convert_refuses_non_empty_out_dir(tmp_path, capsys):
+    from safetensors.torch import save_file
+    import torch
+
+    d = _config_dir(tmp_path)
+    save_file({"x": torch.zeros(1)}, f"{d}/model.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    code, _, err = _run(["convert", "hf-to-mcore", d, str(out)], capsys)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = _run(["convert", "hf-to-mcore", d, d], capsys)
+    assert code == 2 and "is the input directory" in err
+
+
+def test_mcore_to_hf_needs_a_checkpoint(tmp_path, capsys):
+    d = _config_dir(tmp_path)
+    code, _, err = _run(["convert", "mcore-to-hf", d, str(tmp_path / "out")], capsys)
+    assert code == 2 and "not a megatron-gad checkpoint" in err
+
+
+def test_mcore_to_hf_refuses_critic(tmp_path, capsys):
+    d = _config_dir(tmp_path)
+    (tmp_path / "llama" / "megatron_gad.json").write_text(json.dumps({"role": "critic", "vocab_divisible_by": 128}))
+    code, _, err = _run(["convert", "mcore-to-hf", d, str(tmp_path / "out")], capsys)
+    assert code == 2 and "critic" in err
+    code, _, err = _run(["generate", d, "--prompt-ids", "1 2", "--max-new-tokens", "2"], capsys)
+    assert code == 2 and "cannot generate" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--prompt-ids", "1 x 3"], "must be integers"),
+    (["--prompt-ids", "1 2 999"], "must be in [0, 96)"),
+    (["--prompt-ids", "1", "--temperature", "0"], "--temperature must be > 0"),
+    (["--prompt-ids", "1", "--top-p", "1.5"], "--top-p"),
+    (["--prompt-ids", "1", "--top-k", "0"], "--top-k"),
+    (["--prompt-ids", "1", "--tp", "3"], "does not divide"),
+    (["--prompt", "hello"], "cannot load a tokenizer"),
+])
+def test_generate_input_errors(tmp_path, capsys, extra, message):
+    d = _config_dir(tmp_path)
+    code, _, err = _run(["generate", d, "--max-new-tokens", "2"] + extra, capsys)
+    assert code == 2, err
+    assert message in err
+
+
+def test_left_pad():
+    from megatron_gad.tools.generate import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_tool_error_is_an_exception():
+    assert issubclass(ToolError, Exception)
