@@ -33,7 +33,12 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _forward_step(loss_fn: LossFn, data_iterator, model):
     batch = next(data_iterator)
-    output = model(batch["input_ids"], batch["position_ids"], attention_mask_4d(batch["attention_mask"]))
+    ctx = batch.get("inference_context")
+    if ctx is None:
+        output = model(batch["input_ids"], batch["position_ids"], attention_mask_4d(batch["attention_mask"]))
+    else:  # KV-cached sampling: the caller gives the [B, 1, q, k] mask; logits come gathered over TP
+        output = model(batch["input_ids"], batch["position_ids"], batch["mask_4d"], inference_context=ctx,
+                       runtime_gather_output=True)
     return output, partial(_loss_wrapper, loss_fn, batch)
 
 

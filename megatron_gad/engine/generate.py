@@ -1,10 +1,13 @@
 """Autoregressive sampling through the Megatron pipeline (native rollout engine).
 
-Every rank of one data-parallel replica calls :func:`generate` with the same prompts. Each step
-runs one forward pass over the whole sequence so far (no KV cache: exact, simple, and fast enough
-for CPU-sized models; vLLM is the rollout engine for scale), gathers the last position's logits
-across TP on the last stage, samples there with a generator seeded identically on every TP rank,
-and broadcasts the new tokens to the other pipeline stages.
+Every rank of one data-parallel replica calls :func:`generate` with the same prompts. With the KV
+cache (default) the prompt is encoded once (prefill) into a Megatron ``StaticInferenceContext`` per
+micro-batch and each later step feeds only the newest token; without it each step re-runs the whole
+sequence (the reference the cached path is tested against). The last stage gathers the last
+position's logits across TP, samples with a generator seeded identically on every TP rank, and the
+new tokens are broadcast to the other pipeline stages. Left padding is handled with explicit
+attention masks (padded keys hidden), so a batch of prompts of different lengths decodes exactly
+like each prompt alone.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def sample_next(logits: torch.Tensor, vocab_size: int, temperature: float, top_k
 @torch.no_grad()
 def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
-             greedy: bool = False, seed: int = 0, micro_batch_size: int = 64) -> dict:
+             greedy: bool = False, seed: int = 0, micro_batch_size: int = 64, use_kv_cache: bool = True) -> dict:
     """prompt_ids/prompt_mask [B, P] left-padded -> {"responses": [B, R], "response_mask": [B, R]}.
 
     A response ends with its EOS token (kept, mask 1) or at ``max_new_tokens``; after that it is
@@ -56,13 +59,23 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
 
     def last_logits(output, batch):
         last = output[:, -1, :]  # every row ends at the same (latest) position: left padding
-        full = gather_from_tensor_model_parallel_region(last)
+        full = last if "inference_context" in batch else gather_from_tensor_model_parallel_region(last)
         return full.sum() * 0, {"logits": full}
 
-    for _ in range(max_new_tokens):
-        mbs = [{"input_ids": seq[i:i + micro_batch_size], "attention_mask": mask[i:i + micro_batch_size]}
-               for i in range(0, B, micro_batch_size)]
+    starts = list(range(0, B, micro_batch_size))
+    contexts = [_new_context(min(micro_batch_size, B - i), prompt_ids.shape[1] + max_new_tokens)
+                for i in starts] if use_kv_cache else None
+    for step in range(max_new_tokens):
+        if not use_kv_cache:
+            mbs = [{"input_ids": seq[i:i + micro_batch_size], "attention_mask": mask[i:i + micro_batch_size]}
+                   for i in starts]
+        else:
+            mbs = [_cached_step_batch(seq[i:i + micro_batch_size], mask[i:i + micro_batch_size], ctx, step == 0)
+                   for i, ctx in zip(starts, contexts)]
         results = role.forward(mbs, last_logits)
+        if use_kv_cache:
+            for mb, ctx in zip(mbs, contexts):
+                ctx.sequence_len_offset += mb["input_ids"].shape[1]
         nxt = torch.zeros(B, dtype=torch.long)
         if lay.is_last_stage:
             logits = torch.cat([r["logits"] for r in results], 0)
@@ -79,3 +92,28 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
         if bool(done.all()):
             break
     return {"responses": torch.stack(out_tokens, 1), "response_mask": torch.stack(out_mask, 1)}
+
+
+def _new_context(batch: int, max_len: int):
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    return StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_len)
+
+
+def _cached_step_batch(seq: torch.Tensor, mask: torch.Tensor, ctx, prefill: bool) -> dict:
+    """Prefill: the whole prompt with a causal + padding mask. Decode: only the newest token, which
+    may attend to every valid cached key."""
+    valid = mask.bool()
+    if prefill:
+        S = seq.shape[1]
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        mask_4d = ~(causal[None] & valid[:, None, :])[:, None]  # [B, 1, S, S], True = hidden
+        ids = seq
+    else:
+        mask_4d = ~valid[:, None, None, :]  # [B, 1, 1, t]
+        ids = seq[:, -1:]
+    if not prefill:
+        ctx.enable_decode_mode()
+    pos = torch.arange(ctx.sequence_len_offset, ctx.sequence_len_offset + ids.shape[1]).expand(ids.shape[0], -1)
+    return {"input_ids": ids, "attention_mask": mask[:, -ids.shape[1]:], "position_ids": pos,
+            "mask_4d": mask_4d, "inference_context": ctx}
