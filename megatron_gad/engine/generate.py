@@ -48,8 +48,6 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     A response ends with its EOS token (kept, mask 1) or at ``max_new_tokens``; after that it is
     right-padded with ``pad_id`` (mask 0).
     """
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     B = prompt_ids.shape[0]
     gen = torch.Generator().manual_seed(seed)
     seq, mask = prompt_ids.clone(), prompt_mask.clone()
@@ -59,7 +57,7 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
 
     def last_logits(output, batch):
         last = output[:, -1, :]  # every row ends at the same (latest) position: left padding
-        full = last if "inference_context" in batch else gather_from_tensor_model_parallel_region(last)
+        full = last if "inference_context" in batch else state.gather_tp_last_dim(last)
         return full.sum() * 0, {"logits": full}
 
     starts = list(range(0, B, micro_batch_size))

@@ -98,14 +98,15 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
 
     Call after ``parallel.state.init_model_parallel``.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+
+    from megatron_gad.parallel import state
 
     if role not in ("actor", "critic"):
         raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
     config = transformer_config(arch, tp, pp, params_dtype)
-    pre = ps.is_pipeline_first_stage()
-    post = ps.is_pipeline_last_stage()
+    lay = state.layout()
+    pre, post = lay.is_first_stage, lay.is_last_stage
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch),

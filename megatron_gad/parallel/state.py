@@ -119,6 +119,13 @@ def tp_src_global_rank() -> int:
     return ps.get_tensor_model_parallel_src_rank()
 
 
+def gather_tp_last_dim(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a TP-sharded last dimension (e.g. vocab-parallel logits) across the TP group."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(t)
+
+
 def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     """Give every pipeline stage the tensor held by the last stage (same shape/dtype everywhere)."""
     if layout().pp_size > 1:
