@@ -167,6 +167,7 @@ class TrainerConfig:
     mode: Literal["gad", "sft"] = "gad"
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     save_freq: int = -1  # -1: no periodic checkpoints; N: every N steps
+    test_freq: int = -1  # -1: no validation; N: held-out metrics (data.val_files) every N steps and at the end
     default_local_dir: str = "outputs/gad"
     resume_mode: Literal["auto", "disable"] = "auto"
     resume_from_path: Optional[str] = None

@@ -58,6 +58,9 @@ class GADTrainer:
         self.dataset = GADDataset(d.train_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
                                   d.max_prompt_length, d.max_response_length, d.on_bad_row)
         self.loader = PromptLoader(self.dataset, d.train_batch_size, d.shuffle, d.seed)
+        self.val_dataset = GADDataset(d.val_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
+                                      d.max_prompt_length, d.max_response_length, d.on_bad_row) \
+            if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
         self.n = cfg.actor_rollout_ref.rollout.n
         self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
@@ -117,19 +120,9 @@ class GADTrainer:
         stage = "warmup" if warm else "gad"
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
-
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
-            gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
-                      "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
-            outs = self.actor.run_dp("generate", gen_in, seed=cfg.trainer.seed * 1_000_003 + self.step)
-            R = max(o["responses"].shape[1] for o in outs)
-            student = dict(gen_in,
-                           responses=torch.cat([pad_right(o["responses"], R, self.pad_id) for o in outs]),
-                           response_mask=torch.cat([pad_right(o["response_mask"], R) for o in outs]))
-        lengths = student["response_mask"].sum(-1).float()
-        ends_eos = (student["responses"] == self.eos_id).any(-1)
-        metrics.update({"response_length/mean": lengths.mean().item(), "response_length/max": lengths.max().item(),
-                        "response_length/clip_ratio": (~ends_eos).float().mean().item()})
+            student = self._rollout(batch, seed=cfg.trainer.seed * 1_000_003 + self.step)
+        metrics.update(self._length_metrics(student, "response_length/"))
 
         gad_step = not warm
         if gad_step:
@@ -149,13 +142,7 @@ class GADTrainer:
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
         with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-            critic_batch = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
-                            "teacher_response": batch["teacher_response"],
-                            "teacher_response_mask": batch["teacher_response_mask"],
-                            # [B, n, R]: a prompt's n samples stay with it through the DP split
-                            "responses": student["responses"].view(B, n, R),
-                            "response_mask": student["response_mask"].view(B, n, R)}
-            outs = self.critic.run_dp("update_critic", critic_batch, n)
+            outs = self.critic.run_dp("update_critic", self._pairs(batch, student), n)
             metrics.update(_mean_dicts(outs))
 
         if gad_step:
@@ -172,6 +159,51 @@ class GADTrainer:
                 metrics["warmup/ended_at_step"] = float(self.warmup.ended_at)
         metrics["actor/optimizer_state_bytes"] = float(sum(self.actor.run_all("optimizer_state_bytes")))
         return metrics
+
+    def _rollout(self, batch: dict, seed: int, n: int | None = None, **sampling) -> dict:
+        """n samples per prompt from the actor; rows i*n .. i*n+n-1 belong to prompt i."""
+        n = n or self.n
+        gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
+                  "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
+        outs = self.actor.run_dp("generate", gen_in, seed=seed, **sampling)
+        R = max(o["responses"].shape[1] for o in outs)
+        return dict(gen_in, responses=torch.cat([pad_right(o["responses"], R, self.pad_id) for o in outs]),
+                    response_mask=torch.cat([pad_right(o["response_mask"], R) for o in outs]))
+
+    def _length_metrics(self, student: dict, prefix: str) -> dict:
+        lengths = student["response_mask"].sum(-1).float()
+        ends_eos = (student["responses"] == self.eos_id).any(-1)
+        return {prefix + "mean": lengths.mean().item(), prefix + "max": lengths.max().item(),
+                prefix + "clip_ratio": (~ends_eos).float().mean().item()}
+
+    def _pairs(self, batch: dict, student: dict) -> dict:
+        """The discriminator's input: prompts, teacher responses and the students as [B, n, R] so a
+        prompt's n samples stay with it through the data-parallel split."""
+        B, R = batch["prompt_ids"].shape[0], student["responses"].shape[1]
+        return {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                "teacher_response": batch["teacher_response"],
+                "teacher_response_mask": batch["teacher_response_mask"],
+                "responses": student["responses"].view(B, self.n, R),
+                "response_mask": student["response_mask"].view(B, self.n, R)}
+
+    def validate(self) -> dict:
+        """Held-out metrics on ``data.val_files``: discriminator accuracy/loss on fresh student samples
+        (no update) and response lengths. Deterministic: fixed order and seeds."""
+        if self.val_dataset is None or self.critic is None:
+            return {}
+        bs = self.cfg.data.train_batch_size
+        items = [self.val_dataset[i] for i in range(len(self.val_dataset))]
+        results = []
+        for k in range(0, len(items), bs):
+            chunk = items[k:k + bs]
+            if len(chunk) % self.critic.dp_size or (len(chunk) * self.n) % self.actor.dp_size:
+                break  # a ragged tail that cannot be split over the replicas is left out
+            batch = collate_prompts(chunk, self.pad_id)
+            student = self._rollout(batch, seed=self.cfg.trainer.seed * 7_000_003 + k)
+            m = _mean_dicts(self.critic.run_dp("evaluate_pairs", self._pairs(batch, student), self.n))
+            m.update(self._length_metrics(student, "val/response_length/"))
+            results.append(m)
+        return _mean_dicts(results)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -190,6 +222,9 @@ class GADTrainer:
                 metrics = self._step(batch, timer)
                 self.step += 1
                 metrics["epoch"] = self.loader.epoch
+                if t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
+                    with self._phase(timer, "validate"):
+                        metrics.update(self.validate())
                 if t.save_freq > 0 and self.step % t.save_freq == 0 or self.step == self.total_steps:
                     with self._phase(timer, "save"):
                         self.save()
@@ -235,15 +270,11 @@ class GADTrainer:
     def sample(self, items: list[dict], n: int, temperature: float | None = None, greedy: bool = False,
                seed: int = 0) -> list[list[str]]:
         """Decoded samples (``n`` per prompt) from the current actor, e.g. for held-out evaluation."""
-        batch = collate_prompts(items, self.pad_id)
-        gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
-                  "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
-        outs = self.actor.run_dp("generate", gen_in, seed=seed, temperature=temperature, greedy=greedy)
+        out = self._rollout(collate_prompts(items, self.pad_id), seed, n, temperature=temperature, greedy=greedy)
         texts = []
-        for o in outs:
-            for ids, m in zip(o["responses"], o["response_mask"]):
-                ids = [int(i) for i, keep in zip(ids, m) if keep and int(i) != self.eos_id]
-                texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        for ids, m in zip(out["responses"], out["response_mask"]):
+            ids = [int(i) for i, keep in zip(ids, m) if keep and int(i) != self.eos_id]
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return [texts[i * n:(i + 1) * n] for i in range(len(items))]
 
     def shutdown(self) -> None:

@@ -80,18 +80,29 @@ class CriticWorker:
             mbs.append(mb)
         return mbs
 
-    def update_critic(self, batch: dict, n: int) -> dict | None:
-        """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R]."""
-        c = self.cfg.critic
-
+    def _pair_loss(self, n: int, prefix: str):
         def loss_fn(hidden, mb):
             h = _last_hidden(hidden, mb["attention_mask"])
             p = mb["num_prompts"]
             w, b = self._head()
             loss, m, _, _ = disc_head_bt_loss(h[:p], h[p:], w, b, n, impl=self.impl,
-                                              score_reg_coef=c.score_reg_coef)
-            return loss, {f"critic/{k}": float(v) for k, v in m.items()}
+                                              score_reg_coef=self.cfg.critic.score_reg_coef)
+            return loss, {f"{prefix}{k}": float(v) for k, v in m.items()}
 
+        return loss_fn
+
+    def evaluate_pairs(self, batch: dict, n: int) -> dict | None:
+        """Held-out discriminator metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
+        from megatron_gad.metrics import reduce_metrics
+
+        with cpu_device_mode():
+            res = self.critic.forward(self._pair_micro_batches(batch, n), self._pair_loss(n, "val/"))
+        return reduce_metrics(res) if self.is_collector() else None
+
+    def update_critic(self, batch: dict, n: int) -> dict | None:
+        """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R]."""
+        c = self.cfg.critic
+        loss_fn = self._pair_loss(n, "critic/")
         metrics = []
         with cpu_device_mode():
             for _ in range(c.ppo_epochs):

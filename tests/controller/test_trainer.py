@@ -158,3 +158,23 @@ def test_tp2pp2_actor_with_tp2_discriminator(assets, tmp_path):
     assert m[0]["critic/d_acc"] == 0.5
     assert all(abs(v) < 1e6 for x in m for k, v in x.items() if isinstance(v, float))
     assert "actor/pg_loss" in m[1]
+
+
+def test_adaptive_warmup_end_and_validation(assets, tmp_path):
+    """until_d_acc ends the warmup long before critic_warmup; held-out metrics are logged and
+    reproducible."""
+    from megatron_gad.controller.trainer import GADTrainer
+
+    run = str(tmp_path / "run")
+    heldout = os.path.join(os.path.dirname(assets["train"]), "heldout.jsonl")
+    tr = GADTrainer(make_cfg(assets, run, "trainer.total_training_steps=2", "trainer.critic_warmup=10",
+                             "trainer.warmup.until_d_acc=[0.5,1.0]", "trainer.warmup.patience=1",
+                             f"data.val_files=[{heldout}]", "trainer.test_freq=1"))
+    tr.fit()
+    again = tr.validate()  # same weights as after step 2, same seeds
+    tr.shutdown()
+    m = read_metrics(run)
+    assert [x["stage"] for x in m] == ["warmup", "gad"]
+    assert m[0]["warmup/ended_at_step"] == 1
+    assert {"val/d_acc", "val/d_loss", "val/response_length/mean"} <= set(m[1])
+    assert again == {k: v for k, v in m[1].items() if k in again}
