@@ -91,17 +91,24 @@ class HfToMcoreJob:
     dtype: str = "float32"
 
 
+def hf_to_mcore_on_rank(job: HfToMcoreJob) -> int:
+    """Inside a launched rank (within ``cpu_device_mode()`` on CPU): build this rank's shard from
+    the HF weights and save it with the others (collective). Returns the shard's parameter count."""
+    from megatron_gad.workers.role import ModelRole
+
+    role = ModelRole(job.role, job.hf_dir, job.tp, job.pp, params_dtype=job.dtype,
+                     vocab_divisible_by=job.vocab_divisible_by, trainable=False)
+    # params_dtype is recorded so mcore-to-hf / generate rebuild the model in the same dtype.
+    role.save(job.out_dir, extra={"params_dtype": job.dtype}, with_optimizer=False)
+    return sum(p.numel() for p in role.module.parameters())
+
+
 def _hf_to_mcore_rank(rank: int, world: int, job: HfToMcoreJob) -> int:
     from megatron_gad.parallel.cpu_compat import cpu_device_mode
-    from megatron_gad.workers.role import ModelRole
 
     stdout_to_stderr()
     with cpu_device_mode():
-        role = ModelRole(job.role, job.hf_dir, job.tp, job.pp, params_dtype=job.dtype,
-                         vocab_divisible_by=job.vocab_divisible_by, trainable=False)
-        # params_dtype is recorded so mcore-to-hf / generate rebuild the model in the same dtype.
-        role.save(job.out_dir, extra={"params_dtype": job.dtype}, with_optimizer=False)
-        return sum(p.numel() for p in role.module.parameters())
+        return hf_to_mcore_on_rank(job)
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, role: str = "actor",
@@ -129,20 +136,27 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, role: str =
 
 
 # ---------------------------------------------------------------- mcore-to-hf
-def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str, meta: dict) -> int:
+def mcore_to_hf_on_rank(ckpt_dir: str, out_dir: str) -> int:
+    """Inside a launched single rank (within ``cpu_device_mode()`` on CPU): load the actor
+    checkpoint at TP=PP=1 and write the HF directory. Returns the number of tensors written."""
     from megatron_gad.models import hf as hfmap
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
     from megatron_gad.workers.role import ModelRole
 
-    stdout_to_stderr()
+    meta = ckpt.read_meta(ckpt_dir)
     dtype = meta.get("extra", {}).get("params_dtype", "float32")
-    with cpu_device_mode():
-        role = ModelRole("actor", ckpt_dir, 1, 1, params_dtype=dtype,
-                         vocab_divisible_by=meta["vocab_divisible_by"], trainable=False)
-        full = role.full_state_dict()
-    hf_sd = hfmap.mcore_to_hf(full, role.arch)
+    role = ModelRole("actor", ckpt_dir, 1, 1, params_dtype=dtype, vocab_divisible_by=meta["vocab_divisible_by"],
+                     trainable=False)
+    hf_sd = hfmap.mcore_to_hf(role.full_state_dict(), role.arch)
     hfmap.write_hf_dir(hf_sd, role.hf_config, out_dir, tokenizer_src=ckpt_dir)
     return len(hf_sd)
+
+
+def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str) -> int:
+    from megatron_gad.parallel.cpu_compat import cpu_device_mode
+
+    stdout_to_stderr()
+    with cpu_device_mode():
+        return mcore_to_hf_on_rank(ckpt_dir, out_dir)
 
 
 def mcore_to_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> None:
@@ -158,7 +172,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> None:
     from megatron_gad.parallel.launch import run_local
 
     log(f"mcore-to-hf: loading {ckpt_dir} (saved on {meta.get('world_size', '?')} rank(s)) at TP=1 PP=1")
-    (n,) = run_local(_mcore_to_hf_rank, 1, ckpt_dir, out_dir, meta)
+    (n,) = run_local(_mcore_to_hf_rank, 1, ckpt_dir, out_dir)
     log(f"mcore-to-hf: wrote {n} tensors of {arch.model_type} to {out_dir}")
 
 

@@ -172,7 +172,7 @@ def main_generate(args) -> int:
                                          f"seed={args.seed})"
     log(f"generate: {len(prompt)} prompt tokens, up to {args.max_new_tokens} new, {mode}, "
         f"TP={args.tp} PP={args.pp}; launching {args.tp * args.pp} rank(s)")
-    (tokens,) = run_specs([spec])
+    ((tokens,),) = run_specs([spec])  # one spec, one prompt
     text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else ""
     if args.json:
         print(json.dumps({"token_ids": tokens, "text": text}), flush=True)
