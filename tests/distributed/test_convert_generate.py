@@ -1,12 +1,12 @@
 """HF import, greedy generation, export and resharding against ``transformers``.
 
-* ``convert hf-to-mcore`` at 2x2, then ``mcore-to-hf``: every tensor bit-exact, loadable by
+* ``hf-to-mcore`` at 2x2, then ``mcore-to-hf``: every tensor bit-exact, loadable by
   ``AutoModelForCausalLM`` with identical logits;
-* ``generate --greedy`` (tools function) == ``transformers`` greedy at 1x1, 2x1, 1x2, 2x2 for
+* greedy generation (the tools' per-rank body) == ``transformers`` greedy at 1x1, 2x1, 1x2, 2x2 for
   llama and qwen2, left padding included (prompts of different lengths share one batch);
 * the 2x2 checkpoint loads at 1x2: same weights, logits equal to transformers, same generation;
-* the real console script with ``--json`` at 2x2 (one subprocess).
-Each layout is one spawned launch that serves every model.
+* the real console script: ``generate --json`` at 2x2, and ``convert`` both ways at 2x1.
+Spawns cost most of the time, so each launch serves every model and several checks.
 """
 
 from __future__ import annotations
@@ -201,3 +201,19 @@ def test_console_script_json_2x2(work):
     assert out["token_ids"] == _hf_greedy(work["hf"]["llama"], [prompt])[0]
     assert out["text"] == tok.decode(out["token_ids"], skip_special_tokens=True)
     assert "[megatron-gad] generate:" in proc.stderr
+
+
+@pytest.mark.distributed
+def test_console_script_convert_both_ways(work):
+    """``convert hf-to-mcore`` (2x1) then ``convert mcore-to-hf`` through the real script: bit-exact."""
+    from megatron_gad.models.hf import read_hf_state_dict
+
+    exe = shutil.which("megatron-gad")
+    cmd = [exe] if exe else [sys.executable, "-m", "megatron_gad.cli"]
+    hf, ckpt_dir, out = work["hf"]["qwen2"], str(work["base"] / "cli_ckpt"), str(work["base"] / "cli_export")
+    for args in (["hf-to-mcore", hf, ckpt_dir, "--tp", "2", "--pp", "1"], ["mcore-to-hf", ckpt_dir, out]):
+        proc = subprocess.run(cmd + ["convert"] + args, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout == "" and f"[megatron-gad] {args[0]}: wrote" in proc.stderr
+    orig, back = read_hf_state_dict(hf), read_hf_state_dict(out)
+    assert set(orig) == set(back) and all(torch.equal(orig[k], back[k]) for k in orig)

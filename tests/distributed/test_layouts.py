@@ -133,7 +133,7 @@ def _run(tp, pp, paths):
             for r in ranks:
                 tp_rank, pp_rank = r["layout"]
                 res = r[fam][role]
-                if r[fam][role]["grads"] is not None:
+                if res["grads"] is not None:
                     m["grads"].update(res["grads"])
                 if pp_rank == pp - 1 and tp_rank == 0:
                     m["results"] = res["results"]
