@@ -31,8 +31,19 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _detach(results: dict) -> dict:
+    """Results are data, not graph (workers move what they return to CPU)."""
+    return {k: v.detach() if torch.is_tensor(v) else v for k, v in results.items()}
+
+
 def _forward_step(loss_fn: LossFn, data_iterator, model):
-    batch = next(data_iterator)
+    from megatron_gad.parallel.state import device
+
+    batch = _to(next(data_iterator), device())
     ctx = batch.get("inference_context")
     if ctx is None:
         output = model(batch["input_ids"], batch["position_ids"], attention_mask_4d(batch["attention_mask"]))
@@ -44,7 +55,7 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
 
 def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
     loss, results = loss_fn(output, batch)
-    return loss, results
+    return loss, _detach(results)
 
 
 def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:

@@ -49,9 +49,10 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     right-padded with ``pad_id`` (mask 0).
     """
     B = prompt_ids.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    seq, mask = prompt_ids.clone(), prompt_mask.clone()
-    done = torch.zeros(B, dtype=torch.bool)
+    dev = state.device()  # NCCL broadcasts need device tensors
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    seq, mask = prompt_ids.to(dev), prompt_mask.to(dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
     out_tokens, out_mask = [], []
     lay = role.layout
 
@@ -74,7 +75,7 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
         if use_kv_cache:
             for mb, ctx in zip(mbs, contexts):
                 ctx.sequence_len_offset += mb["input_ids"].shape[1]
-        nxt = torch.zeros(B, dtype=torch.long)
+        nxt = torch.zeros(B, dtype=torch.long, device=dev)
         if lay.is_last_stage:
             logits = torch.cat([r["logits"] for r in results], 0)
             nxt = sample_next(logits, role.arch.vocab_size, temperature, top_k, top_p, greedy, gen)
@@ -89,7 +90,7 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
         done = done | (nxt == eos_id)
         if bool(done.all()):
             break
-    return {"responses": torch.stack(out_tokens, 1), "response_mask": torch.stack(out_mask, 1)}
+    return {"responses": torch.stack(out_tokens, 1).cpu(), "response_mask": torch.stack(out_mask, 1).cpu()}
 
 
 def _new_context(batch: int, max_len: int):
@@ -104,7 +105,7 @@ def _cached_step_batch(seq: torch.Tensor, mask: torch.Tensor, ctx, prefill: bool
     valid = mask.bool()
     if prefill:
         S = seq.shape[1]
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        causal = torch.ones(S, S, dtype=torch.bool, device=seq.device).tril()
         mask_4d = ~(causal[None] & valid[:, None, :])[:, None]  # [B, 1, S, S], True = hidden
         ids = seq
     else:
@@ -112,6 +113,7 @@ def _cached_step_batch(seq: torch.Tensor, mask: torch.Tensor, ctx, prefill: bool
         ids = seq[:, -1:]
     if not prefill:
         ctx.enable_decode_mode()
-    pos = torch.arange(ctx.sequence_len_offset, ctx.sequence_len_offset + ids.shape[1]).expand(ids.shape[0], -1)
+    pos = torch.arange(ctx.sequence_len_offset, ctx.sequence_len_offset + ids.shape[1],
+                       device=seq.device).expand(ids.shape[0], -1)
     return {"input_ids": ids, "attention_mask": mask[:, -ids.shape[1]:], "position_ids": pos,
             "mask_4d": mask_4d, "inference_context": ctx}

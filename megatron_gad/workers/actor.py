@@ -95,7 +95,7 @@ class ActorWorker:
             res = role.forward(self._micro_batches(batch, mb_size), loss_fn)
         if not self.is_collector():
             return None
-        return {"log_prob": torch.cat([r["log_prob"] for r in res], 0)}
+        return {"log_prob": torch.cat([r["log_prob"] for r in res], 0).cpu()}
 
     def compute_log_prob(self, batch: dict) -> dict | None:
         return self._log_prob(self.actor, batch, self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu)

@@ -56,7 +56,7 @@ class CriticWorker:
         with cpu_device_mode():
             res = self.critic.forward(split_rows(seq, self.cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu),
                                       loss_fn)
-        return {"scores": torch.cat([r["scores"] for r in res])} if self.is_collector() else None
+        return {"scores": torch.cat([r["scores"] for r in res]).cpu()} if self.is_collector() else None
 
     # ---------------------------------------------------------------- update
     def _pair_micro_batches(self, batch: dict, n: int) -> list[dict]:

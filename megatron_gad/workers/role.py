@@ -60,6 +60,8 @@ class ModelRole:
         self.layout = state.init_model_parallel(tp, pp, seed)
         torch.manual_seed(seed)
         self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std)
+        if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
+            self.module.cuda(torch.cuda.current_device())
         self.optim = optim or OptimSettings()
         self.trainable = trainable
         self.ddp = None
