@@ -1,25 +1,13 @@
 """Outcome advantage estimators over groups of n samples per prompt."""
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
-_ADV_ESTIMATORS: dict[str, Callable] = {}
+from .registry import Registry
 
-
-def register_adv_estimator(name: str):
-    def deco(fn):
-        _ADV_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
-
-
-def get_adv_estimator(name: str) -> Callable:
-    if name not in _ADV_ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(_ADV_ESTIMATORS))}")
-    return _ADV_ESTIMATORS[name]
+_REGISTRY = Registry("advantage estimator")
+register_adv_estimator = _REGISTRY.register
+get_adv_estimator = _REGISTRY.get
 
 
 def _grouped(rewards: Tensor, n: int) -> Tensor:

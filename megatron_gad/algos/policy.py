@@ -1,27 +1,15 @@
 """PPO-clip policy loss (with dual-clip) for the actor."""
 
-from typing import Callable
-
 import torch
 from torch import Tensor
 
+from .registry import Registry
+
 from .utils import agg_loss, masked_mean
 
-_POLICY_LOSSES: dict[str, Callable] = {}
-
-
-def register_policy_loss(name: str):
-    def deco(fn):
-        _POLICY_LOSSES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_policy_loss(name: str) -> Callable:
-    if name not in _POLICY_LOSSES:
-        raise ValueError(f"unknown policy loss {name!r}; known: {', '.join(sorted(_POLICY_LOSSES))}")
-    return _POLICY_LOSSES[name]
+_REGISTRY = Registry("policy loss")
+register_policy_loss = _REGISTRY.register
+get_policy_loss = _REGISTRY.get
 
 
 @register_policy_loss("ppo")
