@@ -4,7 +4,6 @@ import torch
 from torch import Tensor
 
 from .registry import Registry
-
 from .utils import agg_loss, masked_mean
 
 _REGISTRY = Registry("policy loss")
