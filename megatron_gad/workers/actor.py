@@ -53,15 +53,19 @@ class ActorWorker:
         """One rank per data-parallel replica returns results to the controller."""
         return self.layout.tp_rank == 0 and self.layout.is_last_stage
 
-    def _token_logprob(self, role: ModelRole, logits: torch.Tensor, batch: dict, compute_entropy: bool):
-        """Log-probs of the response tokens from this rank's vocab shard of the logits."""
+    def _token_logprob(self, role: ModelRole, logits: torch.Tensor, batch: dict, compute_entropy: bool,
+                       training: bool = False):
+        """Log-probs of the response tokens from this rank's vocab shard of the logits. In training the
+        backward writes the logits gradient into the logits' own buffer (nothing reads them later),
+        saving a [tokens, vocab/TP] allocation at the actor's memory peak."""
         P, R = batch["prompt_width"], batch["responses"].shape[1]
         resp_logits = logits[:, P - 1:P - 1 + R]  # position t predicts token t+1
         v_local = resp_logits.shape[-1]
         return vocab_parallel_logprob(
             resp_logits, batch["responses"], state.tp_group() if self.layout.tp_size > 1 else None,
             vocab_start=self.layout.tp_rank * v_local, vocab_size=role.arch.vocab_size,
-            chunk_size=self.cfg.actor_rollout_ref.actor.logprob_chunk_size, compute_entropy=compute_entropy)
+            chunk_size=self.cfg.actor_rollout_ref.actor.logprob_chunk_size, compute_entropy=compute_entropy,
+            inplace_backward=training)
 
     @staticmethod
     def _micro_batches(batch: dict, size: int, extra=()) -> list[dict]:
@@ -113,7 +117,7 @@ class ActorWorker:
         kl_fn = algos.get_kl_penalty(a.kl_loss_type) if a.use_kl_loss else None
 
         def loss_fn(logits, mb):
-            lp, ent = self._token_logprob(self.actor, logits, mb, compute_entropy=a.entropy_coeff > 0)
+            lp, ent = self._token_logprob(self.actor, logits, mb, compute_entropy=a.entropy_coeff > 0, training=True)
             mask = mb["response_mask"]
             loss, m = policy_loss(mb["old_log_prob"], lp, mb["advantages"], mask,
                                   clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
@@ -137,7 +141,7 @@ class ActorWorker:
         a = self.cfg.actor_rollout_ref.actor
 
         def loss_fn(logits, mb):
-            lp, _ = self._token_logprob(self.actor, logits, mb, compute_entropy=False)
+            lp, _ = self._token_logprob(self.actor, logits, mb, compute_entropy=False, training=True)
             loss, m = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode)
             return loss, {f"actor/{k}": float(v) for k, v in m.items()}
 

@@ -90,3 +90,23 @@ def test_bf16_input_fp32_statistics():
     (lp * w_lp).sum().backward()
     assert a.grad.dtype == torch.bfloat16
     torch.testing.assert_close(lp, _naive(logits, target)[0].float(), atol=1e-5, rtol=1e-5)
+
+
+def test_inplace_backward_on_sliced_output_layer_logits():
+    """The actor's training path: logits [B, S, V] = hidden @ W^T, sliced to the response positions
+    (non-contiguous), in-place backward. Gradients of W and hidden equal the out-of-place path."""
+    g = torch.Generator().manual_seed(5)
+    B, S, H, V, P, R = 3, 9, 8, 17, 4, 5
+    hidden = torch.randn(B, S, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
+    target = torch.randint(0, V, (B, R), generator=g)
+    grads = []
+    for inplace in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        logits = h @ w.t()  # [B, S, V]
+        lp, ent = vocab_parallel_logprob(logits[:, P - 1:P - 1 + R], target, chunk_size=4, compute_entropy=True,
+                                         inplace_backward=inplace)
+        (lp.sum() - 0.1 * ent.sum()).backward()
+        grads.append((h.grad, w.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(grads[1][1], grads[0][1], atol=1e-12, rtol=1e-12)
