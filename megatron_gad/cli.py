@@ -109,7 +109,7 @@ def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the self-contained tiny GAD demo (CPU, minutes)",
                        description="Distil a tiny student on the built-in demo task and report the result.")
     p.add_argument("--seeds", type=_positive_int, default=1, metavar="K", help="number of seeds to run (default 1)")
-    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: a temporary one)")
+    p.add_argument("--out", metavar="DIR", default="outputs/demo", help="output directory (default: outputs/demo)")
     p.add_argument("--quick", action="store_true", help="a shorter run (smoke test)")
 
 

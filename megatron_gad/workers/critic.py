@@ -105,9 +105,10 @@ class CriticWorker:
         loss_fn = self._pair_loss(n, "critic/")
         metrics = []
         with cpu_device_mode():
-            for _ in range(c.ppo_epochs):
+            for epoch in range(c.ppo_epochs):
                 results, info = self.critic.train_step(self._pair_micro_batches(batch, n), loss_fn)
-                metrics += [dict(r) for r in results]
+                if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
+                    metrics += [dict(r) for r in results]
                 metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
         if not self.is_collector():
             return None
