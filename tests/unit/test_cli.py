@@ -112,7 +112,7 @@ def test_demo_dispatches_lazily(fake_command, capsys):
     assert (args.seeds, args.out, args.quick) == (3, "/tmp/x", True)
     calls.clear()
     _run(["demo"], capsys)
-    assert (calls[0].seeds, calls[0].out, calls[0].quick) == (1, None, False)
+    assert (calls[0].seeds, calls[0].out, calls[0].quick) == (1, "outputs/demo", False)
 
 
 # ---------------------------------------------------------------- input checks (no launch)
