@@ -1,6 +1,7 @@
-"""The actor worker's training losses give the right gradients: the gradient norm Megatron reports
-for one SFT step (token-mean NLL of teacher responses, in-place vocab-parallel backward) equals the
-norm transformers computes for the same loss and batch, at TP x PP 1x1 and 2x2."""
+"""The actor worker's training losses give the right gradients: the gradient norms Megatron reports
+for one SFT step (token-mean NLL of teacher responses) and one PPO step (clipped surrogate with
+per-token advantages), both through the in-place vocab-parallel backward, equal the norms
+transformers computes for the same losses and batch, at TP x PP 1x1 and 2x2."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _batch():
             "teacher_response_mask": resp_mask}
 
 
-def _sft_grad_norm(rank, world, path, tp, pp, batch):
+def _worker(path, tp, pp):
     from megatron_gad.config import load_config
     from megatron_gad.workers.actor import ActorWorker
 
@@ -37,38 +38,59 @@ def _sft_grad_norm(rank, world, path, tp, pp, batch):
                              f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}",
                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",  # 2 micro-batches
                              "actor_rollout_ref.actor.logprob_chunk_size=5"])
-    worker = ActorWorker(cfg, total_steps=1, eos_id=2, pad_id=0)
-    return worker.sft_step(batch)
+    return ActorWorker(cfg, total_steps=1, eos_id=2, pad_id=0)
 
 
-def _hf_grad_norm(path, batch):
-    from transformers import AutoModelForCausalLM
+def _sft_and_ppo_grad_norms(rank, world, path, tp, pp, batch, ppo_batch):
+    sft = _worker(path, tp, pp).sft_step(batch)  # a fresh worker each: same initial weights
+    ppo = _worker(path, tp, pp).update_actor(ppo_batch, num_mini_batches=1)
+    return None if sft is None else (sft["actor/grad_norm"], ppo["actor/grad_norm"], ppo["actor/pg_clipfrac"])
 
+
+def _hf_log_probs(model, batch):
     from megatron_gad.data import build_sequences
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     ids, mask, pos = build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["teacher_response"],
                                      batch["teacher_response_mask"])
     P = batch["prompt_ids"].shape[1]
-    loss = 0.0
-    for half in (slice(0, 2), slice(2, 4)):  # the same micro-batches, each a token mean, averaged
-        logits = model(ids[half], attention_mask=mask[half], position_ids=pos[half]).logits
-        lp = torch.log_softmax(logits[:, P - 1:-1], -1).gather(-1, batch["teacher_response"][half, :, None])[..., 0]
-        m = batch["teacher_response_mask"][half].float()
-        loss = loss + (-(lp * m).sum() / m.sum()) / 2
+    logits = model(ids, attention_mask=mask, position_ids=pos).logits
+    return torch.log_softmax(logits[:, P - 1:-1], -1).gather(-1, batch["teacher_response"][..., None])[..., 0]
+
+
+def _hf_grad_norm(path, batch, per_token_loss):
+    """Norm of the gradient of mean over the two micro-batches of token-mean(per_token_loss(lp))."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    lp = _hf_log_probs(model, batch)
+    m = batch["teacher_response_mask"].float()
+    loss = sum((per_token_loss(lp[h], h) * m[h]).sum() / m[h].sum() / 2 for h in (slice(0, 2), slice(2, 4)))
     loss.backward()
     return float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())))
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_sft_grad_norm_matches_transformers(tmp_path, tp, pp):
+def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp):
     from tiny_models import make_hf_model
+    from transformers import AutoModelForCausalLM
 
     from megatron_gad.parallel.launch import run_local
 
     path = make_hf_model(str(tmp_path / "m"), "llama", seed=2)
     batch = _batch()
-    results = [r for r in run_local(_sft_grad_norm, tp * pp, path, tp, pp, batch) if r is not None]
+    # PPO at ratio 1 (old log-probs = the current policy's): the clipped surrogate's gradient is
+    # -A * grad(log p); per-token advantages exercise the token-mean aggregation.
+    with torch.no_grad():
+        old = _hf_log_probs(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), batch)
+    adv = torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
+    ppo_batch = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                 "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"],
+                 "old_log_prob": old, "advantages": adv}
+    results = [r for r in run_local(_sft_and_ppo_grad_norms, tp * pp, path, tp, pp, batch, ppo_batch)
+               if r is not None]
     assert len(results) == 1
-    want = _hf_grad_norm(path, batch)
-    assert results[0]["actor/grad_norm"] == pytest.approx(want, rel=1e-5)
+    sft_norm, ppo_norm, clipfrac = results[0]
+    assert sft_norm == pytest.approx(_hf_grad_norm(path, batch, lambda lp, h: -lp), rel=1e-5)
+    assert clipfrac == 0.0
+    assert ppo_norm == pytest.approx(_hf_grad_norm(path, batch, lambda lp, h: -adv[h] * torch.exp(lp - old[h])),
+                                     rel=1e-5)
