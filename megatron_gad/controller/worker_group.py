@@ -65,7 +65,9 @@ def _split(batch: dict, parts: int) -> list[dict]:
 class RoleGroup:
     def __init__(self, kind: str, world: int, worker_kwargs: dict, use_gpu: bool,
                  placement_group=None, bundle_offset: int = 0, gpu_fraction: float = 1.0):
-        opts = {"num_cpus": 0.01 if not use_gpu else 1, "num_gpus": gpu_fraction if use_gpu else 0,
+        # CPU: no reservation (gloo ranks share the cores). GPU: colocated roles split each bundle's
+        # GPU and CPU in half.
+        opts = {"num_cpus": gpu_fraction if use_gpu else 0.01, "num_gpus": gpu_fraction if use_gpu else 0,
                 "runtime_env": {"env_vars": _ENV}}
         actors = []
         for r in range(world):
