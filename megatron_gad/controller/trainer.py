@@ -225,7 +225,7 @@ class GADTrainer:
                 if t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
                     with self._phase(timer, "validate"):
                         metrics.update(self.validate())
-                if t.save_freq > 0 and self.step % t.save_freq == 0 or self.step == self.total_steps:
+                if (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps:
                     with self._phase(timer, "save"):
                         self.save()
                 metrics.update(timer.collect())
