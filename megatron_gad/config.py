@@ -556,6 +556,9 @@ def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad
     if layers and pp > layers:
         bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} exceeds the model's num_hidden_layers="
                    f"{layers}; every pipeline stage needs at least one layer")
+    elif layers and layers % pp:
+        bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} must divide the model's num_hidden_layers="
+                   f"{layers}: every pipeline stage gets the same number of layers")
     max_pos = arch.get("max_position_embeddings")
     total = cfg.data.max_prompt_length + cfg.data.max_response_length
     if max_pos and total > max_pos:

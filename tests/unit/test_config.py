@@ -146,6 +146,8 @@ VALIDATE_ERRORS = [
     (["trainer.n_gpus_per_node=3", "trainer.placement=split"], None, "which is odd"),
     ([GPUS8, "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=8"], {**ARCH, "num_hidden_layers": 6},
      "pipeline_model_parallel_size=8 exceeds the model's num_hidden_layers=6"),
+    ([GPUS8, "critic.megatron.pipeline_model_parallel_size=4"], {**ARCH, "num_hidden_layers": 6},
+     "critic.megatron.pipeline_model_parallel_size=4 must divide the model's num_hidden_layers=6"),
     (["data.max_prompt_length=2048", "data.max_response_length=2048"], {**ARCH, "max_position_embeddings": 4096 - 1},
      "exceeds the model's max_position_embeddings=4095"),
     (["actor_rollout_ref.rollout.n=1"], None, "needs n >= 2; set actor_rollout_ref.rollout.n >= 2"),
