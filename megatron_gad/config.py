@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import operator
 import os
 import re
 import types
@@ -447,183 +445,13 @@ def critic_model_path(cfg: GADConfig) -> str:
     return cfg.critic.model.path or cfg.actor_rollout_ref.model.path
 
 
-# Validation
-def _get(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
-_ROLES = ("actor_rollout_ref.actor", "critic")
-_SIZE_KEYS = ["trainer.nnodes", "trainer.n_gpus_per_node"] + [
-    f"{r}.megatron.{k}" for r in _ROLES for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")]
-_BATCH_KEYS = ["data.train_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_size", "actor_rollout_ref.rollout.n"]
-_OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
-# (key, op, bound): single-field ranges; None values (unset optional fields) are skipped.
-_BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
-    "data.max_prompt_length", "data.max_response_length", "actor_rollout_ref.model.make_vocab_size_divisible_by",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
-    "actor_rollout_ref.actor.logprob_chunk_size", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
-    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", "critic.ppo_micro_batch_size_per_gpu",
-    "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
-    "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus",
-]] + [(k, ">=", 0) for k in [
-    "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
-] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
-    ("actor_rollout_ref.rollout.temperature", ">", 0), ("actor_rollout_ref.rollout.top_p", ">", 0),
-    ("actor_rollout_ref.rollout.top_p", "<=", 1), ("actor_rollout_ref.rollout.gpu_memory_utilization", ">", 0),
-    ("actor_rollout_ref.rollout.gpu_memory_utilization", "<=", 1), ("actor_rollout_ref.actor.clip_ratio_low", ">", 0),
-    ("actor_rollout_ref.actor.clip_ratio_high", ">", 0), ("actor_rollout_ref.actor.clip_ratio_c", ">", 1),
-] + [(f"{r}.optim.eps", ">", 0) for r in _ROLES]
-_WHY = {  # the reason behind the less obvious bounds, appended to the message
-    "actor_rollout_ref.rollout.temperature": "on-policy RL needs sampling; greedy decoding makes all n samples "
-                                             "identical. Use e.g. 0.8",
-    "actor_rollout_ref.actor.clip_ratio_c": "it is the dual-clip bound for negative advantages; e.g. 3.0",
-    "actor_rollout_ref.actor.clip_ratio_low": "e.g. 0.2", "actor_rollout_ref.actor.clip_ratio_high": "e.g. 0.2",
-}
-
-
-def _check_optim(key: str, o: OptimConfig, bad: list[str]) -> None:
-    if o.lr_scheduler != "constant" and o.min_lr > o.lr:
-        bad.append(f"{key}.min_lr={o.min_lr} is above {key}.lr={o.lr}; the {o.lr_scheduler} schedule decays "
-                   f"from lr down to min_lr, so set min_lr <= lr")
-    if not all(0 <= b < 1 for b in o.betas):
-        bad.append(f"{key}.betas={list(o.betas)}: Adam betas must each be in [0, 1)")
-
-
-def _check_layout(cfg: GADConfig, bad: list[str]) -> None:
-    world, placement = world_size(cfg), cfg.trainer.placement
-    if placement == "split" and world % 2:
-        bad.append(f"trainer.placement=split gives half the GPUs to the actor and half to the critic, but the "
-                   f"world size (trainer.nnodes*trainer.n_gpus_per_node) is {world}, which is odd; use an even "
-                   f"world size or trainer.placement=colocate")
-        return
-    for role in _ROLES:
-        m = _get(cfg, role).megatron
-        mp, tp, pp = _model_parallel(m), m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-        if placement == "colocate" and world % mp:
-            bad.append(f"{role}.megatron: TP*PP={tp}*{pp}={mp} must divide the world size "
-                       f"trainer.nnodes*trainer.n_gpus_per_node={world}; change the parallel sizes or GPU count")
-        elif placement == "split" and (world // 2) % mp:
-            bad.append(f"{role}.megatron: with trainer.placement=split the {role.split('.')[-1]} gets "
-                       f"world/2={world // 2} GPUs, which is not a multiple of TP*PP={tp}*{pp}={mp}; change the "
-                       f"parallel sizes or GPU count, or use trainer.placement=colocate")
-
-
-def _check_batches(cfg: GADConfig, bad: list[str]) -> None:
-    actor, n = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout.n
-    tbs, mini = cfg.data.train_batch_size, actor.ppo_mini_batch_size
-    if tbs % mini:
-        bad.append(f"data.train_batch_size={tbs} must be divisible by actor_rollout_ref.actor.ppo_mini_batch_size="
-                   f"{mini} (each step is split into whole mini-batches of prompts)")
-    dp = actor_dp(cfg)
-    if dp >= 1 and (mini * n) % dp:
-        bad.append(f"actor_rollout_ref.actor.ppo_mini_batch_size*rollout.n={mini}*{n}={mini * n} sequences must be "
-                   f"divisible by the actor data-parallel size {dp}; adjust ppo_mini_batch_size, n or the layout")
-    cdp = critic_dp(cfg)
-    if cdp >= 1 and tbs % cdp:
-        bad.append(f"data.train_batch_size={tbs} must be divisible by the critic data-parallel size {cdp}: each "
-                   f"prompt's teacher and student sequences are scored together on one rank")
-
-
-def _load_arch(model_path: str) -> dict | None:
-    path = os.path.join(model_path, "config.json")
-    if not model_path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read model architecture {path!r}: {e}") from None
-
-
-def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad: list[str]) -> None:
-    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-    key = f"{role}.megatron.tensor_model_parallel_size"
-    heads = arch.get("num_attention_heads")
-    # Megatron gives each TP rank whole heads and an equal slice of the MLP; MHA configs omit the KV-head count.
-    for name, size in (("num_attention_heads", heads), ("num_key_value_heads", arch.get("num_key_value_heads", heads)),
-                       ("intermediate_size", arch.get("intermediate_size"))):
-        if size and size % tp:
-            bad.append(f"{key}={tp} must divide the model's {name}={size}; pick a TP that divides it")
-    vocab = arch.get("vocab_size")
-    divisible_by = cfg.actor_rollout_ref.model.make_vocab_size_divisible_by
-    if vocab and divisible_by >= 1 and padded_vocab_size(vocab, divisible_by) % tp:
-        bad.append(f"{key}={tp}: the padded vocab {padded_vocab_size(vocab, divisible_by)} (vocab_size={vocab} "
-                   f"rounded up to a multiple of {divisible_by}) is not divisible by TP; set "
-                   f"actor_rollout_ref.model.make_vocab_size_divisible_by to a multiple of TP={tp}")
-    layers = arch.get("num_hidden_layers")
-    if layers and pp > layers:
-        bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} exceeds the model's num_hidden_layers="
-                   f"{layers}; every pipeline stage needs at least one layer")
-    elif layers and layers % pp:
-        bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} must divide the model's num_hidden_layers="
-                   f"{layers}: every pipeline stage gets the same number of layers")
-    max_pos = arch.get("max_position_embeddings")
-    total = cfg.data.max_prompt_length + cfg.data.max_response_length
-    if max_pos and total > max_pos:
-        bad.append(f"data.max_prompt_length+data.max_response_length={total} exceeds the model's "
-                   f"max_position_embeddings={max_pos}; shorten them")
-
-
 def validate(cfg: GADConfig, arch: Mapping | None = None) -> None:
     """Check cross-field rules; raise one ConfigError listing every problem (key and fix for each).
 
     `arch` is the model's HF `config.json` as a dict. When None, `<model.path>/config.json` is read if it
     exists (for the actor, and for the critic when its path differs); otherwise architecture checks are skipped.
+    The rules live in `megatron_gad.config_checks`.
     """
-    bad: list[str] = []
-    for key, op, bound in _BOUNDS:
-        value = _get(cfg, key)
-        if value is not None and not _OPS[op](value, bound):
-            why = f" ({_WHY[key]})" if key in _WHY else ""
-            bad.append(f"{key}={value} must be {op} {bound}{why}")
-    _check_optim("actor_rollout_ref.actor.optim", cfg.actor_rollout_ref.actor.optim, bad)
-    _check_optim("critic.optim", cfg.critic.optim, bad)
-    actor, rollout, trainer = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.trainer
+    from megatron_gad.config_checks import check
 
-    if rollout.n == 1 and cfg.algorithm.adv_estimator in ("grpo", "rloo"):
-        bad.append(f"actor_rollout_ref.rollout.n=1 but algorithm.adv_estimator={cfg.algorithm.adv_estimator} "
-                   f"normalises rewards within each prompt's group of samples, which needs n >= 2; set "
-                   f"actor_rollout_ref.rollout.n >= 2")
-    if rollout.top_k == 0 or rollout.top_k < -1:
-        bad.append(f"actor_rollout_ref.rollout.top_k={rollout.top_k} must be -1 (disabled) or >= 1")
-    band = trainer.warmup.until_d_acc
-    if band is not None and not (len(band) == 2 and 0.5 <= band[0] < band[1] <= 1):
-        bad.append(f"trainer.warmup.until_d_acc={band} must be [low, high] with 0.5 <= low < high <= 1 "
-                   f"(0.5 is a blind discriminator; e.g. [0.6, 0.7]), or null to disable")
-    if trainer.save_freq != -1 and trainer.save_freq < 1:
-        bad.append(f"trainer.save_freq={trainer.save_freq} must be -1 (never) or >= 1 (every N steps)")
-
-    if rollout.name == "vllm" and trainer.device != "cuda":
-        bad.append(f"actor_rollout_ref.rollout.name=vllm needs trainer.device=cuda (vLLM runs only on NVIDIA GPUs; "
-                   f"'auto' is not enough because the driver may have no GPU), got trainer.device="
-                   f"{trainer.device}; set trainer.device=cuda or use actor_rollout_ref.rollout.name=megatron")
-    if trainer.device == "cpu":
-        for role in _ROLES:
-            if _get(cfg, role).megatron.params_dtype == "float16":
-                bad.append(f"{role}.megatron.params_dtype=float16 is not supported with trainer.device=cpu "
-                           f"(fp16 needs loss scaling and GPU kernels); use bfloat16 or float32 on CPU")
-
-    # Layout, batch and architecture rules divide by these sizes: run them only once the sizes are positive
-    # (a non-positive size is already reported above and would only add noise or a ZeroDivisionError).
-    sizes_ok = all(_get(cfg, k) >= 1 for k in _SIZE_KEYS)
-    if sizes_ok:
-        _check_layout(cfg, bad)
-        if all(_get(cfg, k) >= 1 for k in _BATCH_KEYS):
-            _check_batches(cfg, bad)
-
-    actor_arch = arch if arch is not None else _load_arch(cfg.actor_rollout_ref.model.path)
-    critic_arch = actor_arch
-    if cfg.critic.model.path and cfg.critic.model.path != cfg.actor_rollout_ref.model.path:
-        critic_arch = _load_arch(cfg.critic.model.path) or actor_arch
-    if sizes_ok and cfg.actor_rollout_ref.model.make_vocab_size_divisible_by >= 1:
-        if actor_arch:
-            _check_arch(cfg, "actor_rollout_ref.actor", actor.megatron, actor_arch, bad)
-        if critic_arch:
-            _check_arch(cfg, "critic", cfg.critic.megatron, critic_arch, bad)
-
-    if bad:
-        bad = list(dict.fromkeys(bad))  # actor and critic may report the same shared-length problem
-        raise ConfigError(f"invalid config ({len(bad)} problem{'s' if len(bad) > 1 else ''}):\n  - "
-                          + "\n  - ".join(bad))
+    check(cfg, arch)

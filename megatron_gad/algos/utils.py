@@ -1,6 +1,5 @@
 """Masked reductions shared by the losses (pure torch)."""
 
-import torch
 from torch import Tensor
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")

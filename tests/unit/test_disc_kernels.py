@@ -47,7 +47,6 @@ def test_torch_path_matches_algos_on_scores():
 @pytest.mark.parametrize("with_bias,coef", [(True, 0.0), (False, 0.1)])
 def test_torch_path_gradcheck_float64(with_bias, coef):
     ht, hs, w, b = _case(N=2, n=3, H=5, dtype=torch.float64)
-    bias = b if with_bias else None
     fn = lambda ht, hs, w, *bb: disc_head_bt_loss(ht, hs, w, bb[0] if bb else None, 3, "torch", coef)[0]
     inputs = (ht, hs, w, b) if with_bias else (ht, hs, w)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7)
