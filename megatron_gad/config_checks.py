@@ -169,10 +169,10 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if trainer.save_freq != -1 and trainer.save_freq < 1:
         bad.append(f"trainer.save_freq={trainer.save_freq} must be -1 (never) or >= 1 (every N steps)")
 
-    if rollout.name == "vllm" and trainer.device != "cuda":
-        bad.append(f"actor_rollout_ref.rollout.name=vllm needs trainer.device=cuda (vLLM runs only on NVIDIA GPUs; "
-                   f"'auto' is not enough because the driver may have no GPU), got trainer.device="
-                   f"{trainer.device}; set trainer.device=cuda or use actor_rollout_ref.rollout.name=megatron")
+    if rollout.name == "vllm":
+        bad.append("actor_rollout_ref.rollout.name=vllm: the vLLM rollout engine is not part of this release; use "
+                   "actor_rollout_ref.rollout.name=megatron (native Megatron sampling with a KV cache, on the "
+                   "actor's own weights, so nothing needs syncing)")
     if trainer.device == "cpu":
         for role in _ROLES:
             if _get(cfg, role).megatron.params_dtype == "float16":
