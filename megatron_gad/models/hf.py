@@ -165,7 +165,7 @@ def gather_full_state_dict(model, tp_group, tp_size: int) -> dict[str, torch.Ten
             parts = [torch.empty_like(t) for _ in range(tp_size)]
             dist.all_gather(parts, t.contiguous(), group=tp_group)
             t = _tp_unslice(parts, param, name)
-        out[_global_name(model, name)] = t.clone()
+        out[_global_name(model, name)] = t.clone().cpu()  # export-bound: host memory
     return out
 
 
