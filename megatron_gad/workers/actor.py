@@ -16,7 +16,7 @@ from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.parallel import state
 from megatron_gad.parallel.cpu_compat import cpu_device_mode
 from megatron_gad.workers.batching import sequences, split_rows
-from megatron_gad.workers.role import ModelRole, OptimSettings
+from megatron_gad.workers.role import ModelRole, OptimSettings, RoleWorker
 
 
 def optim_settings(o, total_steps: int) -> OptimSettings:
@@ -25,7 +25,7 @@ def optim_settings(o, total_steps: int) -> OptimSettings:
                          min_lr=o.min_lr, total_steps=total_steps)
 
 
-class ActorWorker:
+class ActorWorker(RoleWorker):
     def __init__(self, cfg: GADConfig, total_steps: int, eos_id: int, pad_id: int):
         self.cfg = cfg
         arr = cfg.actor_rollout_ref
@@ -46,13 +46,9 @@ class ActorWorker:
                                      params_dtype=m.params_dtype,
                                      vocab_divisible_by=arr.model.make_vocab_size_divisible_by,
                                      seed=m.seed, trainable=False)
-        self.layout = self.actor.layout
+        self.role = self.actor
 
     # ---------------------------------------------------------------- helpers
-    def is_collector(self) -> bool:
-        """One rank per data-parallel replica returns results to the controller."""
-        return self.layout.tp_rank == 0 and self.layout.is_last_stage
-
     def _token_logprob(self, role: ModelRole, logits: torch.Tensor, batch: dict, compute_entropy: bool,
                        training: bool = False):
         """Log-probs of the response tokens from this rank's vocab shard of the logits. In training the
@@ -170,18 +166,3 @@ class ActorWorker:
         out = reduce_metrics(metrics)
         out["actor/optimizer_state_bytes"] = float(self.actor.optimizer_state_bytes())
         return out
-
-    # ---------------------------------------------------------------- state
-    def optimizer_state_bytes(self) -> int:
-        return self.actor.optimizer_state_bytes()
-
-    def weights_fingerprint(self) -> float:
-        return self.actor.weights_sum()
-
-    def save(self, path: str, extra: dict) -> None:
-        with cpu_device_mode():
-            self.actor.save(path, extra, with_optimizer=self.actor.optimizer is not None)
-
-    def load(self, path: str) -> dict:
-        with cpu_device_mode():
-            return self.actor.load(path, with_optimizer=True)

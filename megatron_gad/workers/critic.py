@@ -11,7 +11,7 @@ from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, 
 from megatron_gad.parallel.cpu_compat import cpu_device_mode
 from megatron_gad.workers.actor import optim_settings
 from megatron_gad.workers.batching import pad_right, sequences, split_rows
-from megatron_gad.workers.role import ModelRole
+from megatron_gad.workers.role import ModelRole, RoleWorker
 
 
 def _last_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -20,7 +20,7 @@ def _last_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Te
     return hidden[torch.arange(hidden.shape[0]), idx]
 
 
-class CriticWorker:
+class CriticWorker(RoleWorker):
     def __init__(self, cfg: GADConfig, total_steps: int):
         self.cfg = cfg
         c = cfg.critic
@@ -34,10 +34,7 @@ class CriticWorker:
                                     head_init_std=c.head_init_std)
             if cfg.trainer.init_critic_from:  # e.g. the discriminator of a warmup run
                 self.critic.load_weights(cfg.trainer.init_critic_from)
-        self.layout = self.critic.layout
-
-    def is_collector(self) -> bool:
-        return self.layout.tp_rank == 0 and self.layout.is_last_stage
+        self.role = self.critic
 
     def _head(self):
         head = self.critic.module.output_layer
@@ -115,12 +112,3 @@ class CriticWorker:
         from megatron_gad.metrics import reduce_metrics
 
         return reduce_metrics(metrics)
-
-    # ---------------------------------------------------------------- state
-    def save(self, path: str, extra: dict) -> None:
-        with cpu_device_mode():
-            self.critic.save(path, extra, with_optimizer=self.critic.optimizer is not None)
-
-    def load(self, path: str) -> dict:
-        with cpu_device_mode():
-            return self.critic.load(path, with_optimizer=True)

@@ -174,3 +174,36 @@ class ModelRole:
     def weights_sum(self) -> float:
         """A cheap fingerprint of this rank's shard (tests and frozen-weight checks use exact equality)."""
         return float(sum(p.detach().double().sum() for p in self.module.parameters()))
+
+
+class RoleWorker:
+    """What the actor and discriminator workers share: the collector rank, checkpoints, probes.
+    Subclasses set ``self.role`` (their trainable ModelRole)."""
+
+    role: ModelRole
+
+    @property
+    def layout(self):
+        return self.role.layout
+
+    def is_collector(self) -> bool:
+        """One rank per data-parallel replica (TP rank 0, last stage) returns results to the controller."""
+        return self.layout.tp_rank == 0 and self.layout.is_last_stage
+
+    def optimizer_state_bytes(self) -> int:
+        return self.role.optimizer_state_bytes()
+
+    def weights_fingerprint(self) -> float:
+        return self.role.weights_sum()
+
+    def save(self, path: str, extra: dict) -> None:
+        from megatron_gad.parallel.cpu_compat import cpu_device_mode
+
+        with cpu_device_mode():
+            self.role.save(path, extra, with_optimizer=self.role.optimizer is not None)
+
+    def load(self, path: str) -> dict:
+        from megatron_gad.parallel.cpu_compat import cpu_device_mode
+
+        with cpu_device_mode():
+            return self.role.load(path, with_optimizer=True)
