@@ -24,7 +24,7 @@ from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, dump_yaml, to_dict
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
-from megatron_gad.metrics import MetricsLogger, Timer
+from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
 from megatron_gad.workers.batching import pad_right
 
 log = logging.getLogger("megatron_gad")
@@ -110,7 +110,7 @@ class GADTrainer:
 
     def _sft_step(self, batch: dict, timer: Timer) -> dict:
         with self._phase(timer, "sft"):
-            return dict(_mean_dicts(self.actor.run_dp("sft_step", batch)), stage="sft")
+            return dict(reduce_metrics(self.actor.run_dp("sft_step", batch)), stage="sft")
 
     def _step(self, batch: dict, timer: Timer) -> dict:
         cfg, n = self.cfg, self.n
@@ -143,15 +143,15 @@ class GADTrainer:
 
         with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
             outs = self.critic.run_dp("update_critic", self._pairs(batch, student), n)
-            metrics.update(_mean_dicts(outs))
+            metrics.update(reduce_metrics(outs))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
                 num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
-                metrics.update(_mean_dicts(self.actor.run_dp("update_actor", student, num_mini)))
+                metrics.update(reduce_metrics(self.actor.run_dp("update_actor", student, num_mini)))
         elif cfg.trainer.warmup.mode == "sft":
             with self._phase(timer, "sft"):
-                metrics.update(_mean_dicts(self.actor.run_dp("sft_step", batch)))
+                metrics.update(reduce_metrics(self.actor.run_dp("sft_step", batch)))
 
         if warm:
             self.warmup.observe(metrics["critic/d_acc"])
@@ -200,10 +200,10 @@ class GADTrainer:
                 break  # a ragged tail that cannot be split over the replicas is left out
             batch = collate_prompts(chunk, self.pad_id)
             student = self._rollout(batch, seed=self.cfg.trainer.seed * 7_000_003 + k)
-            m = _mean_dicts(self.critic.run_dp("evaluate_pairs", self._pairs(batch, student), self.n))
+            m = reduce_metrics(self.critic.run_dp("evaluate_pairs", self._pairs(batch, student), self.n))
             m.update(self._length_metrics(student, "val/response_length/"))
             results.append(m)
-        return _mean_dicts(results)
+        return reduce_metrics(results)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> None:
@@ -281,12 +281,6 @@ class GADTrainer:
         self.actor.shutdown()
         if self.critic is not None:
             self.critic.shutdown()
-
-
-def _mean_dicts(dicts: list[dict]) -> dict:
-    from megatron_gad.metrics import reduce_metrics
-
-    return reduce_metrics(dicts)
 
 
 def _loggers(names) -> tuple[str, ...]:

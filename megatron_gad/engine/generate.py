@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_gad.engine.forward_backward import attention_mask_4d
 from megatron_gad.parallel import state
 
 
@@ -102,16 +103,12 @@ def _new_context(batch: int, max_len: int):
 def _cached_step_batch(seq: torch.Tensor, mask: torch.Tensor, ctx, prefill: bool) -> dict:
     """Prefill: the whole prompt with a causal + padding mask. Decode: only the newest token, which
     may attend to every valid cached key."""
-    valid = mask.bool()
     if prefill:
-        S = seq.shape[1]
-        causal = torch.ones(S, S, dtype=torch.bool, device=seq.device).tril()
-        mask_4d = ~(causal[None] & valid[:, None, :])[:, None]  # [B, 1, S, S], True = hidden
+        mask_4d = attention_mask_4d(mask)  # [B, 1, S, S], True = hidden
         ids = seq
     else:
-        mask_4d = ~valid[:, None, None, :]  # [B, 1, 1, t]
+        mask_4d = ~mask.bool()[:, None, None, :]  # [B, 1, 1, t]
         ids = seq[:, -1:]
-    if not prefill:
         ctx.enable_decode_mode()
     pos = torch.arange(ctx.sequence_len_offset, ctx.sequence_len_offset + ids.shape[1],
                        device=seq.device).expand(ids.shape[0], -1)

@@ -13,6 +13,7 @@ from megatron_gad import algos
 from megatron_gad.config import GADConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
+from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
 from megatron_gad.parallel.cpu_compat import cpu_device_mode
 from megatron_gad.workers.batching import sequences, split_rows
@@ -161,8 +162,6 @@ class ActorWorker(RoleWorker):
                     metrics.append({"actor/grad_norm": info["grad_norm"], "actor/lr": info["lr"]})
         if not self.is_collector():
             return None
-        from megatron_gad.metrics import reduce_metrics
-
         out = reduce_metrics(metrics)
         out["actor/optimizer_state_bytes"] = float(self.actor.optimizer_state_bytes())
         return out

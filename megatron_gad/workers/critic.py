@@ -7,7 +7,8 @@ import torch
 
 from megatron_gad.config import GADConfig, critic_model_path
 from megatron_gad.data import last_valid_index
-from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, resolve_impl
+from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, gather_last_hidden, resolve_impl
+from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel.cpu_compat import cpu_device_mode
 from megatron_gad.workers.actor import optim_settings
 from megatron_gad.workers.batching import pad_right, sequences, split_rows
@@ -15,9 +16,8 @@ from megatron_gad.workers.role import ModelRole, RoleWorker
 
 
 def _last_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, H] -> [B, H] at each sequence's last valid token (any padding side)."""
-    idx = last_valid_index(attention_mask)
-    return hidden[torch.arange(hidden.shape[0]), idx]
+    """hidden [B, S, H] (GPTModel's output layout) -> [B, H] at each sequence's last valid token."""
+    return gather_last_hidden(hidden.transpose(0, 1), last_valid_index(attention_mask))
 
 
 class CriticWorker(RoleWorker):
@@ -90,8 +90,6 @@ class CriticWorker(RoleWorker):
 
     def evaluate_pairs(self, batch: dict, n: int) -> dict | None:
         """Held-out discriminator metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
-        from megatron_gad.metrics import reduce_metrics
-
         with cpu_device_mode():
             res = self.critic.forward(self._pair_micro_batches(batch, n), self._pair_loss(n, "val/"))
         return reduce_metrics(res) if self.is_collector() else None
@@ -109,6 +107,4 @@ class CriticWorker(RoleWorker):
                 metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
         if not self.is_collector():
             return None
-        from megatron_gad.metrics import reduce_metrics
-
         return reduce_metrics(metrics)
