@@ -135,6 +135,8 @@ class CriticConfig:
     # Prompts per micro-batch: a micro-batch holds each prompt's teacher sequence and its n student samples,
     # so every Bradley-Terry pair is scored within one forward pass.
     ppo_micro_batch_size_per_gpu: int = 4
+    # Sequences per micro-batch when scoring student samples (the reward pass).
+    forward_micro_batch_size_per_gpu: int = 8
     ppo_epochs: int = 1
     fused_loss: Literal["auto", "triton", "torch", "te"] = "auto"
     score_reg_coef: float = 0.0

@@ -21,11 +21,10 @@ import torch
 
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
-from megatron_gad.config import GADConfig, actor_dp, critic_dp, dump_yaml, to_dict
+from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
 from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
-from megatron_gad.workers.batching import pad_right
 
 log = logging.getLogger("megatron_gad")
 
@@ -41,7 +40,7 @@ class GADTrainer:
         import ray
         from transformers import AutoTokenizer
 
-        from megatron_gad.controller.worker_group import RoleGroup
+        from megatron_gad.controller.worker_group import WorkerGroup
 
         self.cfg = cfg
         t, d = cfg.trainer, cfg.data
@@ -76,14 +75,18 @@ class GADTrainer:
         world_critic = critic_dp(cfg) * cfg.critic.megatron.tensor_model_parallel_size \
             * cfg.critic.megatron.pipeline_model_parallel_size
         pg, critic_offset, frac = self._placement(gpu, world_actor, world_critic)
-        log.info("starting %d actor ranks and %d discriminator ranks (%s)", world_actor, world_critic,
-                 t.placement)
-        common = dict(total_steps=self.total_steps)
-        self.actor = RoleGroup("actor", world_actor, dict(cfg=cfg, eos_id=self.eos_id, pad_id=self.pad_id, **common),
-                               gpu, pg, 0, frac)
+        log.info("starting %d actor ranks and %d critic ranks (%s)", world_actor, world_critic, t.placement)
+        # Each worker gets its own role's section plus the few shared values, named explicitly.
+        arr = cfg.actor_rollout_ref
+        self.actor = WorkerGroup("actor", world_actor, dict(
+            config=arr, max_response_length=d.max_response_length, total_steps=self.total_steps,
+            eos_id=self.eos_id, pad_id=self.pad_id, init_from=t.init_actor_from), gpu, pg, 0, frac)
         self.critic = None
         if t.mode == "gad":
-            self.critic = RoleGroup("critic", world_critic, dict(cfg=cfg, **common), gpu, pg, critic_offset, frac)
+            self.critic = WorkerGroup("critic", world_critic, dict(
+                config=cfg.critic, model_path=critic_model_path(cfg), total_steps=self.total_steps,
+                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from),
+                gpu, pg, critic_offset, frac)
         self.logger = None
 
     def _placement(self, gpu: bool, world_actor: int, world_critic: int):
@@ -110,7 +113,7 @@ class GADTrainer:
 
     def _sft_step(self, batch: dict, timer: Timer) -> dict:
         with self._phase(timer, "sft"):
-            return dict(reduce_metrics(self.actor.run_dp("sft_step", batch)), stage="sft")
+            return dict(self.actor.sft_step(batch), stage="sft")
 
     def _step(self, batch: dict, timer: Timer) -> dict:
         cfg, n = self.cfg, self.n
@@ -121,20 +124,18 @@ class GADTrainer:
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
-            student = self._rollout(batch, seed=cfg.trainer.seed * 1_000_003 + self.step)
+            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step)
         metrics.update(self._length_metrics(student, "response_length/"))
 
         gad_step = not warm
         if gad_step:
             with self._phase(timer, "reward"):  # D(student), before this step's discriminator update
-                rewards = torch.cat([o["scores"] for o in self.critic.run_dp("compute_scores", student)])
+                rewards = self.critic.compute_scores(student)["scores"]
             with self._phase(timer, "old_log_prob"):
-                student["old_log_prob"] = torch.cat(
-                    [o["log_prob"] for o in self.actor.run_dp("compute_log_prob", student)])
+                student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
             if cfg.actor_rollout_ref.actor.use_kl_loss:
                 with self._phase(timer, "ref"):
-                    student["ref_log_prob"] = torch.cat(
-                        [o["log_prob"] for o in self.actor.run_dp("compute_ref_log_prob", student)])
+                    student["ref_log_prob"] = self.actor.compute_ref_log_prob(student)["log_prob"]
             with self._phase(timer, "adv"):
                 est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
                 kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if cfg.algorithm.adv_estimator == "grpo" else {}
@@ -142,33 +143,31 @@ class GADTrainer:
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
         with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-            outs = self.critic.run_dp("update_critic", self._pairs(batch, student), n)
-            metrics.update(reduce_metrics(outs))
+            metrics.update(self.critic.update_critic(self._pairs(batch, student), n))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
                 num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
-                metrics.update(reduce_metrics(self.actor.run_dp("update_actor", student, num_mini)))
+                metrics.update(self.actor.update_actor(student, num_mini))
         elif cfg.trainer.warmup.mode == "sft":
             with self._phase(timer, "sft"):
-                metrics.update(reduce_metrics(self.actor.run_dp("sft_step", batch)))
+                metrics.update(self.actor.sft_step(batch))
 
         if warm:
             self.warmup.observe(metrics["critic/d_acc"])
             if self.warmup.done:
                 metrics["warmup/ended_at_step"] = float(self.warmup.ended_at)
-        metrics["actor/optimizer_state_bytes"] = float(sum(self.actor.run_all("optimizer_state_bytes")))
+        metrics["actor/optimizer_state_bytes"] = float(sum(self.actor.optimizer_state_bytes()))
         return metrics
 
-    def _rollout(self, batch: dict, seed: int, n: int | None = None, **sampling) -> dict:
+    def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
         """n samples per prompt from the actor; rows i*n .. i*n+n-1 belong to prompt i."""
-        n = n or self.n
         gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                   "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
-        outs = self.actor.run_dp("generate", gen_in, seed=seed, **sampling)
-        R = max(o["responses"].shape[1] for o in outs)
-        return dict(gen_in, responses=torch.cat([pad_right(o["responses"], R, self.pad_id) for o in outs]),
-                    response_mask=torch.cat([pad_right(o["response_mask"], R) for o in outs]))
+        out = self.actor.generate(gen_in, seed=seed, **sampling)
+        # replicas' responses are merged right-padded with 0; padding carries pad_id everywhere
+        responses = out["responses"].masked_fill(out["response_mask"] == 0, self.pad_id)
+        return dict(gen_in, responses=responses, response_mask=out["response_mask"])
 
     def _length_metrics(self, student: dict, prefix: str) -> dict:
         lengths = student["response_mask"].sum(-1).float()
@@ -199,8 +198,8 @@ class GADTrainer:
             if len(chunk) % self.critic.dp_size or (len(chunk) * self.n) % self.actor.dp_size:
                 break  # a ragged tail that cannot be split over the replicas is left out
             batch = collate_prompts(chunk, self.pad_id)
-            student = self._rollout(batch, seed=self.cfg.trainer.seed * 7_000_003 + k)
-            m = reduce_metrics(self.critic.run_dp("evaluate_pairs", self._pairs(batch, student), self.n))
+            student = self._rollout(batch, self.n, seed=self.cfg.trainer.seed * 7_000_003 + k)
+            m = self.critic.evaluate_pairs(self._pairs(batch, student), self.n)
             m.update(self._length_metrics(student, "val/response_length/"))
             results.append(m)
         return reduce_metrics(results)
@@ -237,9 +236,9 @@ class GADTrainer:
     def save(self) -> str:
         path = os.path.join(self.run_dir, f"global_step_{self.step}")
         extra = {"step": self.step}
-        self.actor.run_all("save", os.path.join(path, "actor"), extra)
+        self.actor.save(os.path.join(path, "actor"), extra)
         if self.critic is not None:
-            self.critic.run_all("save", os.path.join(path, "critic"), extra)
+            self.critic.save(os.path.join(path, "critic"), extra)
         with open(os.path.join(path, "trainer_state.json"), "w") as f:
             json.dump({"step": self.step, "loader": self.loader.state_dict(),
                        "warmup": self.warmup.state_dict()}, f)
@@ -258,24 +257,56 @@ class GADTrainer:
             raise FileNotFoundError(f"{path} is not a megatron-gad training checkpoint (no trainer_state.json)")
         with open(os.path.join(path, "trainer_state.json")) as f:
             st = json.load(f)
-        self.actor.run_all("load", os.path.join(path, "actor"))
+        self.actor.load(os.path.join(path, "actor"))
         if self.critic is not None:
-            self.critic.run_all("load", os.path.join(path, "critic"))
+            self.critic.load(os.path.join(path, "critic"))
         self.loader.load_state_dict(st["loader"])
         self.warmup.load_state_dict(st["warmup"])
         self.step = int(st["step"])
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
+    # ------------------------------------------------------------------ evaluation (public)
+    def rollout(self, items: list[dict], n: int, seed: int = 0, temperature: float | None = None,
+                greedy: bool = False) -> dict:
+        """``n`` samples per prompt of dataset ``items`` from the current actor, with the prompts
+        collated: prompt_ids/prompt_mask [B, P], teacher_response(_mask) [B, Rt] and the student
+        samples responses/response_mask [B*n, R] (rows i*n .. i*n+n-1 belong to prompt i)."""
+        batch = collate_prompts(items, self.pad_id)
+        student = self._rollout(batch, n, seed, temperature=temperature, greedy=greedy)
+        return dict(batch, responses=student["responses"], response_mask=student["response_mask"])
+
+    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> str:
+        """Text of one response row (valid tokens, EOS and special tokens dropped)."""
+        keep = [int(i) for i, m in zip(ids, mask) if m and int(i) != self.eos_id]
+        return self.tokenizer.decode(keep, skip_special_tokens=True)
+
     def sample(self, items: list[dict], n: int, temperature: float | None = None, greedy: bool = False,
                seed: int = 0) -> list[list[str]]:
         """Decoded samples (``n`` per prompt) from the current actor, e.g. for held-out evaluation."""
-        out = self._rollout(collate_prompts(items, self.pad_id), seed, n, temperature=temperature, greedy=greedy)
-        texts = []
-        for ids, m in zip(out["responses"], out["response_mask"]):
-            ids = [int(i) for i, keep in zip(ids, m) if keep and int(i) != self.eos_id]
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        out = self.rollout(items, n, seed, temperature=temperature, greedy=greedy)
+        texts = [self.decode(ids, m) for ids, m in zip(out["responses"], out["response_mask"])]
         return [texts[i * n:(i + 1) * n] for i in range(len(items))]
+
+    def evaluate_critic(self, items: list[dict], n: int, seed: int = 0, temperature: float | None = None) -> dict:
+        """A per-sample view of the critic against fresh actor samples (no update): ``student_texts``
+        [B][n], ``student_scores`` [B, n], ``teacher_scores`` [B] and ``d_acc`` (share of teacher-student
+        pairs ranked teacher-first, ties half — the training metric's definition)."""
+        if self.critic is None:
+            raise RuntimeError("trainer.mode=sft has no critic to evaluate")
+        out = self.rollout(items, n, seed, temperature=temperature)
+        student = {k: out[k] for k in ("responses", "response_mask")}
+        student["prompt_ids"] = out["prompt_ids"].repeat_interleave(n, 0)
+        student["prompt_mask"] = out["prompt_mask"].repeat_interleave(n, 0)
+        teacher = {"prompt_ids": out["prompt_ids"], "prompt_mask": out["prompt_mask"],
+                   "responses": out["teacher_response"], "response_mask": out["teacher_response_mask"]}
+        s_scores = self.critic.compute_scores(student)["scores"]
+        t_scores = self.critic.compute_scores(teacher)["scores"]
+        _, m = algos.discriminator_loss(s_scores, t_scores, n)
+        texts = [self.decode(ids, msk) for ids, msk in zip(out["responses"], out["response_mask"])]
+        return {"student_texts": [texts[i * n:(i + 1) * n] for i in range(len(items))],
+                "student_scores": s_scores.view(len(items), n), "teacher_scores": t_scores,
+                "d_acc": float(m["d_acc"])}
 
     def shutdown(self) -> None:
         self.actor.shutdown()

@@ -1,9 +1,10 @@
-"""Ray actors hosting one role's ranks, and data-parallel dispatch/collection.
+"""A role's workers as Ray processes, called through the methods the workers declare.
 
-A role (actor or discriminator) is ``world`` Ray actors that join one process group and build
-Megatron's TP x PP x DP grid among themselves. The controller sends each data-parallel replica its
-share of a batch (every TP/PP rank of the replica gets the same share) and reads the results from
-the replica's collector rank (TP rank 0 on the last pipeline stage).
+A role (actor or critic) is ``world`` Ray processes (``WorkerProcess``) that join one process group
+and build Megatron's TP x PP x DP grid among themselves; each hosts the role's worker. The
+controller calls ``group.<method>(...)`` for any worker method declared with
+``workers.dispatch.register``: the declaration says how arguments are split over the ranks and
+how results are collected (see ``workers/dispatch.py``).
 """
 
 from __future__ import annotations
@@ -15,14 +16,29 @@ import ray
 import torch
 
 from megatron_gad.parallel.state import Layout
+from megatron_gad.workers.dispatch import Dispatch, dispatch_spec, merge, split_batch
 
 _ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 
 
+def worker_class(role: str) -> type:
+    if role == "actor":
+        from megatron_gad.workers.actor import ActorWorker
+
+        return ActorWorker
+    if role == "critic":
+        from megatron_gad.workers.critic import CriticWorker
+
+        return CriticWorker
+    raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
+
+
 @ray.remote
-class RankActor:
-    """One rank: joins the role's process group, then hosts an ActorWorker or CriticWorker."""
+class WorkerProcess:
+    """One rank of a role: joins the role's process group, then hosts its worker. Every call into
+    the process (``setup``, ``execute``) is a process entry: it enters the device mode there, so
+    worker code never does."""
 
     def node_ip_and_port(self) -> tuple[str, int]:
         ip = ray.util.get_node_ip_address()
@@ -30,46 +46,40 @@ class RankActor:
             s.bind(("", 0))
             return ip, s.getsockname()[1]
 
-    def setup(self, kind: str, rank: int, world: int, addr: str, port: int, kwargs: dict) -> Layout:
+    def setup(self, role: str, rank: int, world: int, addr: str, port: int, kwargs: dict) -> Layout:
         import logging
         import warnings
 
+        from megatron_gad.parallel import state
+        from megatron_gad.parallel.cpu_compat import cpu_device_mode
+
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron").setLevel(logging.ERROR)
-        from megatron_gad.parallel import state
-
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         state.init_distributed(rank, world, addr, port)
-        if kind == "actor":
-            from megatron_gad.workers.actor import ActorWorker
-
-            self.worker = ActorWorker(**kwargs)
-        else:
-            from megatron_gad.workers.critic import CriticWorker
-
-            self.worker = CriticWorker(**kwargs)
+        with cpu_device_mode():
+            self.worker = worker_class(role)(**kwargs)
         return self.worker.layout
 
-    def call(self, method: str, *args, **kwargs):
+    def execute(self, method: str, *args, **kwargs):
+        from megatron_gad.parallel.cpu_compat import cpu_device_mode
+
         torch.set_num_threads(1)
-        return getattr(self.worker, method)(*args, **kwargs)
+        with cpu_device_mode():
+            return getattr(self.worker, method)(*args, **kwargs)
 
 
-def _split(batch: dict, parts: int) -> list[dict]:
-    """Contiguous row chunks (uneven allowed) of every tensor in ``batch``."""
-    keys = list(batch)
-    chunks = {k: torch.tensor_split(batch[k], parts) for k in keys}
-    return [{k: chunks[k][i] for k in keys} for i in range(parts)]
+class WorkerGroup:
+    """The ``world`` ranks of one role. ``group.update_critic(batch, n)`` calls the worker method of
+    that name on every rank as its declaration says."""
 
-
-class RoleGroup:
-    def __init__(self, kind: str, world: int, worker_kwargs: dict, use_gpu: bool,
+    def __init__(self, role: str, world: int, worker_kwargs: dict, use_gpu: bool,
                  placement_group=None, bundle_offset: int = 0, gpu_fraction: float = 1.0):
         # CPU: no reservation (gloo ranks share the cores). GPU: colocated roles split each bundle's
         # GPU and CPU in half.
         opts = {"num_cpus": gpu_fraction if use_gpu else 0.01, "num_gpus": gpu_fraction if use_gpu else 0,
                 "runtime_env": {"env_vars": _ENV}}
-        actors = []
+        procs = []
         for r in range(world):
             o = dict(opts)
             if placement_group is not None:
@@ -77,30 +87,33 @@ class RoleGroup:
 
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)
-            actors.append(RankActor.options(**o).remote())
-        self.kind = kind
-        self.actors = actors
-        addr, port = ray.get(actors[0].node_ip_and_port.remote())
+            procs.append(WorkerProcess.options(**o).remote())
+        self.role = role
+        self.worker_cls = worker_class(role)
+        self.procs = procs
+        addr, port = ray.get(procs[0].node_ip_and_port.remote())
         self.layouts: list[Layout] = ray.get(
-            [a.setup.remote(kind, r, world, addr, port, worker_kwargs) for r, a in enumerate(actors)])
+            [p.setup.remote(role, r, world, addr, port, worker_kwargs) for r, p in enumerate(procs)])
         self.dp_size = self.layouts[0].dp_size
 
-    def run_all(self, method: str, *args, **kwargs) -> list:
-        """Same call on every rank; every rank's return value."""
-        return ray.get([a.call.remote(method, *args, **kwargs) for a in self.actors])
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("worker_cls", "procs", "layouts", "dp_size", "role"):
+            raise AttributeError(name)
+        spec = dispatch_spec(self.worker_cls, name)
 
-    def run_dp(self, method: str, batch: dict, *args, **kwargs) -> list:
-        """Each DP replica gets its share of ``batch``; collector results in DP order."""
-        shares = _split(batch, self.dp_size)
-        refs = [a.call.remote(method, shares[lay.dp_rank], *args, **kwargs)
-                for a, lay in zip(self.actors, self.layouts)]
-        out = ray.get(refs)
-        by_dp = {}
-        for res, lay in zip(out, self.layouts):
-            if res is not None:
-                by_dp[lay.dp_rank] = res
-        return [by_dp[d] for d in range(self.dp_size)]
+        def call(*args, **kwargs):
+            if spec.mode is Dispatch.ALL:
+                return ray.get([p.execute.remote(name, *args, **kwargs) for p in self.procs])
+            batch, rest = args[0], args[1:]
+            shares = split_batch(batch, self.dp_size)
+            out = ray.get([p.execute.remote(name, shares[lay.dp_rank], *rest, **kwargs)
+                           for p, lay in zip(self.procs, self.layouts)])
+            by_replica = {lay.dp_rank: res for res, lay in zip(out, self.layouts) if res is not None}
+            return merge(spec.collect, [by_replica[d] for d in range(self.dp_size)])
+
+        call.__name__ = name
+        return call
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
+        for p in self.procs:
+            ray.kill(p)

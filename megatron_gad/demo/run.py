@@ -113,11 +113,6 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def _decode(trainer, ids, mask) -> str:
-    keep = [int(i) for i, m in zip(ids, mask) if m and int(i) != trainer.eos_id]
-    return trainer.tokenizer.decode(keep, skip_special_tokens=True)
-
-
 def evaluate(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
     """Ground-truth validity of the current actor on held-out prompts (T=1 samples and greedy)."""
     from megatron_gad.demo.task import score_samples
@@ -139,38 +134,21 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
 
 
 def probe_discriminator(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
-    """Held-out view of the discriminator against the current actor's samples.
+    """Held-out view of the critic (GAD's discriminator) against the current actor's samples.
 
     ``heldout_d_acc``: share of (teacher, student) pairs on held-out prompts ranked teacher-first.
     ``valid_vs_invalid_auc``: does D rank the actor's *valid* samples above its invalid ones (the thing
     the reward should encode; ~0.5 means it judges something else).
     """
-    import torch
-
-    from megatron_gad.data import collate_prompts
     from megatron_gad.demo.task import is_valid
-    from megatron_gad.workers.batching import pad_right
 
-    n = s.eval_n
-    batch = collate_prompts(items, trainer.pad_id)
-    gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
-              "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
-    outs = trainer.actor.run_dp("generate", gen_in, seed=seed + 17, temperature=s.temperature)
-    R = max(o["responses"].shape[1] for o in outs)
-    student = dict(gen_in, responses=torch.cat([pad_right(o["responses"], R, trainer.pad_id) for o in outs]),
-                   response_mask=torch.cat([pad_right(o["response_mask"], R) for o in outs]))
-    teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
-               "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
-    s_scores = torch.cat([o["scores"] for o in trainer.critic.run_dp("compute_scores", student)])
-    t_scores = torch.cat([o["scores"] for o in trainer.critic.run_dp("compute_scores", teacher)])
-    diff = t_scores.repeat_interleave(n) - s_scores
-    d_acc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
-    valid = [is_valid(prompts[i // n], _decode(trainer, student["responses"][i], student["response_mask"][i]))
-             for i in range(len(s_scores))]
-    pos = [float(x) for x, v in zip(s_scores, valid) if v]
-    neg = [float(x) for x, v in zip(s_scores, valid) if not v]
-    return {"heldout_d_acc": d_acc, "valid_vs_invalid_auc": _auc(pos, neg),
-            "student_valid_rate": len(pos) / max(1, len(valid))}
+    view = trainer.evaluate_critic(items, s.eval_n, seed=seed + 17, temperature=s.temperature)
+    pos, neg = [], []
+    for prompt, texts, scores in zip(prompts, view["student_texts"], view["student_scores"]):
+        for text, score in zip(texts, scores.tolist()):
+            (pos if is_valid(prompt, text) else neg).append(score)
+    return {"heldout_d_acc": view["d_acc"], "valid_vs_invalid_auc": _auc(pos, neg),
+            "student_valid_rate": len(pos) / max(1, len(pos) + len(neg))}
 
 
 # ---------------------------------------------------------------------------------------------- one seed
@@ -239,7 +217,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
                                           steps=s.sft_steps, actor_lr=s.sft_lr, **common))
     st.fit()
     res["sft_eval"] = st.timed("eval_s", evaluate, st.trainer, items, prompts, s, seed)
-    sft_fp = st.trainer.actor.run_all("weights_fingerprint")
+    sft_fp = st.trainer.actor.weights_fingerprint()
     timings["sft"] = st.close()
     _log(f"seed {seed} | sft: held-out valid {res['sft_eval']['valid_rate']:.3f}")
     sft_actor = _ckpt(run["sft"], s.sft_steps, "actor")
@@ -249,10 +227,10 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
                                              steps=s.warmup_steps, actor_lr=s.actor_lr,
                                              critic_warmup=s.warmup_steps, critic_lr=s.warmup_critic_lr,
                                              critic_epochs=s.warmup_critic_epochs, **common))
-    fp_before = st.trainer.actor.run_all("weights_fingerprint")
+    fp_before = st.trainer.actor.weights_fingerprint()
     st.fit()
-    fp_after = st.trainer.actor.run_all("weights_fingerprint")
-    opt_bytes = sum(st.trainer.actor.run_all("optimizer_state_bytes"))
+    fp_after = st.trainer.actor.weights_fingerprint()
+    opt_bytes = sum(st.trainer.actor.optimizer_state_bytes())
     res["warmup_probe"] = st.timed("probe_s", probe_discriminator, st.trainer, items, prompts, s, seed)
     timings["warmup"] = st.close()
     metrics = read_metrics(run["warmup"])

@@ -1,4 +1,7 @@
-"""Launch N local ranks of a function (CLI tools and tests; the trainer uses Ray workers instead)."""
+"""Launch N local ranks of a function (CLI tools and tests; the trainer uses Ray workers instead).
+
+Each spawned rank is a process entry: it joins the process group and runs the function inside the
+device mode (``cpu_compat.cpu_device_mode``), so the function's code is the same on CPU and GPU."""
 
 from __future__ import annotations
 
@@ -19,13 +22,16 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     from megatron_gad.parallel import state
+    from megatron_gad.parallel.cpu_compat import cpu_device_mode
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
         state.init_distributed(rank, world, "127.0.0.1", port)
+        with cpu_device_mode():  # the process entry: rank code never enters the device mode itself
+            result = fn(rank, world, *args)
         # Plain pickle copies tensor data: torch's shared-memory handles die with this process.
-        queue.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException as exc:  # report, don't hang the parent
         queue.put((rank, "error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise

@@ -23,3 +23,11 @@ def pad_right(t: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
     if t.shape[1] >= width:
         return t
     return torch.cat([t, t.new_full((t.shape[0], width - t.shape[1]), value)], 1)
+
+
+def cat_results(results: list[dict], key: str) -> torch.Tensor | None:
+    """Concatenate one key of the last stage's per-micro-batch results (on CPU); None on the other
+    pipeline stages, which hold no results (their value is never collected)."""
+    if not results:
+        return None
+    return torch.cat([r[key] for r in results], 0).cpu()

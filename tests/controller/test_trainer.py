@@ -64,11 +64,11 @@ def test_frozen_warmup_then_gad_and_resume(assets, tmp_path):
     # A: two warmup steps, then stop (as if killed after the step-2 checkpoint).
     run = str(tmp_path / "run")
     tr = GADTrainer(make_cfg(assets, run, "trainer.total_training_steps=2", *common))
-    before = tr.actor.run_all("weights_fingerprint")
+    before = tr.actor.weights_fingerprint()
     tr.fit()
     assert tr.phases == ["gen", "update_critic", "save"]  # no reward / log-prob / actor passes
-    assert tr.actor.run_all("weights_fingerprint") == before  # bit-identical actor
-    assert tr.actor.run_all("optimizer_state_bytes") == [0]
+    assert tr.actor.weights_fingerprint() == before  # bit-identical actor
+    assert tr.actor.optimizer_state_bytes() == [0]
     tr.shutdown()
     warm = read_metrics(run)
     assert [m["stage"] for m in warm] == ["warmup", "warmup"]
@@ -82,8 +82,8 @@ def test_frozen_warmup_then_gad_and_resume(assets, tmp_path):
     tr = GADTrainer(make_cfg(assets, run, "trainer.total_training_steps=4", *common))
     tr.fit()
     assert tr.phases == ["gen", "reward", "old_log_prob", "ref", "adv", "update_critic", "update_actor", "save"]
-    assert tr.actor.run_all("weights_fingerprint") != before
-    assert tr.actor.run_all("optimizer_state_bytes")[0] > 0
+    assert tr.actor.weights_fingerprint() != before
+    assert tr.actor.optimizer_state_bytes()[0] > 0
     tr.shutdown()
     resumed = read_metrics(run)
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
@@ -106,10 +106,10 @@ def test_sft_warmup_trains_actor_and_discriminator(assets, tmp_path):
     run = str(tmp_path / "run")
     tr = GADTrainer(make_cfg(assets, run, "trainer.total_training_steps=2", "trainer.critic_warmup=2",
                              "trainer.warmup.mode=sft"))
-    before = tr.actor.run_all("weights_fingerprint")
+    before = tr.actor.weights_fingerprint()
     tr.fit()
     assert tr.phases == ["gen", "update_critic", "sft", "save"]
-    assert tr.actor.run_all("weights_fingerprint") != before
+    assert tr.actor.weights_fingerprint() != before
     tr.shutdown()
     m = read_metrics(run)
     assert all(x["stage"] == "warmup" for x in m)
@@ -122,7 +122,7 @@ def _hf_teacher_nll(assets, cfg):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
+    from megatron_gad.data import GADDataset, PromptLoader, build_sequences, collate_prompts
 
     tok = AutoTokenizer.from_pretrained(assets["model"])
     d = cfg.data
@@ -131,8 +131,9 @@ def _hf_teacher_nll(assets, cfg):
     b = collate_prompts(next(PromptLoader(ds, d.train_batch_size, d.shuffle, d.seed)), tok.pad_token_id)
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
     P = b["prompt_ids"].shape[1]
-    logits = model(b["teacher_input_ids"], attention_mask=b["teacher_attention_mask"],
-                   position_ids=b["teacher_position_ids"]).logits
+    ids, mask, pos = build_sequences(b["prompt_ids"], b["prompt_mask"], b["teacher_response"],
+                                     b["teacher_response_mask"])
+    logits = model(ids, attention_mask=mask, position_ids=pos).logits
     lp = torch.log_softmax(logits[:, P - 1:-1].float(), -1).gather(-1, b["teacher_response"][..., None])[..., 0]
     mask = b["teacher_response_mask"].float()
     return float(-(lp * mask).sum() / mask.sum())

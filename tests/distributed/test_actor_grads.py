@@ -38,7 +38,8 @@ def _worker(path, tp, pp):
                              f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}",
                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",  # 2 micro-batches
                              "actor_rollout_ref.actor.logprob_chunk_size=5"])
-    return ActorWorker(cfg, total_steps=1, eos_id=2, pad_id=0)
+    return ActorWorker(cfg.actor_rollout_ref, max_response_length=cfg.data.max_response_length, total_steps=1,
+                       eos_id=2, pad_id=0)
 
 
 def _sft_and_ppo_grad_norms(rank, world, path, tp, pp, batch, ppo_batch):

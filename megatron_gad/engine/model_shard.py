@@ -1,68 +1,46 @@
-"""One model role on this rank: Megatron model shard, lazy DDP + optimizer, checkpoints.
+"""One model on this rank: its Megatron shard, lazy DDP + optimizer, checkpoints and export.
 
-Plain Python (no Ray): the Ray workers wrap it, and tests drive it from locally spawned ranks.
-Call inside ``parallel.cpu_compat.cpu_device_mode()`` on CPU.
+Plain Python (no Ray): workers hold one or two of these (the actor its policy and reference), the
+tools use it to convert and sample, tests drive it from locally spawned ranks. On CPU the caller's
+process entry has entered ``parallel.cpu_compat.cpu_device_mode()``.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from megatron_gad import checkpoint as ckpt
+from megatron_gad.algos.schedule import lr_at
+from megatron_gad.config import OptimConfig, padded_vocab_size
 from megatron_gad.engine.forward_backward import LossFn, forward_backward
 from megatron_gad.models import hf as hfmap
-from megatron_gad.models.arch import arch_from_hf_config, padded_vocab, read_hf_config
+from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
 from megatron_gad.models.build import build_model
 from megatron_gad.parallel import state
 
 
-@dataclass(frozen=True)
-class OptimSettings:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    clip_grad: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    lr_warmup_steps: int = 0
-    lr_scheduler: str = "constant"
-    min_lr: float = 0.0
-    total_steps: int = 0
-
-
-def lr_at(o: OptimSettings, step: int) -> float:
-    """Linear warmup, then constant / linear / cosine decay to ``min_lr`` over ``total_steps``."""
-    if o.lr_warmup_steps > 0 and step < o.lr_warmup_steps:
-        return o.lr * (step + 1) / o.lr_warmup_steps
-    if o.lr_scheduler == "constant" or o.total_steps <= o.lr_warmup_steps:
-        return o.lr
-    frac = min(1.0, (step - o.lr_warmup_steps) / max(1, o.total_steps - o.lr_warmup_steps))
-    if o.lr_scheduler == "linear":
-        return o.min_lr + (o.lr - o.min_lr) * (1 - frac)
-    return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * frac))
-
-
-class ModelRole:
-    """``role`` is "actor" (LM head) or "critic" (scalar head). Weights come from an HF directory
-    or a megatron-gad checkpoint (a critic may start from an actor/HF checkpoint: its head is new)."""
+class ModelShard:
+    """This rank's shard of one model serving ``role`` "actor" (LM head) or "critic" (scalar head).
+    Weights come from an HF directory or a megatron-gad checkpoint (a critic may start from an
+    actor/HF checkpoint: its head is new). ``optim`` and ``total_steps`` drive its optimizer and
+    learning-rate schedule; a shard built with ``trainable=False`` never gets an optimizer."""
 
     def __init__(self, role: str, model_path: str, tp: int, pp: int, *, params_dtype: str = "float32",
-                 vocab_divisible_by: int = 128, seed: int = 42, optim: OptimSettings | None = None,
-                 head_init_std: float = 0.0, trainable: bool = True):
+                 vocab_divisible_by: int = 128, seed: int = 42, optim: OptimConfig | None = None,
+                 total_steps: int = 0, head_init_std: float = 0.0, trainable: bool = True):
         self.role = role
         self.model_path = model_path
         self.hf_config = read_hf_config(model_path)
         self.arch = arch_from_hf_config(self.hf_config)
         self.vocab_divisible_by = vocab_divisible_by
-        self.padded_vocab = padded_vocab(self.arch.vocab_size, vocab_divisible_by)
+        self.padded_vocab = padded_vocab_size(self.arch.vocab_size, vocab_divisible_by)
         self.layout = state.init_model_parallel(tp, pp, seed)
         torch.manual_seed(seed)
         self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std)
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
             self.module.cuda(torch.cuda.current_device())
-        self.optim = optim or OptimSettings()
+        self.optim = optim or OptimConfig()
+        self.total_steps = total_steps
         self.trainable = trainable
         self.ddp = None
         self.optimizer = None
@@ -90,7 +68,7 @@ class ModelRole:
         if self.optimizer is not None:
             return
         if not self.trainable:
-            raise RuntimeError(f"{self.role} role was built frozen; it has no optimizer")
+            raise RuntimeError(f"this {self.role} model was built frozen (trainable=False); it has no optimizer")
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -126,7 +104,9 @@ class ModelRole:
         """One optimizer step over the micro-batches (gradient accumulation)."""
         self.ensure_optimizer()
         self.module.train()
-        lr = lr_at(self.optim, self.opt_step)
+        o = self.optim
+        lr = lr_at(self.opt_step, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.lr_warmup_steps,
+                   schedule=o.lr_scheduler, total_steps=self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ddp.zero_grad_buffer()
@@ -174,36 +154,3 @@ class ModelRole:
     def weights_sum(self) -> float:
         """A cheap fingerprint of this rank's shard (tests and frozen-weight checks use exact equality)."""
         return float(sum(p.detach().double().sum() for p in self.module.parameters()))
-
-
-class RoleWorker:
-    """What the actor and discriminator workers share: the collector rank, checkpoints, probes.
-    Subclasses set ``self.role`` (their trainable ModelRole)."""
-
-    role: ModelRole
-
-    @property
-    def layout(self):
-        return self.role.layout
-
-    def is_collector(self) -> bool:
-        """One rank per data-parallel replica (TP rank 0, last stage) returns results to the controller."""
-        return self.layout.tp_rank == 0 and self.layout.is_last_stage
-
-    def optimizer_state_bytes(self) -> int:
-        return self.role.optimizer_state_bytes()
-
-    def weights_fingerprint(self) -> float:
-        return self.role.weights_sum()
-
-    def save(self, path: str, extra: dict) -> None:
-        from megatron_gad.parallel.cpu_compat import cpu_device_mode
-
-        with cpu_device_mode():
-            self.role.save(path, extra, with_optimizer=self.role.optimizer is not None)
-
-    def load(self, path: str) -> dict:
-        from megatron_gad.parallel.cpu_compat import cpu_device_mode
-
-        with cpu_device_mode():
-            return self.role.load(path, with_optimizer=True)
