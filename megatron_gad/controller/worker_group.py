@@ -16,7 +16,7 @@ import ray
 import torch
 
 from megatron_gad.parallel.state import Layout
-from megatron_gad.workers.dispatch import Dispatch, dispatch_spec, merge, split_batch
+from megatron_gad.workers.dispatch import collect, dispatch_spec, rank_args
 
 _ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
@@ -102,14 +102,19 @@ class WorkerGroup:
         spec = dispatch_spec(self.worker_cls, name)
 
         def call(*args, **kwargs):
-            if spec.mode is Dispatch.ALL:
-                return ray.get([p.execute.remote(name, *args, **kwargs) for p in self.procs])
-            batch, rest = args[0], args[1:]
-            shares = split_batch(batch, self.dp_size)
-            out = ray.get([p.execute.remote(name, shares[lay.dp_rank], *rest, **kwargs)
-                           for p, lay in zip(self.procs, self.layouts)])
-            by_replica = {lay.dp_rank: res for res, lay in zip(out, self.layouts) if res is not None}
-            return merge(spec.collect, [by_replica[d] for d in range(self.dp_size)])
+            dp_ranks = [lay.dp_rank for lay in self.layouts]
+            stored: dict[int, ray.ObjectRef] = {}  # a replica's share goes to the object store once
+
+            def put(x):
+                if not isinstance(x, dict):
+                    return x
+                if id(x) not in stored:
+                    stored[id(x)] = ray.put(x)
+                return stored[id(x)]
+
+            refs = [p.execute.remote(name, *[put(x) for x in a], **kwargs)
+                    for p, a in zip(self.procs, rank_args(spec, args, dp_ranks))]
+            return collect(spec, ray.get(refs), dp_ranks)
 
         call.__name__ = name
         return call

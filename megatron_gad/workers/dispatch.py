@@ -89,6 +89,27 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     return [{k: chunks[k][i] for k in keys} for i in range(parts)]
 
 
+def rank_args(spec: DispatchSpec, args: tuple, dp_ranks: list[int]) -> list[tuple]:
+    """The positional arguments each rank receives (``dp_ranks[r]``: rank r's replica)."""
+    if spec.mode is Dispatch.ALL:
+        return [args] * len(dp_ranks)
+    if not args or not isinstance(args[0], dict):
+        raise TypeError("a Dispatch.DP method takes the batch (a dict of tensors) as its first argument")
+    shares = split_batch(args[0], max(dp_ranks) + 1)
+    return [(shares[d], *args[1:]) for d in dp_ranks]
+
+
+def collect(spec: DispatchSpec, results: list[Any], dp_ranks: list[int]) -> Any:
+    """Every rank's return value (rank order) -> what the controller gets."""
+    if spec.mode is Dispatch.ALL:
+        return results
+    by_replica = {d: r for r, d in zip(results, dp_ranks) if r is not None}
+    missing = sorted(set(dp_ranks) - set(by_replica))
+    if missing:
+        raise RuntimeError(f"no collector result from data-parallel replica(s) {missing}")
+    return merge(spec.collect, [by_replica[d] for d in sorted(by_replica)])
+
+
 def merge(collect: str, per_replica: list[Any]) -> Any:
     """Merge the collector results of the replicas (in replica order) by the declared rule."""
     if collect == "mean":
