@@ -1,7 +1,7 @@
 """The single-controller GAD loop (reads top to bottom: one global step is ``_step``).
 
-Step order (the spec): rollout -> reward (= discriminator scores of the student samples) ->
-old log-probs -> reference log-probs (KL on) -> GRPO advantages -> update discriminator (every
+Step order (the spec): rollout -> reward (= critic scores of the student samples) ->
+old log-probs -> reference log-probs (KL on) -> GRPO advantages -> update critic (every
 step) -> update actor (GAD steps only). During a *frozen* warmup the actor only samples: no
 reward pass, no old/ref log-prob passes, no backward and no optimizer state (allocated lazily at
 the first real update). A *sft* warmup trains the actor on the teacher responses instead.
@@ -129,7 +129,7 @@ class GADTrainer:
 
         gad_step = not warm
         if gad_step:
-            with self._phase(timer, "reward"):  # D(student), before this step's discriminator update
+            with self._phase(timer, "reward"):  # D(student), before this step's critic update
                 rewards = self.critic.compute_scores(student)["scores"]
             with self._phase(timer, "old_log_prob"):
                 student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
@@ -176,7 +176,7 @@ class GADTrainer:
                 prefix + "clip_ratio": (~ends_eos).float().mean().item()}
 
     def _pairs(self, batch: dict, student: dict) -> dict:
-        """The discriminator's input: prompts, teacher responses and the students as [B, n, R] so a
+        """The critic's input: prompts, teacher responses and the students as [B, n, R] so a
         prompt's n samples stay with it through the data-parallel split."""
         B, R = batch["prompt_ids"].shape[0], student["responses"].shape[1]
         return {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
@@ -186,7 +186,7 @@ class GADTrainer:
                 "response_mask": student["response_mask"].view(B, self.n, R)}
 
     def validate(self) -> dict:
-        """Held-out metrics on ``data.val_files``: discriminator accuracy/loss on fresh student samples
+        """Held-out metrics on ``data.val_files``: critic accuracy/loss on fresh student samples
         (no update) and response lengths. Deterministic: fixed order and seeds."""
         if self.val_dataset is None or self.critic is None:
             return {}

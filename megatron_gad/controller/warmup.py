@@ -1,10 +1,10 @@
-"""When the discriminator-only warmup ends (pure logic, saved with checkpoints).
+"""When the critic-only warmup ends (pure logic, saved with checkpoints).
 
 * Fixed: the first ``critic_warmup`` steps are warmup. (verl starts counting steps at 1 and updates
   the actor when ``global_steps >= critic_warmup``, which gives N-1 critic-only steps; here
   ``critic_warmup=N`` means exactly N.)
 * Adaptive (``until_d_acc=[low, high]``): warmup ends once d_acc has stayed inside the band for
-  ``patience`` consecutive warmup steps — the discriminator is neither blind (0.5) nor saturated
+  ``patience`` consecutive warmup steps — the critic is neither blind (0.5) nor saturated
   (~1.0) — possibly before or after ``critic_warmup``; ``max_steps`` caps it.
 """
 
@@ -34,7 +34,7 @@ class WarmupSchedule:
         return True
 
     def observe(self, d_acc: float) -> None:
-        """Record one finished warmup step and its discriminator accuracy."""
+        """Record one finished warmup step and its critic accuracy (d_acc)."""
         self.steps_done += 1
         if self.band is not None:
             low, high = self.band

@@ -55,12 +55,12 @@ def format_table(r: dict) -> str:
                  f"(step: mean), target >= {st['warmup_target_d_acc']}")
     for k, curve, final, frozen, probe in zip(seeds, r["warmup_d_acc"], r["warmup_final_d_acc"],
                                                r["actor_frozen_during_warmup"],
-                                               r["discriminator_probe"]["after_warmup"]):
+                                               r["critic_probe"]["after_warmup"]):
         pts = ", ".join(f"{b}: {v:.2f}" for b, v in d_acc_curve(curve))
         lines.append(f"  seed {k}: {pts} | final {final:.3f} | held-out {probe['heldout_d_acc']:.3f} | "
                      f"actor frozen: {frozen}")
     lines.append("discriminator on held-out student samples (valid-vs-invalid AUC; 0.5 = does not see validity):")
-    for k, a, g in zip(seeds, r["discriminator_probe"]["after_warmup"], r["discriminator_probe"]["after_gad"]):
+    for k, a, g in zip(seeds, r["critic_probe"]["after_warmup"], r["critic_probe"]["after_gad"]):
         def auc(p: dict) -> str:
             return "n/a" if p["valid_vs_invalid_auc"] is None else f"{p['valid_vs_invalid_auc']:.3f}"
         lines.append(f"  seed {k}: after warmup AUC {auc(a)}, held-out d_acc {a['heldout_d_acc']:.3f} | "

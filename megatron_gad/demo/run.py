@@ -50,9 +50,9 @@ class DemoSettings:
     sft_lr: float = 1e-3
     sft_clip_grad: float = 0.0       # 0 = no clipping (clipping at 1.0 slowed SFT ~2x here)
     warmup_steps: int = 150
-    warmup_critic_lr: float = 3e-4   # discriminator lr during the frozen warmup
-    warmup_critic_epochs: int = 1    # discriminator passes over each warmup batch (>1 inflates d_acc)
-    critic_lr: float = 3e-4          # discriminator lr during GAD (one pass per step)
+    warmup_critic_lr: float = 3e-4   # critic lr during the frozen warmup
+    warmup_critic_epochs: int = 1    # critic passes over each warmup batch (>1 inflates d_acc)
+    critic_lr: float = 3e-4          # critic lr during GAD (one pass per step)
     critic_clip_grad: float = 0.0    # clipped (1.0) or at 1e-3, d_acc stalled near 0.55-0.6
     critic_weight_decay: float = 0.0
     gad_steps: int = 300
@@ -133,7 +133,7 @@ def _auc(pos: list[float], neg: list[float]) -> float | None:
     return wins / (len(pos) * len(neg))
 
 
-def probe_discriminator(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
+def probe_critic(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
     """Held-out view of the critic (GAD's discriminator) against the current actor's samples.
 
     ``heldout_d_acc``: share of (teacher, student) pairs on held-out prompts ranked teacher-first.
@@ -222,7 +222,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     _log(f"seed {seed} | sft: held-out valid {res['sft_eval']['valid_rate']:.3f}")
     sft_actor = _ckpt(run["sft"], s.sft_steps, "actor")
 
-    # 2. Frozen warmup: discriminator only, the actor must stay bit-identical
+    # 2. Frozen warmup: critic only, the actor must stay bit-identical
     st = _Stage("warmup", seed, stage_config(s, mode="gad", run_dir=run["warmup"], model_path=sft_actor,
                                              steps=s.warmup_steps, actor_lr=s.actor_lr,
                                              critic_warmup=s.warmup_steps, critic_lr=s.warmup_critic_lr,
@@ -231,7 +231,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     st.fit()
     fp_after = st.trainer.actor.weights_fingerprint()
     opt_bytes = sum(st.trainer.actor.optimizer_state_bytes())
-    res["warmup_probe"] = st.timed("probe_s", probe_discriminator, st.trainer, items, prompts, s, seed)
+    res["warmup_probe"] = st.timed("probe_s", probe_critic, st.trainer, items, prompts, s, seed)
     timings["warmup"] = st.close()
     metrics = read_metrics(run["warmup"])
     res["warmup_d_acc"] = [float(m["critic/d_acc"]) for m in metrics]
@@ -248,14 +248,14 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     if not res["actor_frozen_during_warmup"]:
         raise RuntimeError(f"seed {seed}: the actor changed during the frozen warmup: {res['actor_fingerprint']}")
 
-    # 3. GAD from the SFT actor and the warmed-up discriminator
+    # 3. GAD from the SFT actor and the warmed-up critic
     st = _Stage("gad", seed, stage_config(s, mode="gad", run_dir=run["gad"], model_path=sft_actor,
                                           steps=s.gad_steps, actor_lr=s.actor_lr, critic_warmup=0,
                                           init_critic_from=_ckpt(run["warmup"], s.warmup_steps, "critic"),
                                           **common))
     st.fit()
     res["gad_eval"] = st.timed("eval_s", evaluate, st.trainer, items, prompts, s, seed)
-    res["gad_probe"] = st.timed("probe_s", probe_discriminator, st.trainer, items, prompts, s, seed)
+    res["gad_probe"] = st.timed("probe_s", probe_critic, st.trainer, items, prompts, s, seed)
     timings["gad"] = st.close()
     metrics = read_metrics(run["gad"])
     res["gad_d_acc"] = [float(m["critic/d_acc"]) for m in metrics]
@@ -301,7 +301,7 @@ def build_report(results: list[dict], s: DemoSettings, quick: bool, wall_s: floa
         "warmup_reached_target": [r["warmup_reached_target"] for r in results],
         "actor_frozen_during_warmup": [r["actor_frozen_during_warmup"] for r in results],
         "gad_d_acc": [r["gad_d_acc"] for r in results],
-        "discriminator_probe": {"after_warmup": [r["warmup_probe"] for r in results],
+        "critic_probe": {"after_warmup": [r["warmup_probe"] for r in results],
                                 "after_gad": [r["gad_probe"] for r in results]},
         "examples": {k: [r[f"{k}_eval"]["examples"] for r in results] for k in ("sft", "gad", "sft_continued")},
         "actor_fingerprint": [r["actor_fingerprint"] for r in results],

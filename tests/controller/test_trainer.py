@@ -100,7 +100,7 @@ def test_frozen_warmup_then_gad_and_resume(assets, tmp_path):
     assert os.path.isdir(os.path.join(run2, "global_step_4", "critic", "dist"))
 
 
-def test_sft_warmup_trains_actor_and_discriminator(assets, tmp_path):
+def test_sft_warmup_trains_actor_and_critic(assets, tmp_path):
     from megatron_gad.controller.trainer import GADTrainer
 
     run = str(tmp_path / "run")
@@ -140,7 +140,7 @@ def _hf_teacher_nll(assets, cfg):
 
 
 @pytest.mark.slow
-def test_tp2pp2_actor_with_tp2_discriminator(assets, tmp_path):
+def test_tp2pp2_actor_with_tp2_critic(assets, tmp_path):
     """Different layouts per role: actor TP2xPP2 (DP1), discriminator TP2xPP1 (DP2) on 4 ranks each."""
     from megatron_gad.controller.trainer import GADTrainer
 

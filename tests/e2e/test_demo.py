@@ -44,7 +44,7 @@ def test_demo_quick(tmp_path, capsys):
     assert [len(x) for x in r["gad_d_acc"]] == [QUICK.gad_steps]
     assert r["warmup_d_acc"][0][0] == pytest.approx(0.5)
     assert all(0.0 <= v <= 1.0 for v in r["warmup_d_acc"][0] + r["gad_d_acc"][0])
-    probe = r["discriminator_probe"]["after_warmup"][0]
+    probe = r["critic_probe"]["after_warmup"][0]
     assert 0.0 <= probe["heldout_d_acc"] <= 1.0
 
     # Stage checkpoints and metrics exist where the report says the stages ran.
