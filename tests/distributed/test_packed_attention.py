@@ -10,6 +10,8 @@ equal an independent HF forward of that sequence alone (no padding) to 1e-5, at 
     order, give the same logits;
   * sensitivity: the same packed row run *unpacked* (one causal sequence) differs from the
     reference by far more than the tolerance, so the equality above is not vacuous;
+  * gradients (PP=1): the packed backward equals the sum of per-sequence unpacked backwards
+    (Megatron's own attention path) to 1e-6 of the largest gradient;
   * the unpacked path: a right-padded batch with Megatron's padding mask matches HF in both
     modes; a left-padded row matches only without the switch (TE ignores the mask; the switch
     reproduces that).
@@ -118,6 +120,27 @@ def _run_batches(model, batches, seq_length):
     return [o["logits"] for o in out] if out else []
 
 
+def _grad_check(model, seqs, packed) -> tuple[float, float]:
+    """(max |packed grad - sum of per-sequence grads|, max |grad|) for a fixed linear loss on the logits."""
+    w = torch.randn(VOCAB_PAD, generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return out
+
+    model.zero_grad()
+    out = model(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params(),
+                runtime_gather_output=True)
+    (out[0, : sum(packed.seq_lens)] * w).sum().backward()
+    g_packed = grads()
+    for s in seqs:
+        (model(s[None], torch.arange(len(s))[None], None, runtime_gather_output=True)[0] * w).sum().backward()
+    g_ref = grads()
+    return (max((g_packed[n] - g_ref[n]).abs().max().item() for n in g_ref),
+            max(g.abs().max().item() for g in g_ref.values()))
+
+
 def _worker(rank, world, tp, pp, paths, seqs):
     from megatron_gad.engine.forward_backward import (
         attention_mask_4d,
@@ -156,6 +179,10 @@ def _worker(rank, world, tp, pp, paths, seqs):
                         "concat": unpacked[0][0],
                         "padded": torch.cat([p[0] for p in padded]),
                     }
+            if pp == 1:
+                grad = _grad_check(model, seqs, main)
+                if lay.tp_rank == 0:
+                    res[(fam, "grad")] = grad
             os.environ.pop(EMULATE, None)
         return res if (lay.is_last_stage and lay.tp_rank == 0) else None
 
@@ -229,5 +256,10 @@ def test_packed_matches_transformers_per_sequence(paths, hf_reference, tp, pp):
                 record(f"{tag} left-padded row vs HF (mask honoured)", left)
             else:
                 record(f"{tag} left-padded row vs HF (mask ignored, must be large)", left, limit=1e-2, above=True)
+        if pp == 1:
+            diff, gmax = got[(fam, "grad")]
+            assert gmax > 1.0
+            record(f"{tp}x{pp} {fam} packed grad vs per-sequence grads (max |grad| {gmax:.0f})", diff,
+                   limit=1e-6 * gmax)
     print("\n" + "\n".join(lines))
     assert not bad, "\n".join(bad)
