@@ -233,10 +233,11 @@ def test_grouped_partition_random(seed):
 
 
 def test_grouped_partition_errors():
-    with pytest.raises(ValueError, match=r"group 1: teacher sequence \(300 tokens\) plus student sample 2 \(250 tokens\) "
-                                         r"= 550 tokens, more than the micro-batch token budget max_token_len=512"):
+    msg = (r"group 1: teacher sequence \(300 tokens\) plus student sample 2 \(250 tokens\) = 550 tokens, "
+           r"more than the micro-batch token budget max_token_len=512")
+    with pytest.raises(ValueError, match=msg):
         pk.grouped_balanced_partition([(10, [5]), (300, [100, 200, 250])], 512)
-    with pytest.raises(ValueError, match="group 0: teacher sequence has 600 tokens.*max_token_len=512"):
+    with pytest.raises(ValueError, match=r"group 0: teacher sequence has 600 tokens.*max_token_len=512"):
         pk.grouped_balanced_partition([(600, [])], 512)
     with pytest.raises(ValueError, match="empty sequence"):
         pk.grouped_balanced_partition([(6, [0])], 512)
