@@ -83,8 +83,3 @@ def load_arch(path: str) -> Arch:
 
 def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
-
-
-def padded_vocab(vocab_size: int, divisible_by: int) -> int:
-    """Round the vocabulary up independently of TP so a checkpoint reshards across TP sizes."""
-    return -(-vocab_size // divisible_by) * divisible_by

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_gad.models.arch import Arch, padded_vocab, torch_dtype
+from megatron_gad.config import padded_vocab_size
+from megatron_gad.models.arch import Arch, torch_dtype
 
 
 def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32"):
@@ -54,9 +55,8 @@ def layer_spec(arch: Arch):
     """Transformer Engine spec on a GPU with TE installed; Megatron's local spec otherwise."""
     if torch.cuda.is_available():
         try:
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
             import transformer_engine  # noqa: F401
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
             return get_gpt_layer_with_transformer_engine_spec()
         except ImportError:
@@ -110,7 +110,7 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(arch),
-        vocab_size=padded_vocab(arch.vocab_size, vocab_divisible_by),
+        vocab_size=padded_vocab_size(arch.vocab_size, vocab_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre,
         post_process=post,
@@ -121,5 +121,4 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
     )
     if role == "critic" and post:
         model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype)
-    model.megatron_gad_role = role
     return model

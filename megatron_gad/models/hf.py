@@ -18,7 +18,8 @@ import shutil
 
 import torch
 
-from megatron_gad.models.arch import Arch, padded_vocab
+from megatron_gad.config import padded_vocab_size
+from megatron_gad.models.arch import Arch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "generation_config.json", "chat_template.jinja")
@@ -67,7 +68,7 @@ def _pad_vocab(w, vocab_pad: int):
 
 def hf_to_mcore(hf: dict[str, torch.Tensor], arch: Arch, vocab_divisible_by: int) -> dict:
     """Full (unsharded) Megatron actor state dict from an HF state dict."""
-    vpad = padded_vocab(arch.vocab_size, vocab_divisible_by)
+    vpad = padded_vocab_size(arch.vocab_size, vocab_divisible_by)
     out = {"embedding.word_embeddings.weight": _pad_vocab(hf["model.embed_tokens.weight"], vpad),
            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
     lm_head = hf["model.embed_tokens.weight"] if arch.tie_word_embeddings else hf["lm_head.weight"]
@@ -77,10 +78,10 @@ def hf_to_mcore(hf: dict[str, torch.Tensor], arch: Arch, vocab_divisible_by: int
         for mc, h in _LAYER_TABLE.items():
             out[f"decoder.layers.{i}.{mc}"] = hf[h.format(i=i)]
         out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = _qkv_to_mcore(
-            hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"], hf[p + "self_attn.v_proj.weight"], arch)
+            *(hf[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"), arch)
         if arch.qkv_bias:
             out[f"decoder.layers.{i}.self_attention.linear_qkv.bias"] = _qkv_to_mcore(
-                hf[p + "self_attn.q_proj.bias"], hf[p + "self_attn.k_proj.bias"], hf[p + "self_attn.v_proj.bias"], arch)
+                *(hf[f"{p}self_attn.{x}_proj.bias"] for x in "qkv"), arch)
         out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
             [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0)
     return out
@@ -97,11 +98,11 @@ def mcore_to_hf(mc: dict[str, torch.Tensor], arch: Arch) -> dict:
         p = f"model.layers.{i}."
         for mcn, h in _LAYER_TABLE.items():
             hf[h.format(i=i)] = mc[f"decoder.layers.{i}.{mcn}"]
-        q, k, v = _qkv_from_mcore(mc[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], arch)
-        hf[p + "self_attn.q_proj.weight"], hf[p + "self_attn.k_proj.weight"], hf[p + "self_attn.v_proj.weight"] = q, k, v
+        qkv = _qkv_from_mcore(mc[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], arch)
+        hf.update({f"{p}self_attn.{x}_proj.weight": t for x, t in zip("qkv", qkv)})
         if arch.qkv_bias:
-            qb, kb, vb = _qkv_from_mcore(mc[f"decoder.layers.{i}.self_attention.linear_qkv.bias"], arch)
-            hf[p + "self_attn.q_proj.bias"], hf[p + "self_attn.k_proj.bias"], hf[p + "self_attn.v_proj.bias"] = qb, kb, vb
+            qkv_b = _qkv_from_mcore(mc[f"decoder.layers.{i}.self_attention.linear_qkv.bias"], arch)
+            hf.update({f"{p}self_attn.{x}_proj.bias": t for x, t in zip("qkv", qkv_b)})
         gate, up = torch.chunk(mc[f"decoder.layers.{i}.mlp.linear_fc1.weight"], 2, dim=0)
         hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
     return {k: v.contiguous() for k, v in hf.items()}
