@@ -101,12 +101,6 @@ def pp_group():
     return ps.get_pipeline_model_parallel_group()
 
 
-def dp_group():
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_group()
-
-
 def last_stage_global_rank() -> int:
     from megatron.core import parallel_state as ps
 
@@ -131,14 +125,6 @@ def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
     if layout().pp_size > 1:
         dist.broadcast(tensor, src=last_stage_global_rank(), group=pp_group())
     return tensor
-
-
-def broadcast_object_from_last_stage(obj):
-    if layout().pp_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=last_stage_global_rank(), group=pp_group())
-    return box[0]
 
 
 def destroy() -> None:
