@@ -23,7 +23,8 @@ import json
 import logging
 import os
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -304,7 +305,7 @@ class StatefulSampler:
         full, rest = divmod(self.num_samples, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def __iter__(self) -> "StatefulSampler":
+    def __iter__(self) -> StatefulSampler:
         return self
 
     def __next__(self) -> list[int]:
@@ -354,7 +355,7 @@ class PromptLoader:
     def epoch(self) -> int:
         return self.sampler.epoch
 
-    def __iter__(self) -> "PromptLoader":
+    def __iter__(self) -> PromptLoader:
         return self
 
     def __next__(self) -> list[dict[str, Any]]:
@@ -372,7 +373,9 @@ class PromptLoader:
 # ----------------------------------------------------------------------------------------------
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, mask), both [B, longest] long tensors, padded on the left (prompts, so the
+    last column is every row's last token) or on the right (responses)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -409,23 +412,19 @@ def last_valid_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def collate_prompts(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pads a batch of dataset items into prompt tensors and the teacher sequence tensors."""
+    """Pads a batch of dataset items: left-padded prompts and right-padded teacher responses.
+
+    :func:`build_sequences` joins the two into the teacher's full sequences.
+    """
     if not items:
         raise ValueError("collate_prompts needs at least one item")
-    prompt_ids, prompt_mask = _pad([it["prompt_ids"] for it in items], pad_id, left=True)
-    teacher_response, teacher_response_mask = _pad(
+    prompt_ids, prompt_mask = pad_sequences([it["prompt_ids"] for it in items], pad_id, left=True)
+    teacher_response, teacher_response_mask = pad_sequences(
         [it["teacher_response_ids"] for it in items], pad_id, left=False
-    )
-    input_ids, attention_mask, position_ids = build_sequences(
-        prompt_ids, prompt_mask, teacher_response, teacher_response_mask
     )
     return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
-        "teacher_input_ids": input_ids,
-        "teacher_attention_mask": attention_mask,
-        "teacher_position_ids": position_ids,
         "teacher_response": teacher_response,
         "teacher_response_mask": teacher_response_mask,
-        "index": torch.tensor([int(it["index"]) for it in items], dtype=torch.long),
     }

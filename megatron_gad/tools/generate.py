@@ -37,28 +37,16 @@ class GenerateSpec:
     params_dtype: str = "float32"
 
 
-def left_pad(prompts: list[list[int]], pad_id: int):
-    """Token lists -> (ids, mask) [B, P] left-padded: the engine samples at the last column."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
 def generate_on_rank(spec: GenerateSpec) -> list[list[int]]:
     """Inside a launched rank (call within ``cpu_device_mode()`` on CPU): the new tokens of each
     prompt, EOS included when it was produced. Every rank returns the same lists."""
+    from megatron_gad.data import pad_sequences
     from megatron_gad.engine.generate import generate
     from megatron_gad.workers.role import ModelRole
 
     role = ModelRole("actor", spec.model, spec.tp, spec.pp, params_dtype=spec.params_dtype,
                      vocab_divisible_by=spec.vocab_divisible_by, trainable=False)
-    ids, mask = left_pad(spec.prompts, spec.pad_id)
+    ids, mask = pad_sequences(spec.prompts, spec.pad_id, left=True)  # the engine samples at the last column
     out = generate(role, ids, mask, max_new_tokens=spec.max_new_tokens, eos_id=spec.eos_id, pad_id=spec.pad_id,
                    temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, greedy=spec.greedy,
                    seed=spec.seed)

@@ -207,13 +207,5 @@ def test_generate_input_errors(tmp_path, capsys, extra, message):
     assert message in err
 
 
-def test_left_pad():
-    from megatron_gad.tools.generate import left_pad
-
-    ids, mask = left_pad([[5, 6, 7], [9]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 9]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-
-
 def test_tool_error_is_an_exception():
     assert issubclass(ToolError, Exception)

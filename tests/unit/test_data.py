@@ -16,6 +16,7 @@ from megatron_gad.data import (
     build_sequences,
     collate_prompts,
     last_valid_index,
+    pad_sequences,
 )
 
 # Character-level vocabulary: specials, then " ", ":", "\n", then a..z at 7..32.
@@ -264,18 +265,31 @@ def test_collate_exact_tensors():
     expected = {
         "prompt_ids": [[5, 6], [0, 7]],
         "prompt_mask": [[1, 1], [0, 1]],
-        "teacher_input_ids": [[5, 6, 8, 2, 0], [0, 7, 9, 10, 2]],
-        "teacher_attention_mask": [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]],
-        "teacher_position_ids": [[0, 1, 2, 3, 3], [0, 0, 1, 2, 3]],
         "teacher_response": [[8, 2, 0], [9, 10, 2]],
         "teacher_response_mask": [[1, 1, 0], [1, 1, 1]],
-        "index": [4, 1],
     }
     assert sorted(out) == sorted(expected)
     for key, value in expected.items():
         assert out[key].dtype == torch.long, key
         assert out[key].tolist() == value, key
-    assert last_valid_index(out["teacher_attention_mask"]).tolist() == [3, 4]
+    # the teacher's full sequences, as the workers build them
+    input_ids, mask, pos = build_sequences(
+        out["prompt_ids"], out["prompt_mask"], out["teacher_response"], out["teacher_response_mask"]
+    )
+    assert input_ids.tolist() == [[5, 6, 8, 2, 0], [0, 7, 9, 10, 2]]
+    assert mask.tolist() == [[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]]
+    assert pos.tolist() == [[0, 1, 2, 3, 3], [0, 0, 1, 2, 3]]
+    assert last_valid_index(mask).tolist() == [3, 4]
+
+
+def test_pad_sequences_both_sides():
+    ids, mask = pad_sequences([[5, 6, 7], [9], []], pad_id=0, left=True)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 9], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    ids, mask = pad_sequences([[5, 6, 7], [9]], pad_id=1, left=False)
+    assert ids.tolist() == [[5, 6, 7], [9, 1, 1]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
 
 
 def test_build_sequences_matches_teacher_layout_for_student_samples():
