@@ -115,28 +115,46 @@ def _load_arch(model_path: str) -> dict | None:
         raise ConfigError(f"cannot read model architecture {path!r}: {e}") from None
 
 
-def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad: list[str]) -> None:
-    tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
-    key = f"{role}.megatron.tensor_model_parallel_size"
+def layout_problems(arch: Mapping, tp: int, pp: int, vocab_divisible_by: int, *, tp_key: str, pp_key: str,
+                    vocab_key: str) -> list[str]:
+    """What Megatron refuses in a TP x PP layout of this architecture, one message per problem.
+
+    ``arch`` is the model's Hugging Face ``config.json`` (absent keys are not checked); the ``*_key``
+    arguments are how the caller names each setting (a config key or a command-line flag) in the messages.
+    """
+    if tp < 1 or pp < 1:
+        return [f"{tp_key}={tp} and {pp_key}={pp} must be >= 1"]
+    bad = []
     heads = arch.get("num_attention_heads")
     # Megatron gives each TP rank whole heads and an equal slice of the MLP; MHA configs omit the KV-head count.
-    for name, size in (("num_attention_heads", heads), ("num_key_value_heads", arch.get("num_key_value_heads", heads)),
+    kv_heads = arch.get("num_key_value_heads") or heads
+    for name, size in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads),
                        ("intermediate_size", arch.get("intermediate_size"))):
         if size and size % tp:
-            bad.append(f"{key}={tp} must divide the model's {name}={size}; pick a TP that divides it")
+            bad.append(f"{tp_key}={tp} must divide the model's {name}={size}; pick a TP that divides it")
     vocab = arch.get("vocab_size")
-    divisible_by = cfg.actor_rollout_ref.model.make_vocab_size_divisible_by
-    if vocab and divisible_by >= 1 and padded_vocab_size(vocab, divisible_by) % tp:
-        bad.append(f"{key}={tp}: the padded vocab {padded_vocab_size(vocab, divisible_by)} (vocab_size={vocab} "
-                   f"rounded up to a multiple of {divisible_by}) is not divisible by TP; set "
-                   f"actor_rollout_ref.model.make_vocab_size_divisible_by to a multiple of TP={tp}")
+    if vocab_divisible_by < 1:
+        bad.append(f"{vocab_key}={vocab_divisible_by} must be >= 1")
+    elif vocab and padded_vocab_size(vocab, vocab_divisible_by) % tp:
+        bad.append(f"{tp_key}={tp}: the padded vocabulary {padded_vocab_size(vocab, vocab_divisible_by)} "
+                   f"(vocab_size={vocab} rounded up to a multiple of {vocab_divisible_by}) is not divisible by TP; "
+                   f"set {vocab_key} to a multiple of TP={tp}")
     layers = arch.get("num_hidden_layers")
     if layers and pp > layers:
-        bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} exceeds the model's num_hidden_layers="
-                   f"{layers}; every pipeline stage needs at least one layer")
+        bad.append(f"{pp_key}={pp} exceeds the model's num_hidden_layers={layers}; every pipeline stage needs "
+                   f"at least one layer")
     elif layers and layers % pp:
-        bad.append(f"{role}.megatron.pipeline_model_parallel_size={pp} must divide the model's num_hidden_layers="
-                   f"{layers}: every pipeline stage gets the same number of layers")
+        bad.append(f"{pp_key}={pp} must divide the model's num_hidden_layers={layers}: every pipeline stage gets "
+                   f"the same number of layers")
+    return bad
+
+
+def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad: list[str]) -> None:
+    bad += layout_problems(arch, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
+                           cfg.actor_rollout_ref.model.make_vocab_size_divisible_by,
+                           tp_key=f"{role}.megatron.tensor_model_parallel_size",
+                           pp_key=f"{role}.megatron.pipeline_model_parallel_size",
+                           vocab_key="actor_rollout_ref.model.make_vocab_size_divisible_by")
     max_pos = arch.get("max_position_embeddings")
     total = cfg.data.max_prompt_length + cfg.data.max_response_length
     if max_pos and total > max_pos:

@@ -42,29 +42,12 @@ def read_model_dir(path: str):
     return cfg, arch, meta
 
 
-def check_layout(arch, tp: int, pp: int, vocab_divisible_by: int) -> None:
-    """The constraints Megatron puts on TP / PP for this architecture, as one clear error."""
-    from megatron_gad.config import ConfigError, padded_vocab_size
+def check_layout(hf_config: dict, tp: int, pp: int, vocab_divisible_by: int) -> None:
+    """The constraints Megatron puts on TP / PP for this architecture (``config.json``), as one clear error."""
+    from megatron_gad.config_checks import layout_problems
 
-    if tp < 1 or pp < 1:
-        raise ToolError(f"--tp and --pp must be >= 1 (got --tp {tp} --pp {pp})")
-    try:
-        vpad = padded_vocab_size(arch.vocab_size, vocab_divisible_by)
-    except ConfigError as e:
-        raise ToolError(f"--vocab-divisible-by: {e}") from None
-    bad = []
-    # Megatron gives each TP rank whole attention heads / KV groups and an equal MLP slice.
-    for name, size in (("num_attention_heads", arch.num_heads), ("num_key_value_heads", arch.num_kv_heads),
-                       ("intermediate_size", arch.ffn_hidden_size)):
-        if size % tp:
-            bad.append(f"--tp {tp} does not divide the model's {name}={size}")
-    if vpad % tp:
-        bad.append(f"--tp {tp} does not divide the padded vocabulary {vpad} (vocab_size={arch.vocab_size} "
-                   f"rounded up to a multiple of --vocab-divisible-by {vocab_divisible_by}); use a "
-                   f"--vocab-divisible-by that is a multiple of {tp}")
-    if arch.num_layers % pp:
-        bad.append(f"--pp {pp} does not divide the model's num_hidden_layers={arch.num_layers} "
-                   "(every pipeline stage gets the same number of layers)")
+    bad = layout_problems(hf_config, tp, pp, vocab_divisible_by, tp_key="--tp", pp_key="--pp",
+                          vocab_key="--vocab-divisible-by")
     if bad:
         raise ToolError("impossible layout: " + "; ".join(bad))
 
@@ -114,14 +97,14 @@ def _hf_to_mcore_rank(rank: int, world: int, job: HfToMcoreJob) -> int:
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, role: str = "actor",
                 vocab_divisible_by: int = 128, dtype: str = "float32", overwrite: bool = False) -> None:
     """Convert an HF model directory into a megatron-gad checkpoint sharded at TP x PP."""
-    _, arch, meta = read_model_dir(hf_dir)
+    cfg, arch, meta = read_model_dir(hf_dir)
     if meta is not None:
         raise ToolError(f"{hf_dir} is already a megatron-gad checkpoint (use mcore-to-hf to export it)")
     if role not in ("actor", "critic"):
         raise ToolError(f"--role must be actor or critic, got {role!r}")
     if dtype not in DTYPES:
         raise ToolError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    check_layout(arch, tp, pp, vocab_divisible_by)
+    check_layout(cfg, tp, pp, vocab_divisible_by)
     if not (glob.glob(os.path.join(hf_dir, "*.safetensors")) or glob.glob(os.path.join(hf_dir, "pytorch_model*.bin"))):
         raise ToolError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights")
     _check_out_dir(out_dir, [hf_dir], overwrite)

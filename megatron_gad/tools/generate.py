@@ -75,7 +75,7 @@ def run_specs(specs: list[GenerateSpec]) -> list[list[list[int]]]:
 # ---------------------------------------------------------------- CLI body
 def model_settings(model: str, tp: int, pp: int, vocab_divisible_by: int) -> tuple[dict, int, str]:
     """(hf_config, vocab_divisible_by, params_dtype) for MODEL; checkpoints carry their own."""
-    cfg, arch, meta = read_model_dir(model)
+    cfg, _, meta = read_model_dir(model)
     dtype = "float32"
     if meta is not None:
         if meta.get("role") != "actor":
@@ -83,7 +83,7 @@ def model_settings(model: str, tp: int, pp: int, vocab_divisible_by: int) -> tup
                             "and cannot generate. Use an actor checkpoint or HF directory")
         vocab_divisible_by = int(meta["vocab_divisible_by"])
         dtype = meta.get("extra", {}).get("params_dtype", "float32")
-    check_layout(arch, tp, pp, vocab_divisible_by)
+    check_layout(cfg, tp, pp, vocab_divisible_by)
     return cfg, vocab_divisible_by, dtype
 
 

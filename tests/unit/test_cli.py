@@ -197,7 +197,7 @@ def test_mcore_to_hf_refuses_critic(tmp_path, capsys):
     (["--prompt-ids", "1", "--temperature", "0"], "--temperature must be > 0"),
     (["--prompt-ids", "1", "--top-p", "1.5"], "--top-p"),
     (["--prompt-ids", "1", "--top-k", "0"], "--top-k"),
-    (["--prompt-ids", "1", "--tp", "3"], "does not divide"),
+    (["--prompt-ids", "1", "--tp", "3"], "--tp=3 must divide"),
     (["--prompt", "hello"], "cannot load a tokenizer"),
 ])
 def test_generate_input_errors(tmp_path, capsys, extra, message):

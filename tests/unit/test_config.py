@@ -7,8 +7,19 @@ from pathlib import Path
 import pytest
 
 from megatron_gad.config import (
-    ConfigError, GADConfig, actor_dp, apply_overrides, config_from_dict, critic_dp, critic_model_path, dump_yaml,
-    load_config, padded_vocab_size, to_dict, validate, world_size,
+    ConfigError,
+    GADConfig,
+    actor_dp,
+    apply_overrides,
+    config_from_dict,
+    critic_dp,
+    critic_model_path,
+    dump_yaml,
+    load_config,
+    padded_vocab_size,
+    to_dict,
+    validate,
+    world_size,
 )
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -188,7 +199,7 @@ def test_validate_reads_config_json_from_model_path(tmp_path):
     ok = load_config(None, [f"actor_rollout_ref.model.path={tmp_path}", GPUS8, TP2])
     validate(ok)  # 14 heads, 2 KV heads: TP=2 fits
     bad = apply_overrides(ok, ["critic.megatron.tensor_model_parallel_size=8"])
-    with pytest.raises(ConfigError, match="critic.megatron.tensor_model_parallel_size=8 must divide"):
+    with pytest.raises(ConfigError, match=r"critic\.megatron\.tensor_model_parallel_size=8 must divide"):
         validate(bad)  # the critic defaults to the actor's checkpoint
     validate(load_config(None, ["actor_rollout_ref.model.path=/does/not/exist", GPUS8,
                                 "critic.megatron.tensor_model_parallel_size=8"]))  # no config.json: skipped
@@ -198,3 +209,22 @@ def test_validate_lists_every_problem():
     cfg = load_config(None, ["actor_rollout_ref.rollout.n=1", "trainer.save_freq=0", "trainer.n_gpus_per_node=0"])
     with pytest.raises(ConfigError, match=r"invalid config \(3 problems\)"):
         validate(cfg)
+
+
+def test_layout_problems_name_the_callers_settings():
+    from megatron_gad.config_checks import layout_problems
+
+    keys = {"tp_key": "--tp", "pp_key": "--pp", "vocab_key": "--vocab-divisible-by"}
+    mha = {"num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 95, "num_hidden_layers": 4}
+    assert layout_problems(mha, 2, 2, 128, **keys) == []
+    assert layout_problems(mha, 2, 3, 1, **keys) == [
+        ("--tp=2: the padded vocabulary 95 (vocab_size=95 rounded up to a multiple of 1) is not divisible by TP; "
+         "set --vocab-divisible-by to a multiple of TP=2"),
+        "--pp=3 must divide the model's num_hidden_layers=4: every pipeline stage gets the same number of layers",
+    ]
+    assert layout_problems(mha, 8, 1, 128, **keys) == [
+        "--tp=8 must divide the model's num_attention_heads=4; pick a TP that divides it",
+        "--tp=8 must divide the model's num_key_value_heads=4; pick a TP that divides it",  # MHA: KV heads = heads
+    ]
+    assert layout_problems(mha, 0, 1, 128, **keys) == ["--tp=0 and --pp=1 must be >= 1"]
+    assert layout_problems({}, 3, 5, 128, **keys) == []  # nothing known about the model: nothing to check
