@@ -29,7 +29,6 @@ import traceback
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))  # tiny_models: random HF models, no downloads
 
 
 def _timed(fn, dev: str, reps: int = 10) -> float:
@@ -59,7 +58,7 @@ def check_disc_loss(dev: str, small: bool) -> dict:
 
     def run(impl, weight):
         a, s, ww = ht.clone().requires_grad_(), hs.clone().requires_grad_(), weight
-        loss, m, _, _ = disc_head_bt_loss(a, s, ww, b if impl != "te" else None, n, impl=impl)
+        loss, _, _, _ = disc_head_bt_loss(a, s, ww, b if impl != "te" else None, n, impl=impl)
         loss.backward()
         return loss.detach(), a.grad, s.grad
 
@@ -78,12 +77,12 @@ def check_disc_loss(dev: str, small: bool) -> dict:
         out["te"] = f"unavailable: {exc}"
     for impl in impls:
         name, weight = impl if isinstance(impl, tuple) else (impl, None)
-        mk = (lambda: weight) if weight is not None else (lambda: w.clone().requires_grad_())
+        mk = (lambda weight=weight: weight) if weight is not None else (lambda: w.clone().requires_grad_())
         got = run(name, mk())
         out[f"{name}_loss_abs_err"] = float((got[0] - ref[0]).abs())
         out[f"{name}_grad_teacher_max_err"] = float((got[1] - ref[1]).abs().max())
         out[f"{name}_grad_student_max_err"] = float((got[2] - ref[2]).abs().max())
-        out[f"{name}_s"] = _timed(lambda: run(name, mk()), dev)
+        out[f"{name}_s"] = _timed(lambda name=name, mk=mk: run(name, mk()), dev)
         out[f"{name}_speedup_vs_torch"] = out["torch_s"] / out[f"{name}_s"]
     return out
 
@@ -102,7 +101,7 @@ def check_logprob(dev: str, small: bool) -> dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
 
-        def step():
+        def step(logits=logits, variant=variant):
             x = logits * 1.0  # non-leaf, like an output layer's logits
             if variant == "naive":
                 lp = torch.log_softmax(x, -1).gather(-1, target[:, None])[:, 0]
@@ -144,10 +143,10 @@ def _megatron_rank(rank, world, path, ids):
 
 
 def check_megatron(dev: str, small: bool) -> dict:
-    from tiny_models import make_hf_model
     from transformers import AutoModelForCausalLM
 
     from megatron_gad.parallel.launch import run_local
+    from megatron_gad.tools.tiny_models import make_hf_model
 
     out = {}
     root = tempfile.mkdtemp(prefix="gpu_check_")

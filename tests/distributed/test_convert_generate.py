@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from tiny_models import make_hf_model
+from megatron_gad.tools.tiny_models import make_hf_model
 
 FAMILIES = ("llama", "qwen2")
 EOS, PAD = 2, 0

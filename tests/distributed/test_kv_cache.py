@@ -27,10 +27,10 @@ def _run(rank, world, path, tp, pp, ids, mask):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
 def test_kv_cache_equals_recompute_and_hf(tmp_path, tp, pp):
-    from tiny_models import make_hf_model
     from transformers import AutoModelForCausalLM
 
     from megatron_gad.parallel.launch import run_local
+    from megatron_gad.tools.tiny_models import make_hf_model
 
     path = make_hf_model(str(tmp_path / "m"), "qwen2", seed=1)
     g = torch.Generator().manual_seed(0)

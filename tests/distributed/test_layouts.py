@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import make_hf_model
+from megatron_gad.tools.tiny_models import make_hf_model
 
 FAMILIES = ("llama", "qwen2")
 # fp32: an error of a few ulps of the largest value compared (grads of the critic reach ~10)

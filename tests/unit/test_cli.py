@@ -13,7 +13,7 @@ import pytest
 
 from megatron_gad import cli
 from megatron_gad.tools import ToolError
-from tiny_models import CONFIGS
+from megatron_gad.tools.tiny_models import CONFIGS
 
 
 def _run(argv, capsys):
@@ -162,8 +162,8 @@ def test_convert_vocab_padding_must_divide_tp(tmp_path, capsys):
 
 
 def test_convert_refuses_non_empty_out_dir(tmp_path, capsys):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     d = _config_dir(tmp_path)
     save_file({"x": torch.zeros(1)}, f"{d}/model.safetensors")
