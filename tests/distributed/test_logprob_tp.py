@@ -1,5 +1,4 @@
 import os
-import socket
 
 import pytest
 import torch
@@ -7,14 +6,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
+from megatron_gad.parallel.launch import free_port
 
 V_PADDED, V_REAL, T = 64, 57, 21  # rank 1's shard ends in 7 padding columns
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port):
@@ -49,4 +43,4 @@ def _worker(rank, world, port):
 
 @pytest.mark.distributed
 def test_logprob_tp2_matches_tp1():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2, join=True)
