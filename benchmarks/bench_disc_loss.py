@@ -5,7 +5,8 @@ Torch path on CPU, fp32. (Triton under TRITON_INTERPRET=1 is a correctness path,
 timing path; the Triton and TE paths are timed only on GPU.) Memory: each variant in a
 fresh subprocess, peak RSS (ru_maxrss) minus RSS after the inputs were allocated.
 Timing: both variants alternate in one process (a shared CPU's load hits both), with
-glibc keeping freed memory so per-rep page faults common to both are not timed. Both variants must hand the backbone a dense dL/dhidden [S, B, H]; the
+glibc keeping freed memory so per-rep page faults common to both are not timed. Both variants must hand the
+backbone a dense dL/dhidden [S, B, H]; the
 table also shows the memory beyond that buffer ("head-path extra").
 
     python benchmarks/bench_disc_loss.py [--seq 2048 --hidden 4096 --prompts 4 --n 8]
@@ -78,7 +79,7 @@ def _child(mode: str, S: int, H: int, N: int, n: int, reps: int):
         return
     variant = mode.split(":")[1]
     for _ in range(2):
-        loss, grads = steps[variant]()
+        _loss, grads = steps[variant]()
         del grads
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     dhidden_mib = (S * N * (n + 1) * H * 4) / 2**20
@@ -153,7 +154,8 @@ def main():
         "|---|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['time_s']:.3f} | {r['peak_extra_mib']:.0f} | {r['head_path_extra_mib']:.0f} |")
+        lines.append(f"| {r['variant']} | {r['time_s']:.3f} | {r['peak_extra_mib']:.0f} "
+                     f"| {r['head_path_extra_mib']:.0f} |")
     lines += ["", f"Speedup fused vs unfused: **{summary['speedup_fused_vs_unfused']:.2f}x**; "
                   f"peak extra memory ratio fused/unfused: {summary['peak_extra_ratio_fused_vs_unfused']:.2f}."]
     with open(os.path.join(HERE, "results", "bench_disc_loss.md"), "w") as f:

@@ -120,7 +120,8 @@ def main():
         "",
         "Workspace = peak extra minus the separate [T, V] gradient buffer (inplace variants have none).",
         "",
-        "| variant | time (s) | peak extra (MiB) | peak extra / [T,V] | peak vs naive | workspace (MiB) | workspace vs naive | time vs naive |",
+        "| variant | time (s) | peak extra (MiB) | peak extra / [T,V] | peak vs naive | workspace (MiB) "
+        "| workspace vs naive | time vs naive |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

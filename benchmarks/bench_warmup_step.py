@@ -94,12 +94,14 @@ def main() -> None:
     lines = ["# Frozen-warmup step vs GAD step (same config, one run)", "",
              f"settings: {result['settings']}", "",
              "| stage | median step (s) | actor optimizer state (bytes) |", "|---|---|---|",
-             f"| frozen warmup | {result['warmup_step_s_median']:.3f} | {result['actor_optimizer_state_bytes']['warmup']:.0f} |",
+             f"| frozen warmup | {result['warmup_step_s_median']:.3f} "
+             f"| {result['actor_optimizer_state_bytes']['warmup']:.0f} |",
              f"| GAD | {result['gad_step_s_median']:.3f} | {result['actor_optimizer_state_bytes']['gad']:.0f} |",
              "", f"warmup / GAD step time: **{result['warmup_over_gad']:.2f}x**", "",
              "| phase | warmup (s) | GAD (s) |", "|---|---|---|"]
     for p in phases:
-        lines.append(f"| {p} | {result['phase_medians_s']['warmup'][p]:.3f} | {result['phase_medians_s']['gad'][p]:.3f} |")
+        med = result["phase_medians_s"]
+        lines.append(f"| {p} | {med['warmup'][p]:.3f} | {med['gad'][p]:.3f} |")
     with open(os.path.join(args.out, "bench_warmup_step.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

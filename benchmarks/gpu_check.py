@@ -126,20 +126,18 @@ def check_logprob(dev: str, small: bool) -> dict:
 
 def _megatron_rank(rank, world, path, ids):
     from megatron_gad.engine.generate import generate
+    from megatron_gad.engine.model_shard import ModelShard
     from megatron_gad.parallel import state
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
-    from megatron_gad.workers.role import ModelRole
 
-    with cpu_device_mode():
-        role = ModelRole("actor", path, 1, 1, vocab_divisible_by=8)
+    role = ModelShard("actor", path, 1, 1, vocab_divisible_by=8)
 
-        def loss_fn(out, batch):
-            return out.sum() * 0, {"logits": out}
+    def loss_fn(out, batch):
+        return out.sum() * 0, {"logits": out}
 
-        logits = role.forward([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], loss_fn)[0]["logits"]
-        gen = generate(role, ids, torch.ones_like(ids), max_new_tokens=8, eos_id=2, pad_id=0, greedy=True)
-        return {"logits": logits.float().cpu(), "tokens": gen["responses"], "spec": type(
-            role.module.decoder.layers[0].self_attention.linear_qkv).__name__, "device": str(state.device())}
+    logits = role.forward([{"input_ids": ids, "attention_mask": torch.ones_like(ids)}], loss_fn)[0]["logits"]
+    gen = generate(role, ids, torch.ones_like(ids), max_new_tokens=8, eos_id=2, pad_id=0, greedy=True)
+    return {"logits": logits.float().cpu(), "tokens": gen["responses"], "spec": type(
+        role.module.decoder.layers[0].self_attention.linear_qkv).__name__, "device": str(state.device())}
 
 
 def check_megatron(dev: str, small: bool) -> dict:

@@ -130,8 +130,9 @@ def _load_command(name: str):
     try:
         return getattr(importlib.import_module(module), func)
     except ImportError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):  # the command itself is missing, not a dependency
-            raise SystemExit(f"megatron-gad {name}: not available in this installation ({module} is missing)")
+        # the command's own module is missing (not one of its dependencies)
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            raise SystemExit(f"megatron-gad {name}: not available in this installation ({module} is missing)") from None
         raise
 
 

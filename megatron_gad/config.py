@@ -18,14 +18,25 @@ import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from functools import cache
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 __all__ = [
-    "ConfigError", "GADConfig", "load_config", "config_from_dict", "to_dict", "dump_yaml", "apply_overrides",
-    "validate", "padded_vocab_size", "world_size", "actor_dp", "critic_dp", "critic_model_path",
+    "ConfigError",
+    "GADConfig",
+    "actor_dp",
+    "apply_overrides",
+    "config_from_dict",
+    "critic_dp",
+    "critic_model_path",
+    "dump_yaml",
+    "load_config",
+    "padded_vocab_size",
+    "to_dict",
+    "validate",
+    "world_size",
 ]
 
 
@@ -152,14 +163,14 @@ class AlgorithmConfig:
 @dataclass(frozen=True)
 class WarmupConfig:
     mode: Literal["frozen", "sft"] = "frozen"
-    until_d_acc: Optional[list[float]] = None  # [low, high] band of discriminator accuracy
+    until_d_acc: list[float] | None = None  # [low, high] band of discriminator accuracy
     patience: int = 3
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
 
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    total_training_steps: Optional[int] = None
+    total_training_steps: int | None = None
     total_epochs: int = 1
     critic_warmup: int = 0
     # "gad": the adversarial loop (with its warmup); "sft": plain distillation on the teacher responses
@@ -170,9 +181,9 @@ class TrainerConfig:
     test_freq: int = -1  # -1: no validation; N: held-out metrics (data.val_files) every N steps and at the end
     default_local_dir: str = "outputs/gad"
     resume_mode: Literal["auto", "disable"] = "auto"
-    resume_from_path: Optional[str] = None
-    init_critic_from: Optional[str] = None  # a warmup checkpoint's critic dir
-    init_actor_from: Optional[str] = None
+    resume_from_path: str | None = None
+    init_critic_from: str | None = None  # a warmup checkpoint's critic dir
+    init_actor_from: str | None = None
     logger: list[Literal["console", "jsonl", "wandb"]] = field(default_factory=lambda: ["console"])
     project_name: str = "megatron_gad"
     experiment_name: str = "gad"
@@ -186,8 +197,8 @@ class TrainerConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
+    address: str | None = None
+    num_cpus: int | None = None
     local_mode: bool = False
 
 
@@ -214,12 +225,12 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+012
 
 
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Loader)
 
 
 # dict -> dataclasses, with strict type checks
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls: type) -> dict[str, Any]:
     # Annotations are strings under `from __future__ import annotations`; resolve them once per class.
     return {f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}

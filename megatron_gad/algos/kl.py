@@ -1,7 +1,7 @@
 """Per-token KL estimators between the actor and the reference policy."""
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor

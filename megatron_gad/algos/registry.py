@@ -1,6 +1,6 @@
 """Name -> function registries, so a config can pick an algorithm by name."""
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class Registry:

@@ -138,7 +138,8 @@ class GADTrainer:
                     student["ref_log_prob"] = self.actor.compute_ref_log_prob(student)["log_prob"]
             with self._phase(timer, "adv"):
                 est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
-                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if cfg.algorithm.adv_estimator == "grpo" else {}
+                grpo = cfg.algorithm.adv_estimator == "grpo"
+                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if grpo else {}
                 student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 
@@ -26,7 +27,7 @@ def d_acc_curve(values: list[float], points: int = 8) -> list[tuple[int, float]]
         return []
     points = min(points, len(values))
     bounds = [round(i * len(values) / points) for i in range(points + 1)]
-    return [(b, sum(values[a:b]) / (b - a)) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [(b, sum(values[a:b]) / (b - a)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def format_table(r: dict) -> str:

@@ -10,7 +10,7 @@ import json
 import os
 import random
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 MIN_LEN = 4
 MAX_LEN = 24

@@ -7,8 +7,8 @@ on the last pipeline stage; the same call serves training (backward) and scoring
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 
@@ -21,7 +21,7 @@ def attention_mask_4d(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, S] padding mask (1 = token) -> Megatron's [B, 1, S, S] boolean mask (True = masked):
     causal, and padded keys hidden. Fully masked (padding) query rows stay finite in Megatron's
     softmax (it fills with -10000), and their outputs are never read."""
-    B, S = attention_mask.shape
+    _B, S = attention_mask.shape
     causal = torch.ones(S, S, dtype=torch.bool, device=attention_mask.device).tril()
     allowed = causal[None] & attention_mask.bool()[:, None, :]
     return (~allowed)[:, None]

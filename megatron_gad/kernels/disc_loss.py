@@ -96,7 +96,7 @@ def gather_last_hidden(hidden: Tensor, last_index: Tensor) -> Tensor:
 
     The caller gives the index, so left and right padding both work.
     """
-    S, B, H = hidden.shape
+    _S, B, _H = hidden.shape
     assert last_index.shape == (B,), f"last_index {tuple(last_index.shape)} vs batch {B}"
     return _GatherLast.apply(hidden, last_index.long())
 

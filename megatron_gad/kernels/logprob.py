@@ -31,7 +31,7 @@ class _VocabParallelLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, group, vocab_start, n_valid, chunk_size, compute_entropy, inplace_backward):
         # logits: [T, V_local], target: [T] global ids
-        T, V = logits.shape
+        T, _V = logits.shape
         multi = _world(group) > 1
         lse = torch.empty(T, dtype=torch.float32, device=logits.device)
         log_prob = torch.empty_like(lse)

@@ -1,7 +1,7 @@
 """``megatron-gad convert``: Hugging Face directory <-> megatron-gad distributed checkpoint.
 
 hf-to-mcore launches TP*PP ranks; each builds its own Megatron shard from the HF weights (through
-:class:`ModelRole`, the same code path training uses) and together they write a dist checkpoint
+:class:`ModelShard`, the same code path training uses) and together they write a dist checkpoint
 without optimizer state. mcore-to-hf loads a checkpoint at TP=PP=1 in one spawned rank
 (dist-checkpointing reshards whatever layout it was saved at), maps the full state dict back to
 HF names and writes safetensors + config.json + tokenizer files.
@@ -77,9 +77,9 @@ class HfToMcoreJob:
 def hf_to_mcore_on_rank(job: HfToMcoreJob) -> int:
     """Inside a launched rank (within ``cpu_device_mode()`` on CPU): build this rank's shard from
     the HF weights and save it with the others (collective). Returns the shard's parameter count."""
-    from megatron_gad.workers.role import ModelRole
+    from megatron_gad.engine.model_shard import ModelShard
 
-    role = ModelRole(job.role, job.hf_dir, job.tp, job.pp, params_dtype=job.dtype,
+    role = ModelShard(job.role, job.hf_dir, job.tp, job.pp, params_dtype=job.dtype,
                      vocab_divisible_by=job.vocab_divisible_by, trainable=False)
     # params_dtype is recorded so mcore-to-hf / generate rebuild the model in the same dtype.
     role.save(job.out_dir, extra={"params_dtype": job.dtype}, with_optimizer=False)
@@ -87,11 +87,8 @@ def hf_to_mcore_on_rank(job: HfToMcoreJob) -> int:
 
 
 def _hf_to_mcore_rank(rank: int, world: int, job: HfToMcoreJob) -> int:
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
-
     stdout_to_stderr()
-    with cpu_device_mode():
-        return hf_to_mcore_on_rank(job)
+    return hf_to_mcore_on_rank(job)
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, role: str = "actor",
@@ -122,12 +119,12 @@ def hf_to_mcore(hf_dir: str, out_dir: str, tp: int = 1, pp: int = 1, role: str =
 def mcore_to_hf_on_rank(ckpt_dir: str, out_dir: str) -> int:
     """Inside a launched single rank (within ``cpu_device_mode()`` on CPU): load the actor
     checkpoint at TP=PP=1 and write the HF directory. Returns the number of tensors written."""
+    from megatron_gad.engine.model_shard import ModelShard
     from megatron_gad.models import hf as hfmap
-    from megatron_gad.workers.role import ModelRole
 
     meta = ckpt.read_meta(ckpt_dir)
     dtype = meta.get("extra", {}).get("params_dtype", "float32")
-    role = ModelRole("actor", ckpt_dir, 1, 1, params_dtype=dtype, vocab_divisible_by=meta["vocab_divisible_by"],
+    role = ModelShard("actor", ckpt_dir, 1, 1, params_dtype=dtype, vocab_divisible_by=meta["vocab_divisible_by"],
                      trainable=False)
     hf_sd = hfmap.mcore_to_hf(role.full_state_dict(), role.arch)
     hfmap.write_hf_dir(hf_sd, role.hf_config, out_dir, tokenizer_src=ckpt_dir)
@@ -135,11 +132,8 @@ def mcore_to_hf_on_rank(ckpt_dir: str, out_dir: str) -> int:
 
 
 def _mcore_to_hf_rank(rank: int, world: int, ckpt_dir: str, out_dir: str) -> int:
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
-
     stdout_to_stderr()
-    with cpu_device_mode():
-        return mcore_to_hf_on_rank(ckpt_dir, out_dir)
+    return mcore_to_hf_on_rank(ckpt_dir, out_dir)
 
 
 def mcore_to_hf(ckpt_dir: str, out_dir: str, overwrite: bool = False) -> None:

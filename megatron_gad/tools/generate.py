@@ -42,9 +42,9 @@ def generate_on_rank(spec: GenerateSpec) -> list[list[int]]:
     prompt, EOS included when it was produced. Every rank returns the same lists."""
     from megatron_gad.data import pad_sequences
     from megatron_gad.engine.generate import generate
-    from megatron_gad.workers.role import ModelRole
+    from megatron_gad.engine.model_shard import ModelShard
 
-    role = ModelRole("actor", spec.model, spec.tp, spec.pp, params_dtype=spec.params_dtype,
+    role = ModelShard("actor", spec.model, spec.tp, spec.pp, params_dtype=spec.params_dtype,
                      vocab_divisible_by=spec.vocab_divisible_by, trainable=False)
     ids, mask = pad_sequences(spec.prompts, spec.pad_id, left=True)  # the engine samples at the last column
     out = generate(role, ids, mask, max_new_tokens=spec.max_new_tokens, eos_id=spec.eos_id, pad_id=spec.pad_id,
@@ -54,11 +54,8 @@ def generate_on_rank(spec: GenerateSpec) -> list[list[int]]:
 
 
 def _rank_main(rank: int, world: int, specs: list[GenerateSpec]) -> list[list[list[int]]]:
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
-
     stdout_to_stderr()
-    with cpu_device_mode():
-        return [generate_on_rank(s) for s in specs]
+    return [generate_on_rank(s) for s in specs]
 
 
 def run_specs(specs: list[GenerateSpec]) -> list[list[list[int]]]:

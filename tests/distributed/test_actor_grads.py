@@ -72,10 +72,10 @@ def _hf_grad_norm(path, batch, per_token_loss):
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
 def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp):
-    from tiny_models import make_hf_model
     from transformers import AutoModelForCausalLM
 
     from megatron_gad.parallel.launch import run_local
+    from megatron_gad.tools.tiny_models import make_hf_model
 
     path = make_hf_model(str(tmp_path / "m"), "llama", seed=2)
     batch = _batch()

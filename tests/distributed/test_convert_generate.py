@@ -56,14 +56,12 @@ def _specs(paths: dict, tp: int, pp: int):
 
 def _convert_worker(rank, world, jobs, specs):
     """2x2: convert every family (the tools' per-rank body), then generate from the HF dirs."""
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
     from megatron_gad.tools.convert import hf_to_mcore_on_rank
     from megatron_gad.tools.generate import generate_on_rank
 
-    with cpu_device_mode():
-        for job in jobs:
-            hf_to_mcore_on_rank(job)
-        return [generate_on_rank(s) for s in specs]
+    for job in jobs:
+        hf_to_mcore_on_rank(job)
+    return [generate_on_rank(s) for s in specs]
 
 
 @pytest.fixture(scope="module")
@@ -93,15 +91,13 @@ def test_generate_2x2_matches_transformers(work):
 
 def _export_worker(rank, world, specs, exports):
     """1x1: generate from the HF dirs, then export each 2x2 checkpoint (the tools' per-rank body)."""
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
     from megatron_gad.tools.convert import mcore_to_hf_on_rank
     from megatron_gad.tools.generate import generate_on_rank
 
-    with cpu_device_mode():
-        gens = [generate_on_rank(s) for s in specs]
-        for ckpt_dir, out_dir in exports:
-            mcore_to_hf_on_rank(ckpt_dir, out_dir)
-        return gens
+    gens = [generate_on_rank(s) for s in specs]
+    for ckpt_dir, out_dir in exports:
+        mcore_to_hf_on_rank(ckpt_dir, out_dir)
+    return gens
 
 
 @pytest.mark.distributed
@@ -134,18 +130,16 @@ def test_generate_2x1_matches_transformers(work):
 
 
 def _reshard_worker(rank, world, specs, ckpts, probe):
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
+    from megatron_gad.engine.model_shard import ModelShard
     from megatron_gad.tools.generate import generate_on_rank
-    from megatron_gad.workers.role import ModelRole
 
-    with cpu_device_mode():
-        out = {"gens": [generate_on_rank(s) for s in specs], "weights": {}, "logits": {}}
-        for fam, path in ckpts.items():
-            role = ModelRole("actor", path, 1, world, trainable=False)  # saved at 2x2, loaded at 1xN
-            out["weights"][fam] = role.full_state_dict()
-            res = role.forward([{"input_ids": probe, "attention_mask": torch.ones_like(probe)}],
-                               lambda logits, mb: (logits.sum() * 0, {"logits": logits}))
-            out["logits"][fam] = res[0]["logits"] if res else None
+    out = {"gens": [generate_on_rank(s) for s in specs], "weights": {}, "logits": {}}
+    for fam, path in ckpts.items():
+        role = ModelShard("actor", path, 1, world, trainable=False)  # saved at 2x2, loaded at 1xN
+        out["weights"][fam] = role.full_state_dict()
+        res = role.forward([{"input_ids": probe, "attention_mask": torch.ones_like(probe)}],
+                           lambda logits, mb: (logits.sum() * 0, {"logits": logits}))
+        out["logits"][fam] = res[0]["logits"] if res else None
     return out
 
 

@@ -15,14 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def _run(rank, world, path, tp, pp, ids, mask):
     from megatron_gad.engine.generate import generate
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
-    from megatron_gad.workers.role import ModelRole
+    from megatron_gad.engine.model_shard import ModelShard
 
-    with cpu_device_mode():
-        role = ModelRole("actor", path, tp, pp, vocab_divisible_by=8)
-        return {(kv, greedy): generate(role, ids, mask, max_new_tokens=8, eos_id=2, pad_id=0, greedy=greedy,
-                                       temperature=1.0, seed=3, micro_batch_size=2, use_kv_cache=kv)
-                for kv in (False, True) for greedy in (True, False)}
+    role = ModelShard("actor", path, tp, pp, vocab_divisible_by=8)
+    return {(kv, greedy): generate(role, ids, mask, max_new_tokens=8, eos_id=2, pad_id=0, greedy=greedy,
+                                   temperature=1.0, seed=3, micro_batch_size=2, use_kv_cache=kv)
+            for kv in (False, True) for greedy in (True, False)}
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])

@@ -2,7 +2,7 @@
 
 One spawned run per layout computes everything for both model families (llama: GQA, untied;
 qwen2: qkv bias, tied embeddings) and both roles, through the real training path
-(``ModelRole.train_step``: DDP ``main_grad`` after ``finalize_model_grads``):
+(``ModelShard.train_step``: DDP ``main_grad`` after ``finalize_model_grads``):
   * actor: token-mean NLL from ``vocab_parallel_logprob`` on the TP shard, per-token log-probs,
     and the full gradient gathered to global names;
   * critic: last-valid-token scores (non-zero head set deterministically), BT loss, gradient.
@@ -59,12 +59,13 @@ def _gathered_grads(role) -> dict[str, torch.Tensor] | None:
 
 
 def _actor(path, tp, pp, batches):
+    from megatron_gad.config import OptimConfig
+    from megatron_gad.engine.model_shard import ModelShard
     from megatron_gad.kernels.logprob import vocab_parallel_logprob
     from megatron_gad.parallel import state
-    from megatron_gad.workers.role import ModelRole, OptimSettings
 
     # lr 0 / no clipping: the step leaves weights and main_grad as the backward produced them
-    role = ModelRole("actor", path, tp, pp, optim=OptimSettings(lr=0.0, weight_decay=0.0, clip_grad=0.0))
+    role = ModelShard("actor", path, tp, pp, optim=OptimConfig(lr=0.0, weight_decay=0.0, clip_grad=0.0))
     v_local = role.padded_vocab // tp
     v_start = role.layout.tp_rank * v_local
 
@@ -81,10 +82,11 @@ def _actor(path, tp, pp, batches):
 
 
 def _critic(path, tp, pp, batches):
+    from megatron_gad.config import OptimConfig
+    from megatron_gad.engine.model_shard import ModelShard
     from megatron_gad.kernels.disc_loss import disc_head_bt_loss
-    from megatron_gad.workers.role import ModelRole, OptimSettings
 
-    role = ModelRole("critic", path, tp, pp, optim=OptimSettings(lr=0.0, weight_decay=0.0, clip_grad=0.0))
+    role = ModelShard("critic", path, tp, pp, optim=OptimConfig(lr=0.0, weight_decay=0.0, clip_grad=0.0))
     head = role.module.output_layer if role.layout.is_last_stage else None
     if head is not None:  # zero-init head would score everything 0: set a fixed non-zero one
         with torch.no_grad():
@@ -107,16 +109,13 @@ def _critic(path, tp, pp, batches):
 
 
 def _worker(rank, world, tp, pp, paths, batches):
-    from megatron_gad.parallel.cpu_compat import cpu_device_mode
+    out = {}
+    for fam, path in paths.items():
+        out[fam] = {"actor": _actor(path, tp, pp, batches), "critic": _critic(path, tp, pp, batches)}
+    from megatron_gad.parallel import state
 
-    with cpu_device_mode():
-        out = {}
-        for fam, path in paths.items():
-            out[fam] = {"actor": _actor(path, tp, pp, batches), "critic": _critic(path, tp, pp, batches)}
-        from megatron_gad.parallel import state
-
-        lay = state.layout()
-        out["layout"] = (lay.tp_rank, lay.pp_rank)
+    lay = state.layout()
+    out["layout"] = (lay.tp_rank, lay.pp_rank)
     return out
 
 

@@ -82,8 +82,8 @@ def test_ragged_concat_pads_to_widest():
 
 
 def test_unregistered_and_bad_declarations():
-    with pytest.raises(AttributeError, match="FakeWorker.private is not a registered worker method; "
-                                             "registered: double, stats, whoami"):
+    with pytest.raises(AttributeError, match=r"FakeWorker\.private is not a registered worker method; "
+                                             r"registered: double, stats, whoami"):
         dispatch_spec(FakeWorker, "private")
     with pytest.raises(ValueError, match="merge rule"):
         register(Dispatch.DP)
