@@ -96,11 +96,16 @@ class ActorConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ppo_mini_batch_size: int = 8  # prompts per optimizer step
     ppo_micro_batch_size_per_gpu: int = 4  # sequences per micro-batch
+    # Token-budget micro-batches (verl's keys): packed micro-batches of at most this many tokens per GPU,
+    # balanced by token count, instead of a fixed number of sequences.
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384
     ppo_epochs: int = 1
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
     clip_ratio_c: float = 3.0
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = \
+        "token-mean"
     policy_loss: Literal["vanilla"] = "vanilla"
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
@@ -117,12 +122,16 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1
     log_prob_micro_batch_size_per_gpu: int = 8
+    log_prob_use_dynamic_bsz: bool = False
+    log_prob_max_token_len_per_gpu: int = 16384
     gpu_memory_utilization: float = 0.5
 
 
 @dataclass(frozen=True)
 class RefConfig:
     log_prob_micro_batch_size_per_gpu: int = 8
+    log_prob_use_dynamic_bsz: bool = False
+    log_prob_max_token_len_per_gpu: int = 16384
 
 
 @dataclass(frozen=True)
@@ -148,6 +157,11 @@ class CriticConfig:
     ppo_micro_batch_size_per_gpu: int = 4
     # Sequences per micro-batch when scoring student samples (the reward pass).
     forward_micro_batch_size_per_gpu: int = 8
+    # Token-budget micro-batches (verl's keys). Update: a group (teacher + its n samples) larger than the
+    # budget is split, each part repeating the teacher sequence; the loss is unchanged.
+    use_dynamic_bsz: bool = False
+    ppo_max_token_len_per_gpu: int = 16384
+    forward_max_token_len_per_gpu: int = 16384
     ppo_epochs: int = 1
     fused_loss: Literal["auto", "triton", "torch", "te"] = "auto"
     score_reg_coef: float = 0.0

@@ -43,7 +43,9 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
     "actor_rollout_ref.actor.logprob_chunk_size", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", "critic.ppo_micro_batch_size_per_gpu",
-    "critic.forward_micro_batch_size_per_gpu",
+    "critic.forward_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu",
+    "actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", "actor_rollout_ref.ref.log_prob_max_token_len_per_gpu",
+    "critic.ppo_max_token_len_per_gpu", "critic.forward_max_token_len_per_gpu",
     "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
     "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus",
 ]] + [(k, ">=", 0) for k in [

@@ -10,10 +10,11 @@ from .discriminator import discriminator_loss
 from .kl import entropy_from_logits, get_kl_penalty, kl_penalty
 from .policy import get_policy_loss, ppo_policy_loss, register_policy_loss
 from .sft import sft_loss
-from .utils import AGG_MODES, agg_loss, masked_mean, masked_sum
+from .utils import AGG_MODES, agg_denominator, agg_loss, masked_mean, masked_sum
 
 __all__ = [
     "AGG_MODES",
+    "agg_denominator",
     "agg_loss",
     "compute_grpo_advantages",
     "compute_rloo_advantages",

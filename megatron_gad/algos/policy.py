@@ -22,8 +22,11 @@ def ppo_policy_loss(
     clip_ratio_high: float = 0.2,
     clip_ratio_c: float = 3.0,
     loss_agg_mode: str = "token-mean",
+    denominator: float | None = None,
+    horizon: float | None = None,
 ) -> tuple[Tensor, dict]:
-    """Clipped surrogate; all inputs [B, T].
+    """Clipped surrogate; all inputs [B, T]. ``denominator``/``horizon``: see ``agg_loss`` (a
+    micro-batch's share of a mini-batch loss).
 
     Dual clip: for A < 0 the loss is capped at -A * clip_ratio_c, so a huge ratio on a
     bad token cannot blow up the update.
@@ -38,7 +41,7 @@ def ppo_policy_loss(
     loss_dual = torch.minimum(loss_ppo, loss_cap)
     neg = advantages < 0
     pg_losses = torch.where(neg, loss_dual, loss_ppo)
-    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
+    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, denominator, horizon)
     with torch.no_grad():
         metrics = {
             "pg_loss": pg_loss.detach(),

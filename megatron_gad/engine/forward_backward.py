@@ -1,8 +1,18 @@
 """forward_backward(micro_batches, loss_fn) over Megatron-Core pipeline schedules.
 
 The only place that drives ``get_forward_backward_func``. Callers (workers) hand a list of
-micro-batches (dicts of tensors, each already padded to one length) and a loss function that runs
-on the last pipeline stage; the same call serves training (backward) and scoring (forward only).
+micro-batches and a loss function that runs on the last pipeline stage; the same call serves
+training (backward) and scoring (forward only). A micro-batch is either
+
+* **packed** (every training and scoring pass): ``{"packed": PackedBatch, ...}`` — one row of
+  concatenated sequences with ``cu_seqlens`` (``engine/packing.py``); the model gets
+  ``PackedSeqParams`` (THD) and no attention mask: attention is causal within each sequence and
+  RoPE restarts per sequence. Output is ``[1, T, ...]``.
+* **padded** ``{"input_ids", "attention_mask"[, "position_ids"]}`` ``[B, S]`` with a
+  ``[B, 1, S, S]`` causal + padding mask — kept only for tools that compare the two layouts; the
+  Transformer Engine spec ignores that mask (its causal kernels read none), so production passes
+  never use it.
+* **KV-cached sampling** (``inference_context``), see ``engine/generate.py``.
 """
 
 from __future__ import annotations
@@ -44,8 +54,12 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
     from megatron_gad.parallel.state import device
 
     batch = _to(next(data_iterator), device())
+    packed = batch.get("packed")
     ctx = batch.get("inference_context")
-    if ctx is None:
+    if packed is not None:
+        packed = batch["packed"] = packed.to(device())
+        output = model(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params())
+    elif ctx is None:
         output = model(batch["input_ids"], batch["position_ids"], attention_mask_4d(batch["attention_mask"]))
     else:  # KV-cached sampling: the caller gives the [B, 1, q, k] mask; logits come gathered over TP
         output = model(batch["input_ids"], batch["position_ids"], batch["mask_4d"], inference_context=ctx,
@@ -61,20 +75,23 @@ def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
 def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
     """Run the micro-batches through this rank's pipeline stage.
 
-    Every micro-batch needs ``input_ids``, ``attention_mask`` (and ``position_ids``, derived if
-    missing). Returns the loss function's result dicts on the last stage, ``[]`` elsewhere. With
-    ``forward_only=False`` gradients accumulate into the (DDP) model; the loss Megatron
-    back-propagates is each micro-batch's loss divided by the number of micro-batches.
+    Every micro-batch is packed (``packed``) or padded (``input_ids``, ``attention_mask`` and
+    ``position_ids``, derived if missing). Returns the loss function's result dicts on the last
+    stage, ``[]`` elsewhere. With ``forward_only=False`` gradients accumulate into the (DDP) model;
+    Megatron back-propagates each micro-batch's loss divided by the number of micro-batches, and DDP
+    averages gradients over data-parallel replicas (callers that want a global normalisation scale
+    their loss by ``len(micro_batches) * dp_size``, see ``workers/losses.py``).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not micro_batches:
         return []
     for mb in micro_batches:
-        if "position_ids" not in mb:
+        if "packed" not in mb and "position_ids" not in mb:
             mb["position_ids"] = position_ids_from_mask(mb["attention_mask"])
-    seq_length = max(mb["input_ids"].shape[1] for mb in micro_batches)
-    mbs = micro_batches[0]["input_ids"].shape[0]
+    ids = [mb["packed"].input_ids if "packed" in mb else mb["input_ids"] for mb in micro_batches]
+    seq_length = max(t.shape[1] for t in ids)  # p2p shapes vary per micro-batch (variable_seq_lengths)
+    mbs = ids[0].shape[0]
     fb = get_forward_backward_func()
     ctx = torch.no_grad() if forward_only else torch.enable_grad()
     with ctx:

@@ -61,9 +61,9 @@ def layer_spec(arch: Arch):
             return get_gpt_layer_with_transformer_engine_spec()
         except ImportError:
             pass
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron_gad.models.packed_attention import packed_local_layer_spec
 
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return packed_local_layer_spec(normalization="RMSNorm")
 
 
 class ValueHead(nn.Linear):

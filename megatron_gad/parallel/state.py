@@ -101,6 +101,19 @@ def pp_group():
     return ps.get_pipeline_model_parallel_group()
 
 
+def all_reduce_dp(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) a few numbers over this rank's data-parallel replicas, e.g. the token count of a
+    mini-batch that every replica's loss is normalised by. Identity with one replica."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX,
+                    group=ps.get_data_parallel_group())
+    return t.tolist()
+
+
 def last_stage_global_rank() -> int:
     from megatron.core import parallel_state as ps
 

@@ -17,8 +17,15 @@ from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
 from megatron_gad.workers.base import Worker
-from megatron_gad.workers.batching import cat_results, sequences, split_rows
 from megatron_gad.workers.dispatch import Dispatch, register
+from megatron_gad.workers.micro_batches import (
+    Batching,
+    actor_micro_batches,
+    count_micro_batches,
+    group_rows,
+    restore_order,
+    row_lengths,
+)
 
 
 class ActorWorker(Worker):
@@ -43,30 +50,35 @@ class ActorWorker(Worker):
         self.ref = shard(init_from or config.model.path, trainable=False) if config.actor.use_kl_loss else None
 
     # ---------------------------------------------------------------- helpers
-    def _token_logprob(self, shard: ModelShard, logits: torch.Tensor, batch: dict, compute_entropy: bool,
+    def _token_logprob(self, shard: ModelShard, logits: torch.Tensor, mb: dict, compute_entropy: bool,
                        training: bool = False):
-        """Log-probs of the response tokens from this rank's vocab shard of the logits. In training the
-        backward writes the logits gradient into the logits' own buffer (nothing reads them later),
-        saving a [tokens, vocab/TP] allocation at the actor's memory peak."""
-        P, R = batch["prompt_width"], batch["responses"].shape[1]
-        resp_logits = logits[:, P - 1:P - 1 + R]  # position t predicts token t+1
-        v_local = resp_logits.shape[-1]
-        return vocab_parallel_logprob(
-            resp_logits, batch["responses"], state.tp_group() if self.layout.tp_size > 1 else None,
+        """Log-probs (and entropy) [b, R] of the response tokens of a packed micro-batch, from this
+        rank's vocab shard of the logits [1, T, V/TP]. Only the positions that predict a response
+        token are gathered (no prompt or padding position reaches the vocab kernel); padding is 0.
+        In training the kernel's backward writes into the gathered buffer (nothing reads it later)."""
+        idx = mb["resp_index"]
+        valid = idx >= 0
+        sel = logits[0].index_select(0, idx[valid])  # [N, V/TP]
+        v_local = sel.shape[-1]
+        lp, ent = vocab_parallel_logprob(
+            sel, mb["responses"][valid], state.tp_group() if self.layout.tp_size > 1 else None,
             vocab_start=self.layout.tp_rank * v_local, vocab_size=shard.arch.vocab_size,
             chunk_size=self.config.actor.logprob_chunk_size, compute_entropy=compute_entropy,
             inplace_backward=training)
 
-    @staticmethod
-    def _micro_batches(batch: dict, size: int, extra=()) -> list[dict]:
-        """batch: prompt_ids/prompt_mask [B, P] + responses/response_mask [B, R] (+ extra keys)."""
-        seq = sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"])
-        rows = dict(seq, responses=batch["responses"], response_mask=batch["response_mask"],
-                    **{k: batch[k] for k in extra})
-        mbs = split_rows(rows, size)
-        for mb in mbs:
-            mb["prompt_width"] = batch["prompt_ids"].shape[1]
-        return mbs
+        def rows(flat):
+            return None if flat is None else flat.new_zeros(idx.shape).masked_scatter(valid, flat)
+
+        return rows(lp), rows(ent)
+
+    def _groups(self, batch: dict, b: Batching, sync_count: bool) -> list[list[int]]:
+        """Micro-batch rows; with ``sync_count`` every data-parallel replica runs as many micro-batches
+        as the one that needs most (balanced work, and per-micro-batch metrics weigh the same)."""
+        lengths = row_lengths(batch["prompt_mask"], batch["response_mask"])
+        need = count_micro_batches(lengths, b) if (b.dynamic and sync_count) else 1
+        if b.dynamic and sync_count:
+            need = int(state.all_reduce_dp([need], op="max")[0])
+        return group_rows(lengths, b, min_count=need)
 
     # ---------------------------------------------------------------- rollout
     @register(Dispatch.DP, collect="concat")
@@ -81,23 +93,32 @@ class ActorWorker(Worker):
                         micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
 
     # ---------------------------------------------------------------- log-probs
-    def _log_prob(self, shard: ModelShard, batch: dict, mb_size: int) -> dict:
+    def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:
         def loss_fn(logits, mb):
             lp, _ = self._token_logprob(shard, logits, mb, compute_entropy=False)
             return lp.sum() * 0, {"log_prob": lp}
 
-        return {"log_prob": cat_results(shard.forward(self._micro_batches(batch, mb_size), loss_fn), "log_prob")}
+        groups = self._groups(batch, b, sync_count=False)
+        res = shard.forward(actor_micro_batches(batch, groups, pad_id=self.pad_id), loss_fn)
+        if not res:  # not the last pipeline stage: nothing to return
+            return {"log_prob": None}
+        lp = restore_order([r["log_prob"] for r in res], groups, batch["prompt_ids"].shape[0])
+        return {"log_prob": lp.cpu()}
 
     @register(Dispatch.DP, collect="concat")
     def compute_log_prob(self, batch: dict) -> dict:
         """Per-token log-probs [B, R] of the responses under the current policy (the PPO 'old')."""
-        return self._log_prob(self.shard, batch, self.config.rollout.log_prob_micro_batch_size_per_gpu)
+        r = self.config.rollout
+        return self._log_prob(self.shard, batch, Batching(r.log_prob_micro_batch_size_per_gpu,
+                                                          r.log_prob_use_dynamic_bsz, r.log_prob_max_token_len_per_gpu))
 
     @register(Dispatch.DP, collect="concat")
     def compute_ref_log_prob(self, batch: dict) -> dict:
         if self.ref is None:
             raise RuntimeError("no reference model: set actor_rollout_ref.actor.use_kl_loss=true")
-        return self._log_prob(self.ref, batch, self.config.ref.log_prob_micro_batch_size_per_gpu)
+        r = self.config.ref
+        return self._log_prob(self.ref, batch, Batching(r.log_prob_micro_batch_size_per_gpu,
+                                                        r.log_prob_use_dynamic_bsz, r.log_prob_max_token_len_per_gpu))
 
     # ---------------------------------------------------------------- updates
     @register(Dispatch.DP, collect="mean")
@@ -109,20 +130,21 @@ class ActorWorker(Worker):
 
         def loss_fn(logits, mb):
             lp, ent = self._token_logprob(self.shard, logits, mb, compute_entropy=a.entropy_coeff > 0, training=True)
-            mask = mb["response_mask"]
+            mask, agg = mb["response_mask"], mb["agg"]  # agg: this mini-batch's global denominators
             loss, m = policy_loss(mb["old_log_prob"], lp, mb["advantages"], mask,
                                   clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
-                                  clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode)
+                                  clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode, **agg)
             out = {f"actor/{k}": float(v) for k, v in m.items()}
+            out["actor/pg_loss"] = float(loss) * mb["share_scale"]
             if kl_fn is not None:
-                kl = algos.agg_loss(kl_fn(lp, mb["ref_log_prob"]), mask, a.loss_agg_mode)
+                kl = algos.agg_loss(kl_fn(lp, mb["ref_log_prob"]), mask, a.loss_agg_mode, **agg)
                 loss = loss + a.kl_loss_coef * kl
-                out["actor/kl"] = float(kl)
+                out["actor/kl"] = float(kl) * mb["share_scale"]
             if ent is not None:
-                e = algos.agg_loss(ent, mask, a.loss_agg_mode)
+                e = algos.agg_loss(ent, mask, a.loss_agg_mode, **agg)
                 loss = loss - a.entropy_coeff * e
-                out["actor/entropy"] = float(e)
-            return loss, out
+                out["actor/entropy"] = float(e) * mb["share_scale"]
+            return loss * mb["share_scale"], out
 
         extra = ["old_log_prob", "advantages"] + (["ref_log_prob"] if kl_fn else [])
         return self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
@@ -134,22 +156,35 @@ class ActorWorker(Worker):
 
         def loss_fn(logits, mb):
             lp, _ = self._token_logprob(self.shard, logits, mb, compute_entropy=False, training=True)
-            loss, m = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode)
-            return loss, {f"actor/{k}": float(v) for k, v in m.items()}
+            loss, _ = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode, **mb["agg"])
+            return loss * mb["share_scale"], {"actor/sft_loss": float(loss) * mb["share_scale"]}
 
         b = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
              "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
         return self._train(b, [], loss_fn, 1, 1)
 
     def _train(self, batch, extra, loss_fn, num_mini_batches, epochs) -> dict:
+        """``epochs`` x mini-batches, one optimizer step each. A micro-batch's loss is its exact share
+        of the mini-batch loss (``agg_loss`` with the mini-batch's denominator summed over every
+        micro-batch and data-parallel replica), times ``share_scale`` = micro-batches x replicas,
+        which undoes Megatron's mean over micro-batches and DDP's mean over replicas: the gradient is
+        that of the whole mini-batch at once, whatever the micro-batching (token-mean weighs every
+        token equally, not every micro-batch)."""
+        a = self.config.actor
+        b = Batching(a.ppo_micro_batch_size_per_gpu, a.use_dynamic_bsz, a.ppo_max_token_len_per_gpu)
         rows = batch["prompt_ids"].shape[0]
         mini = -(-rows // num_mini_batches)
-        mb_size = self.config.actor.ppo_micro_batch_size_per_gpu
         metrics: list[dict] = []
         for _ in range(epochs):
             for i in range(0, rows, mini):
                 part = {k: v[i:i + mini] for k, v in batch.items()}
-                results, info = self.shard.train_step(self._micro_batches(part, mb_size, extra), loss_fn)
+                groups = self._groups(part, b, sync_count=True)
+                denom = algos.agg_denominator(part["response_mask"], a.loss_agg_mode, self.max_response_length)
+                agg = {"denominator": state.all_reduce_dp([denom])[0], "horizon": self.max_response_length}
+                mbs = actor_micro_batches(part, groups, tuple(extra), pad_id=self.pad_id)
+                for mb in mbs:
+                    mb["agg"], mb["share_scale"] = agg, float(len(mbs) * self.layout.dp_size)
+                results, info = self.shard.train_step(mbs, loss_fn)
                 metrics += [dict(r) for r in results]
                 metrics.append({"actor/grad_norm": info["grad_norm"], "actor/lr": info["lr"]})
         out = reduce_metrics(metrics)

@@ -3,21 +3,22 @@ and trains on teacher-vs-student pairs with the fused head + Bradley-Terry loss.
 
 from __future__ import annotations
 
-import torch
-
 from megatron_gad.config import CriticConfig
-from megatron_gad.data import last_valid_index
 from megatron_gad.engine.model_shard import ModelShard
-from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, gather_last_hidden, resolve_impl
+from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, resolve_impl
 from megatron_gad.metrics import reduce_metrics
+from megatron_gad.parallel import state
 from megatron_gad.workers.base import Worker
-from megatron_gad.workers.batching import cat_results, pad_right, sequences, split_rows
 from megatron_gad.workers.dispatch import Dispatch, register
-
-
-def _last_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """hidden [B, S, H] (GPTModel's output layout) -> [B, H] at each sequence's last valid token."""
-    return gather_last_hidden(hidden.transpose(0, 1), last_valid_index(attention_mask))
+from megatron_gad.workers.micro_batches import (
+    Batching,
+    group_rows,
+    pair_groups,
+    pair_micro_batch,
+    restore_order,
+    row_lengths,
+    scoring_micro_batches,
+)
 
 
 class CriticWorker(Worker):
@@ -44,59 +45,67 @@ class CriticWorker(Worker):
     @register(Dispatch.DP, collect="concat")
     def compute_scores(self, batch: dict) -> dict:
         """D(sequence) for each row (prompt ids/mask + responses/response mask): a student sample's
-        score is the reward the actor maximises."""
-        seq = sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"])
+        score is the reward the actor maximises. Packed: each row's score is read at its own last
+        token, whatever else shares the micro-batch."""
+        c = self.config
+        b = Batching(c.forward_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.forward_max_token_len_per_gpu)
+        groups = group_rows(row_lengths(batch["prompt_mask"], batch["response_mask"]), b)
 
         def loss_fn(hidden, mb):
-            w, b = self._head()
-            s = disc_head_scores(_last_hidden(hidden, mb["attention_mask"]), w, b)
+            w, bias = self._head()
+            s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
             return s.sum() * 0, {"scores": s.detach().float()}
 
-        res = self.shard.forward(split_rows(seq, self.config.forward_micro_batch_size_per_gpu), loss_fn)
-        return {"scores": cat_results(res, "scores")}
+        res = self.shard.forward(scoring_micro_batches(batch, groups), loss_fn)
+        if not res:  # not the last pipeline stage
+            return {"scores": None}
+        return {"scores": restore_order([r["scores"] for r in res], groups, batch["prompt_ids"].shape[0]).cpu()}
 
     # ---------------------------------------------------------------- update
     def _pair_micro_batches(self, batch: dict, n: int) -> list[dict]:
-        """Each micro-batch: k prompts' teacher sequences followed by their k*n student samples,
-        so every Bradley-Terry pair is scored in one forward pass."""
-        k = self.config.ppo_micro_batch_size_per_gpu
-        responses, response_mask = batch["responses"].flatten(0, 1), batch["response_mask"].flatten(0, 1)
-        R = max(responses.shape[1], batch["teacher_response"].shape[1])
-        prompts = batch["prompt_ids"].shape[0]
-        mbs = []
-        for i in range(0, prompts, k):
-            j = slice(i, i + k)
-            js = slice(i * n, (i + k) * n)
-            P, Pm = batch["prompt_ids"][j], batch["prompt_mask"][j]
-            teacher = sequences(P, Pm, pad_right(batch["teacher_response"][j], R),
-                                pad_right(batch["teacher_response_mask"][j], R))
-            student = sequences(P.repeat_interleave(n, 0), Pm.repeat_interleave(n, 0),
-                                pad_right(responses[js], R), pad_right(response_mask[js], R))
-            mb = {key: torch.cat([teacher[key], student[key]], 0) for key in teacher}
-            mb["num_prompts"] = P.shape[0]
-            mbs.append(mb)
+        """Packed micro-batches of teacher sequences followed by their student samples, so every
+        Bradley-Terry pair is scored in one forward pass; each carries ``share_scale`` and
+        ``pairs_total`` so its loss is its exact share of the mini-batch loss (see actor ``_train``)."""
+        c = self.config
+        b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu)
+        need = 1
+        if b.dynamic:  # every replica runs as many micro-batches as the one that needs most
+            need = int(state.all_reduce_dp([len(pair_groups(batch, n, b))], op="max")[0])
+        mbs = [pair_micro_batch(batch, parts) for parts in pair_groups(batch, n, b, min_count=need)]
+        pairs_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n)])[0]
+        for mb in mbs:
+            mb["share_scale"] = float(len(mbs) * self.layout.dp_size)
+            mb["pairs_total"] = pairs_total
         return mbs
 
-    def _pair_loss(self, n: int, prefix: str):
+    def _pair_loss(self, prefix: str):
         def loss_fn(hidden, mb):
-            h = _last_hidden(hidden, mb["attention_mask"])
-            p = mb["num_prompts"]
+            h = hidden[0].index_select(0, mb["last"])  # [teachers + students, H]
+            k, n = mb["num_teachers"], mb["n"]
             w, b = self._head()
-            loss, m, _, _ = disc_head_bt_loss(h[:p], h[p:], w, b, n, impl=self.impl,
-                                              score_reg_coef=self.config.score_reg_coef)
-            return loss, {f"{prefix}{k}": float(v) for k, v in m.items()}
+            if n:  # whole groups of n: the fused loss scores each teacher once
+                loss, m, _, _ = disc_head_bt_loss(h[:k], h[k:], w, b, n, impl=self.impl,
+                                                  score_reg_coef=self.config.score_reg_coef)
+            else:  # parts of split groups: pair each student with its own teacher row
+                loss, m, _, _ = disc_head_bt_loss(h[:k].index_select(0, mb["teacher_of"]), h[k:], w, b, 1,
+                                                  impl=self.impl, score_reg_coef=self.config.score_reg_coef)
+            pairs = h.shape[0] - k
+            share = pairs / mb["pairs_total"] * mb["share_scale"]  # mean over this micro-batch's pairs -> share
+            out = {f"{prefix}{key}": float(v) * share for key, v in m.items()}
+            return loss * share, out
 
         return loss_fn
 
     @register(Dispatch.DP, collect="mean")
     def evaluate_pairs(self, batch: dict, n: int) -> dict:
         """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
-        return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss(n, "val/")))
+        return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n),
+                                                 self._pair_loss("val/")))
 
     @register(Dispatch.DP, collect="mean")
     def update_critic(self, batch: dict, n: int) -> dict:
         """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R]."""
-        loss_fn = self._pair_loss(n, "critic/")
+        loss_fn = self._pair_loss("critic/")
         metrics = []
         for epoch in range(self.config.ppo_epochs):
             results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn)

@@ -59,13 +59,15 @@ def _hf_log_probs(model, batch):
 
 
 def _hf_grad_norm(path, batch, per_token_loss):
-    """Norm of the gradient of mean over the two micro-batches of token-mean(per_token_loss(lp))."""
+    """Norm of the gradient of the token-mean of per_token_loss(lp) over the whole batch (every valid
+    token weighs the same, whatever micro-batch it falls in)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     lp = _hf_log_probs(model, batch)
     m = batch["teacher_response_mask"].float()
-    loss = sum((per_token_loss(lp[h], h) * m[h]).sum() / m[h].sum() / 2 for h in (slice(0, 2), slice(2, 4)))
+    everything = slice(None)
+    loss = (per_token_loss(lp, everything) * m).sum() / m.sum()
     loss.backward()
     return float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())))
 
