@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_gad.data import build_sequences
 from megatron_gad.engine.packing import (
     GroupPart,
     balanced_partition,
@@ -27,7 +28,6 @@ from megatron_gad.engine.packing import (
     pack_sequences,
     response_logit_indices,
 )
-from megatron_gad.workers.batching import sequences
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,13 @@ def actor_micro_batches(batch: dict, groups: list[list[int]], extra: tuple[str, 
     [B, ...] keys). Each micro-batch: ``packed`` (its rows' prompt ++ response tokens), ``resp_index``
     [b, R] (packed position of the logits predicting each response token, -1 at padding), its rows of
     ``responses``/``response_mask``/extra keys, and ``rows`` (indices into the batch)."""
-    seq = sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"])
+    ids, mask, _ = build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"],
+                                   batch["response_mask"])
     P = batch["prompt_ids"].shape[1]
     out = []
     for rows in groups:
         r = torch.tensor(rows, dtype=torch.long)
-        packed = pack_rows(seq["input_ids"][r], seq["attention_mask"][r], align=align, pad_id=pad_id)
+        packed = pack_rows(ids[r], mask[r], align=align, pad_id=pad_id)
         mb = {"packed": packed, "rows": r,
               "resp_index": response_logit_indices(packed, P, batch["response_mask"][r]),
               "responses": batch["responses"][r], "response_mask": batch["response_mask"][r]}
@@ -81,11 +82,12 @@ def actor_micro_batches(batch: dict, groups: list[list[int]], extra: tuple[str, 
 def scoring_micro_batches(batch: dict, groups: list[list[int]], align: int = 1, pad_id: int = 0) -> list[dict]:
     """Rows to score (prompt ++ response); each micro-batch: ``packed``, ``last`` (packed position of
     each row's last token), ``rows``."""
-    seq = sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"], batch["response_mask"])
+    ids, mask, _ = build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"],
+                                   batch["response_mask"])
     out = []
     for rows in groups:
         r = torch.tensor(rows, dtype=torch.long)
-        packed = pack_rows(seq["input_ids"][r], seq["attention_mask"][r], align=align, pad_id=pad_id)
+        packed = pack_rows(ids[r], mask[r], align=align, pad_id=pad_id)
         out.append({"packed": packed, "last": last_token_indices(packed), "rows": r})
     return out
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from megatron_gad.algos import (
+    agg_denominator,
     agg_loss,
     compute_grpo_advantages,
     compute_rloo_advantages,
@@ -103,6 +104,33 @@ def test_agg_modes_differ_as_expected():
     assert agg_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((1 + 3) / 2)
     with pytest.raises(ValueError, match="token-mean"):
         agg_loss(loss, mask, "bogus")
+
+
+def test_agg_seq_mean_token_sum_norm_hand_value():
+    loss = torch.tensor([[1.0, 1.0, 1.0, 1.0], [3.0, 9.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    # Dr. GRPO: token sums over sequences, divided by sequences x a constant horizon
+    assert agg_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx((4 + 3) / (2 * 4))
+    assert agg_loss(loss, mask, "seq-mean-token-sum-norm", horizon=10).item() == pytest.approx(7 / 20)
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batch_shares_sum_to_the_whole_batch_loss(mode):
+    """With the mini-batch's denominator, micro-batch losses add up to the whole batch's loss — for
+    any split, including very uneven ones (the over-weighting of short micro-batches is gone).
+    Reference: the definitions written out in fp64."""
+    g = torch.Generator().manual_seed(0)
+    loss = torch.randn(7, 9, generator=g, dtype=torch.float64)
+    lens = torch.tensor([1, 9, 2, 8, 3, 5, 9])
+    mask = (torch.arange(9)[None] < lens[:, None]).long()
+    tok_sum = (loss * mask).sum(-1)
+    want = {"token-mean": tok_sum.sum() / lens.sum(), "seq-mean-token-sum": tok_sum.mean(),
+            "seq-mean-token-mean": (tok_sum / lens).mean(), "seq-mean-token-sum-norm": tok_sum.sum() / (7 * 12)}[mode]
+    denom = agg_denominator(mask, mode, horizon=12)
+    for split in ([7], [1, 6], [3, 1, 3], [1] * 7):
+        parts = torch.split(torch.arange(7), split)
+        got = sum(agg_loss(loss[p], mask[p], mode, denominator=denom, horizon=12) for p in parts)
+        assert float(got) == pytest.approx(float(want), rel=1e-12, abs=1e-12)
 
 
 def test_agg_all_masked_is_zero_not_nan():
