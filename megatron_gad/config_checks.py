@@ -107,6 +107,27 @@ def _check_batches(cfg: GADConfig, bad: list[str]) -> None:
                    f"prompt's teacher and student sequences are scored together on one rank")
 
 
+def _check_token_budgets(cfg: GADConfig, bad: list[str]) -> None:
+    """A token budget must hold the longest sequence the data allows (the critic: a teacher sequence
+    plus one student sample), or a long row would fail mid-run."""
+    d, arr, c = cfg.data, cfg.actor_rollout_ref, cfg.critic
+    longest = d.max_prompt_length + d.max_response_length
+    budgets = [("actor_rollout_ref.actor.ppo_max_token_len_per_gpu", arr.actor.use_dynamic_bsz,
+                arr.actor.ppo_max_token_len_per_gpu, longest),
+               ("actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu", arr.rollout.log_prob_use_dynamic_bsz,
+                arr.rollout.log_prob_max_token_len_per_gpu, longest),
+               ("actor_rollout_ref.ref.log_prob_max_token_len_per_gpu", arr.ref.log_prob_use_dynamic_bsz,
+                arr.ref.log_prob_max_token_len_per_gpu, longest),
+               ("critic.forward_max_token_len_per_gpu", c.use_dynamic_bsz, c.forward_max_token_len_per_gpu, longest),
+               ("critic.ppo_max_token_len_per_gpu", c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu, 2 * longest)]
+    for key, on, budget, need in budgets:
+        if on and budget < need:
+            what = "a teacher sequence plus one student sample" if need > longest else "one sequence"
+            bad.append(f"{key}={budget} is smaller than {what} can be ({need} tokens: data.max_prompt_length="
+                       f"{d.max_prompt_length} + data.max_response_length={d.max_response_length}"
+                       f"{', twice' if need > longest else ''}); raise it to at least {need}")
+
+
 def _load_arch(model_path: str) -> dict | None:
     path = os.path.join(model_path, "config.json")
     if not model_path or not os.path.isfile(path):
@@ -207,6 +228,7 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
         _check_layout(cfg, bad)
         if all(_get(cfg, k) >= 1 for k in _BATCH_KEYS):
             _check_batches(cfg, bad)
+            _check_token_budgets(cfg, bad)
 
     actor_arch = arch if arch is not None else _load_arch(cfg.actor_rollout_ref.model.path)
     critic_arch = actor_arch

@@ -183,6 +183,14 @@ VALIDATE_ERRORS = [
      "critic.megatron.params_dtype=float16 is not supported with trainer.device=cpu"),
     (["actor_rollout_ref.actor.optim.lr_scheduler=cosine", "actor_rollout_ref.actor.optim.min_lr=1e-3"], None,
      "set min_lr <= lr"),
+    (["actor_rollout_ref.actor.use_dynamic_bsz=true", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=400"], None,
+     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=400 is smaller than one sequence can be (512 tokens: "
+     "data.max_prompt_length=256 + data.max_response_length=256); raise it to at least 512"),
+    (["critic.use_dynamic_bsz=true", "critic.ppo_max_token_len_per_gpu=1000"], None,
+     "critic.ppo_max_token_len_per_gpu=1000 is smaller than a teacher sequence plus one student sample can be "
+     "(1024 tokens"),
+    (["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=0"], None,
+     "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=0 must be >= 1"),
 ]
 
 
