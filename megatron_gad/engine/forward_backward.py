@@ -59,10 +59,14 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
     if packed is not None:
         packed = batch["packed"] = packed.to(device())
         output = model(packed.input_ids, packed.position_ids, None, packed_seq_params=packed.packed_seq_params())
-    elif ctx is None:
-        output = model(batch["input_ids"], batch["position_ids"], attention_mask_4d(batch["attention_mask"]))
-    else:  # KV-cached sampling: the caller gives the [B, 1, q, k] mask; logits come gathered over TP
-        output = model(batch["input_ids"], batch["position_ids"], batch["mask_4d"], inference_context=ctx,
+        return output, partial(_loss_wrapper, loss_fn, batch)
+    # "mask_4d": the caller's own [B, 1, q, k] mask, or None for unpadded rows (the layer's causal
+    # attention only, all Transformer Engine applies); else the padding mask from "attention_mask".
+    mask = batch["mask_4d"] if "mask_4d" in batch else attention_mask_4d(batch["attention_mask"])
+    if ctx is None:
+        output = model(batch["input_ids"], batch["position_ids"], mask)
+    else:  # KV-cached sampling: logits come gathered over TP
+        output = model(batch["input_ids"], batch["position_ids"], mask, inference_context=ctx,
                        runtime_gather_output=True)
     return output, partial(_loss_wrapper, loss_fn, batch)
 
@@ -75,12 +79,14 @@ def _loss_wrapper(loss_fn: LossFn, batch: dict, output: torch.Tensor):
 def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool) -> list[dict]:
     """Run the micro-batches through this rank's pipeline stage.
 
-    Every micro-batch is packed (``packed``) or padded (``input_ids``, ``attention_mask`` and
-    ``position_ids``, derived if missing). Returns the loss function's result dicts on the last
-    stage, ``[]`` elsewhere. With ``forward_only=False`` gradients accumulate into the (DDP) model;
-    Megatron back-propagates each micro-batch's loss divided by the number of micro-batches, and DDP
-    averages gradients over data-parallel replicas (callers that want a global normalisation scale
-    their loss by ``len(micro_batches) * dp_size``, see ``workers/losses.py``).
+    Every micro-batch is packed (``packed``), unpadded rows (``input_ids``, ``position_ids`` and
+    ``mask_4d=None``: plain causal attention, as the sampler feeds them) or padded (``input_ids``,
+    ``attention_mask``; ``position_ids`` derived if missing). Returns the loss function's result dicts
+    on the last stage, ``[]`` elsewhere. With ``forward_only=False`` gradients accumulate into the
+    (DDP) model; Megatron back-propagates each micro-batch's loss divided by the number of
+    micro-batches, and DDP averages gradients over data-parallel replicas (callers that want a
+    global normalisation scale their loss by ``len(micro_batches) * dp_size``, see the actor's
+    ``_train``).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -52,7 +52,8 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
 
 
 def layer_spec(arch: Arch):
-    """Transformer Engine spec on a GPU with TE installed; Megatron's local spec otherwise."""
+    """Transformer Engine spec on a GPU with TE installed; Megatron's local spec (core attention
+    :class:`~megatron_gad.models.packed_attention.PackedDotProductAttention`) otherwise."""
     if torch.cuda.is_available():
         try:
             import transformer_engine  # noqa: F401
@@ -61,6 +62,8 @@ def layer_spec(arch: Arch):
             return get_gpt_layer_with_transformer_engine_spec()
         except ImportError:
             pass
+    # Megatron's local spec with a core attention that also takes packed (THD) input and, under
+    # MEGATRON_GAD_EMULATE_TE_MASKING=1, masks only what TE would (unpacked: exactly Megatron's).
     from megatron_gad.models.packed_attention import packed_local_layer_spec
 
     return packed_local_layer_spec(normalization="RMSNorm")
