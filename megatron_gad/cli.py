@@ -4,6 +4,8 @@ Command bodies live elsewhere and are imported lazily, so ``--help`` and argumen
 without importing torch / Megatron:
   convert  -> megatron_gad.tools.convert.main_convert
   generate -> megatron_gad.tools.generate.main_generate
+  logprobs -> megatron_gad.tools.logprobs.main_logprobs
+  score    -> megatron_gad.tools.score.main_score
   train    -> megatron_gad.controller.trainer.main_train
   demo     -> megatron_gad.demo.run.main_demo
 """
@@ -18,6 +20,8 @@ import sys
 _COMMANDS = {
     "convert": ("megatron_gad.tools.convert", "main_convert"),
     "generate": ("megatron_gad.tools.generate", "main_generate"),
+    "logprobs": ("megatron_gad.tools.logprobs", "main_logprobs"),
+    "score": ("megatron_gad.tools.score", "main_score"),
     "train": ("megatron_gad.controller.trainer", "main_train"),
     "demo": ("megatron_gad.demo.run", "main_demo"),
 }
@@ -95,6 +99,45 @@ def _generate_parser(sub) -> None:
                    help='print exactly one JSON line {"token_ids": [...], "text": "..."} on stdout')
 
 
+def _add_data(p: argparse.ArgumentParser, response_help: str) -> None:
+    p.add_argument("--data", metavar="FILE", required=True,
+                   help="JSONL (or Parquet) rows, read and tokenized like training data (chat template for "
+                        "prompts when the tokenizer has one; responses end with exactly one EOS)")
+    p.add_argument("--prompt-key", default="content", metavar="KEY",
+                   help="prompt column: a string or a list of chat messages (default: content)")
+    p.add_argument("--response-key", default="teacher_response", metavar="KEY", help=response_help)
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+                   help="rows per packed model pass (default 8)")
+    _add_layout(p)
+
+
+def _logprobs_parser(sub) -> None:
+    p = sub.add_parser("logprobs", help="per-token log-probs of each row's response under a model, at TP x PP",
+                       description="For each data row, the per-token log-probs of its response after its prompt "
+                                   "under MODEL (the actor's packed log-prob pass on TP*PP local ranks), their "
+                                   "sum and mean; then NLL per token and perplexity over all rows.")
+    p.add_argument("model", metavar="MODEL", help="Hugging Face directory or megatron-gad actor checkpoint")
+    _add_data(p, "response column scored (default: teacher_response)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per row (row: 0-based index, prompt_ids, response_ids, logprobs, sum, "
+                        "mean), then one summary line; nothing else on stdout")
+
+
+def _score_parser(sub) -> None:
+    p = sub.add_parser("score", help="discriminator scores of teacher (and student) responses, at TP x PP",
+                       description="Score each row's teacher response, and its student response where present, "
+                                   "with a megatron-gad critic (discriminator) checkpoint on TP*PP local ranks; "
+                                   "d_acc over the rows that have both (ties count half).")
+    p.add_argument("model", metavar="CRITIC_CKPT",
+                   help="megatron-gad critic checkpoint, e.g. outputs/gad/global_step_100/critic")
+    _add_data(p, "teacher response column (default: teacher_response)")
+    p.add_argument("--student-key", default="student_response", metavar="KEY",
+                   help="optional student response column (default: student_response)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON line per row (row: 0-based index, prompt_ids, teacher_response_ids, teacher_score, "
+                        "student_response_ids, student_score), then one summary line; nothing else on stdout")
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="run GAD training from a YAML config (Ray single controller)",
                        description="Train with Generative Adversarial Distillation from a YAML config; "
@@ -120,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _convert_parser(sub)
     _generate_parser(sub)
+    _logprobs_parser(sub)
+    _score_parser(sub)
     _train_parser(sub)
     _demo_parser(sub)
     return parser

@@ -1,4 +1,4 @@
-"""Command bodies of the ``megatron-gad`` console script (``convert``, ``generate``).
+"""Command bodies of the ``megatron-gad`` console script (``convert``, ``generate``, ``logprobs``, ``score``).
 
 Each tool validates its inputs in the calling process first (cheap, clear errors), then launches
 the TP x PP ranks with :func:`megatron_gad.parallel.launch.run_local`.

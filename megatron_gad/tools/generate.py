@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from megatron_gad import checkpoint as ckpt
 from megatron_gad.tools import ToolError, log, stdout_to_stderr
 from megatron_gad.tools.convert import check_layout, read_model_dir
 
@@ -70,29 +71,40 @@ def run_specs(specs: list[GenerateSpec]) -> list[list[list[int]]]:
 
 
 # ---------------------------------------------------------------- CLI body
-def model_settings(model: str, tp: int, pp: int, vocab_divisible_by: int) -> tuple[dict, int, str]:
-    """(hf_config, vocab_divisible_by, params_dtype) for MODEL; checkpoints carry their own."""
+_CRITIC_REFUSED = {"generate": "it scores sequences and cannot generate",
+                   "logprobs": "it has a scalar head, not an LM head, so it gives no log-probs"}
+
+
+def model_settings(model: str, tp: int, pp: int, vocab_divisible_by: int,
+                   command: str = "generate") -> tuple[dict, int, str]:
+    """(hf_config, vocab_divisible_by, params_dtype) for MODEL; checkpoints carry their own. ``score``
+    needs a critic checkpoint; the other commands an HF directory or actor checkpoint."""
     cfg, _, meta = read_model_dir(model)
     dtype = "float32"
+    role = meta.get("role") if meta is not None else None
+    if command == "score" and role != "critic":
+        what = f"not a critic checkpoint ({ckpt.META} role {role!r})" if meta is not None else \
+            f"not a megatron-gad checkpoint (no {ckpt.META})"
+        raise ToolError(f"{model} is {what}; `{command}` needs a critic (discriminator) checkpoint, "
+                        "e.g. <trainer.default_local_dir>/global_step_<N>/critic")
+    if command != "score" and meta is not None and role != "actor":
+        raise ToolError(f"{model} is a {role} (discriminator) checkpoint; {_CRITIC_REFUSED[command]}. "
+                        "Use an actor checkpoint or HF directory")
     if meta is not None:
-        if meta.get("role") != "actor":
-            raise ToolError(f"{model} is a {meta.get('role')} (discriminator) checkpoint; it scores sequences "
-                            "and cannot generate. Use an actor checkpoint or HF directory")
         vocab_divisible_by = int(meta["vocab_divisible_by"])
         dtype = meta.get("extra", {}).get("params_dtype", "float32")
     check_layout(cfg, tp, pp, vocab_divisible_by)
     return cfg, vocab_divisible_by, dtype
 
 
-def _load_tokenizer(model: str, required: bool):
+def load_tokenizer(model: str, required: bool, hint: str = "pass token ids with --prompt-ids instead"):
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model)
     except Exception as e:  # no tokenizer files, or files transformers cannot read
         if required:
-            raise ToolError(f"{model}: cannot load a tokenizer ({type(e).__name__}: {e}); "
-                            "pass token ids with --prompt-ids instead") from None
+            raise ToolError(f"{model}: cannot load a tokenizer ({type(e).__name__}: {e}); {hint}") from None
         log(f"no tokenizer in {model}: output text will be empty")
         return None
 
@@ -101,7 +113,7 @@ def _first(x):
     return x[0] if isinstance(x, (list, tuple)) else x
 
 
-def _special_ids(cfg: dict, tok, eos_override: int | None) -> tuple[int, int]:
+def special_ids(cfg: dict, tok, eos_override: int | None) -> tuple[int, int]:
     eos = eos_override
     if eos is None:
         eos = tok.eos_token_id if tok is not None and tok.eos_token_id is not None else _first(cfg.get("eos_token_id"))
@@ -143,12 +155,12 @@ def main_generate(args) -> int:
     if not 0 < args.top_p <= 1:
         raise ToolError(f"--top-p must be in (0, 1], got {args.top_p}")
     cfg, vdb, dtype = model_settings(args.model, args.tp, args.pp, args.vocab_divisible_by)
-    tok = _load_tokenizer(args.model, required=args.prompt is not None)
+    tok = load_tokenizer(args.model, required=args.prompt is not None)
     prompt = _prompt_ids(args, tok)
     vocab = cfg["vocab_size"]
     if max(prompt) >= vocab or min(prompt) < 0:
         raise ToolError(f"prompt token ids must be in [0, {vocab}) for this model")
-    eos, pad = _special_ids(cfg, tok, args.eos_id)
+    eos, pad = special_ids(cfg, tok, args.eos_id)
     spec = GenerateSpec(model=args.model, prompts=[prompt], max_new_tokens=args.max_new_tokens, eos_id=eos,
                         pad_id=pad, tp=args.tp, pp=args.pp, greedy=args.greedy,
                         temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p, seed=args.seed,

@@ -6,6 +6,7 @@ Nothing here spawns ranks: every error is caught in the calling process before a
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 
@@ -29,7 +30,7 @@ def _run(argv, capsys):
 def test_top_level_help_lists_commands(capsys):
     code, out, _ = _run(["--help"], capsys)
     assert code == 0
-    for name in ("convert", "generate", "train", "demo"):
+    for name in ("convert", "generate", "logprobs", "score", "train", "demo"):
         assert name in out
 
 
@@ -39,6 +40,9 @@ def test_top_level_help_lists_commands(capsys):
     (["convert", "mcore-to-hf"], ["CKPT_DIR", "OUT_DIR"]),
     (["generate"], ["MODEL", "--prompt", "--prompt-ids", "--max-new-tokens", "--greedy", "--temperature", "--seed",
                     "--top-k", "--top-p", "--tp", "--pp", "--json", "--chat"]),
+    (["logprobs"], ["MODEL", "--data", "--tp", "--pp", "--prompt-key", "--response-key", "--batch-size", "--json"]),
+    (["score"], ["CRITIC_CKPT", "--data", "--tp", "--pp", "--prompt-key", "--response-key", "--student-key",
+                 "--batch-size", "--json"]),
     (["train"], ["CONFIG", "KEY=VALUE", "--print-config"]),
     (["demo"], ["--seeds", "--out", "--quick"]),
 ])
@@ -70,6 +74,8 @@ def test_help_does_not_import_megatron():
     (["generate", "m", "--prompt", "x", "--prompt-ids", "1", "--max-new-tokens", "4"], "not allowed"),
     (["generate", "m", "--prompt", "x"], "--max-new-tokens"),
     (["generate", "m", "--prompt", "x", "--max-new-tokens", "4", "--greedy", "--temperature", "0.7"], "not allowed"),
+    (["logprobs", "m"], "--data"),
+    (["score", "m", "--data", "d.jsonl", "--batch-size", "0"], "must be >= 1"),
     (["train", "c.yaml", "trainer.total_training_steps"], "not key=value"),
     (["demo", "--seeds", "0"], "must be >= 1"),
 ])
@@ -209,3 +215,78 @@ def test_generate_input_errors(tmp_path, capsys, extra, message):
 
 def test_tool_error_is_an_exception():
     assert issubclass(ToolError, Exception)
+
+
+# ---------------------------------------------------------------- logprobs / score: input checks (no launch)
+def _model_with_tokenizer(tmp_path, role=None) -> str:
+    """config.json + the tiny tokenizer (+ a checkpoint meta of ``role``): enough for every check."""
+    from megatron_gad.tools.tiny_models import make_tokenizer
+
+    d = _config_dir(tmp_path, name=f"model_{role}")
+    make_tokenizer(d, CONFIGS["llama"]["vocab_size"])
+    if role:
+        (tmp_path / f"model_{role}" / "megatron_gad.json").write_text(
+            json.dumps({"role": role, "vocab_divisible_by": 128}))
+    return d
+
+
+def _data(tmp_path, *lines: str) -> str:
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(line + "\n" for line in lines))
+    return str(f)
+
+
+GOOD = json.dumps({"content": "w5 w6", "teacher_response": "w7"})
+
+
+@pytest.mark.parametrize("command,role,lines,extra,message", [
+    ("logprobs", None, None, [], "data.jsonl: no such file"),
+    ("score", "critic", None, [], "data.jsonl: no such file"),
+    ("logprobs", None, [GOOD, json.dumps({"content": "w5"})], [], "data.jsonl:2: missing key 'teacher_response'"),
+    ("logprobs", None, [GOOD], ["--response-key", "answer"], "data.jsonl:1: missing key 'answer'"),
+    ("score", "critic", [GOOD, json.dumps({"teacher_response": "w7"})], [], "data.jsonl:2: missing key 'content'"),
+    ("logprobs", None, [json.dumps({"content": 3, "teacher_response": "w7"})], [], "must be a string or a list"),
+    ("logprobs", None, [GOOD, "{not json"], [], "data.jsonl:2: invalid JSON"),
+    ("logprobs", None, [], [], "data.jsonl: no rows"),
+    ("score", "critic", [json.dumps({"content": "w5", "teacher_response": "w7", "student_response": 4})], [],
+     "'student_response' must be a non-empty string or absent"),
+    ("score", "actor", [GOOD], [], "not a critic checkpoint (megatron_gad.json role 'actor'); `score` needs a critic"),
+    ("score", None, [GOOD], [], "is not a megatron-gad checkpoint (no megatron_gad.json); `score` needs a critic"),
+    ("logprobs", "critic", [GOOD], [], "critic (discriminator) checkpoint; it has a scalar head, not an LM head"),
+    ("logprobs", None, [GOOD], ["--tp", "3"], "impossible layout: --tp=3 must divide"),
+    ("score", "critic", [GOOD], ["--pp", "3"], "impossible layout"),
+])
+def test_logprobs_score_input_errors(tmp_path, capsys, command, role, lines, extra, message):
+    """Every input problem: exit code 2, one line on stderr, no traceback, nothing on stdout."""
+    model = _model_with_tokenizer(tmp_path, role)
+    data = _data(tmp_path, *lines) if lines is not None else str(tmp_path / "data.jsonl")
+    code, out, err = _run([command, model, "--data", data, *extra], capsys)
+    assert code == 2, err
+    assert message in err
+    assert err.startswith(f"megatron-gad {command}: error:") and err.count("\n") == 1
+    assert "Traceback" not in err and out == ""
+
+
+def test_logprobs_score_tables():
+    """The readable output, and the summaries, from fixed results (no model run)."""
+    from megatron_gad.tools.logprobs import Rows, logprobs_records, logprobs_table
+    from megatron_gad.tools.score import score_records, score_table
+
+    rows = Rows([[5, 6], [7]], {"teacher_response": [[8, 2], [9, 9, 2]], "student_response": [[3, 2], None]})
+    records, summary = logprobs_records(rows, "teacher_response", [[-1.0, -2.0], [-0.5, -0.5, -2.0]])
+    assert [(r["sum"], r["mean"]) for r in records] == [(-3.0, -1.5), (-3.0, -1.0)]
+    assert summary == {"rows": 2, "tokens": 5, "nll_per_token": 1.2, "perplexity": pytest.approx(math.exp(1.2))}
+    lines = logprobs_table(records, summary)
+    assert len(lines) == 4 and "perplexity 3.320" in lines[-1]
+
+    # teachers in row order, then the students of rows that have one
+    records, summary = score_records(rows, "teacher_response", "student_response", [0.5, -1.0, 0.5])
+    assert [(r["teacher_score"], r["student_score"]) for r in records] == [(0.5, 0.5), (-1.0, None)]
+    assert summary["pairs"] == 1 and summary["d_acc"] == 0.5  # a tie counts half
+    assert summary["d_loss"] == pytest.approx(math.log(2))
+    lines = score_table(records, summary)
+    assert "tie" in lines[1] and "d_acc 0.5000" in lines[-1]
+    rows.responses["student_response"] = [None, None]
+    _, summary = score_records(rows, "teacher_response", "student_response", [1.0, 2.0])
+    assert summary["d_acc"] is None and "no d_acc" in score_table(*score_records(
+        rows, "teacher_response", "student_response", [1.0, 2.0]))[-1]
