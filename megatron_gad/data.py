@@ -39,7 +39,7 @@ class DataError(ValueError):
     """A bad row or file; the message names the file, the 1-based line (or row) and the problem."""
 
 
-class _BadRow(DataError):
+class BadRow(DataError):
     """One bad row: a skip reason plus the problem; the dataset adds the file and line."""
 
     def __init__(self, reason: str, problem: str):
@@ -54,21 +54,21 @@ class _BadRow(DataError):
 
 
 def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    """Yields (location, row-or-_BadRow); blank lines (e.g. a trailing newline) are not rows."""
+    """Yields (location, row-or-BadRow); blank lines (e.g. a trailing newline) are not rows."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             loc = f"{path}:{line_no}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield loc, _BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start}")
+                yield loc, BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start}")
                 continue
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                yield loc, _BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+                yield loc, BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
             yield loc, row
 
@@ -86,7 +86,9 @@ def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
             yield f"{path} row {row_no}", row
 
 
-def _iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+def iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """(location, row) for every row of a JSONL or Parquet file (``keys``: the Parquet columns to read);
+    a row that cannot be parsed comes as a :class:`BadRow` for :func:`check_row` to raise."""
     lower = path.lower()
     if lower.endswith(JSONL_SUFFIXES):
         return _iter_jsonl(path)
@@ -98,46 +100,47 @@ def _iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
 def _check_prompt(value: Any, key: str) -> str | list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
-            raise _BadRow("empty", f"empty prompt '{key}'")
+            raise BadRow("empty", f"empty prompt '{key}'")
         return value
     if isinstance(value, list):
         if not value:
-            raise _BadRow("empty", f"empty prompt '{key}' (no messages)")
+            raise BadRow("empty", f"empty prompt '{key}' (no messages)")
         for i, msg in enumerate(value):
             if not (
                 isinstance(msg, dict)
                 and isinstance(msg.get("role"), str)
                 and isinstance(msg.get("content"), str)
             ):
-                raise _BadRow(
+                raise BadRow(
                     "bad_type", f"prompt '{key}' message {i} is not {{'role': str, 'content': str}}"
                 )
         if not any(msg["content"].strip() for msg in value):
-            raise _BadRow("empty", f"empty prompt '{key}' (all messages empty)")
+            raise BadRow("empty", f"empty prompt '{key}' (all messages empty)")
         return [{"role": m["role"], "content": m["content"]} for m in value]
-    raise _BadRow(
+    raise BadRow(
         "bad_type", f"prompt '{key}' must be a string or a list of messages, got {type(value).__name__}"
     )
 
 
-def _check_row(row: Any, prompt_key: str, response_key: str) -> tuple[Any, str]:
-    if isinstance(row, _BadRow):
+def check_row(row: Any, prompt_key: str, response_key: str) -> tuple[Any, str]:
+    """(prompt, response text) of a row, or :class:`BadRow` naming what is wrong with it."""
+    if isinstance(row, BadRow):
         raise row
     if not isinstance(row, dict):
-        raise _BadRow("bad_type", f"row is not an object, got {type(row).__name__}")
+        raise BadRow("bad_type", f"row is not an object, got {type(row).__name__}")
     for key in (prompt_key, response_key):
         if key not in row:
-            raise _BadRow("missing_key", f"missing key '{key}'")
+            raise BadRow("missing_key", f"missing key '{key}'")
         if row[key] is None:
-            raise _BadRow("missing_key", f"null value for '{key}'")
+            raise BadRow("missing_key", f"null value for '{key}'")
     prompt = _check_prompt(row[prompt_key], prompt_key)
     response = row[response_key]
     if not isinstance(response, str):
-        raise _BadRow(
+        raise BadRow(
             "bad_type", f"teacher response '{response_key}' must be a string, got {type(response).__name__}"
         )
     if not response.strip():
-        raise _BadRow("empty", f"empty teacher response '{response_key}'")
+        raise BadRow("empty", f"empty teacher response '{response_key}'")
     return prompt, response
 
 
@@ -163,7 +166,7 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[in
             )
         )
     if not isinstance(prompt, str):
-        raise _BadRow("no_chat_template", "prompt is a message list but the tokenizer has no chat template")
+        raise BadRow("no_chat_template", "prompt is a message list but the tokenizer has no chat template")
     return _as_ids(tokenizer.encode(prompt))
 
 
@@ -220,10 +223,10 @@ class GADDataset:
 
         skipped: Counter[str] = Counter()
         for path in self.files:
-            for loc, row in _iter_file(path, (prompt_key, teacher_response_key)):
+            for loc, row in iter_file(path, (prompt_key, teacher_response_key)):
                 try:
                     p_ids, r_ids = self._tokenize_row(row)
-                except _BadRow as bad:
+                except BadRow as bad:
                     if on_bad_row == "error":
                         raise DataError(f"{loc}: {bad.problem}") from None
                     skipped[bad.reason] += 1
@@ -240,15 +243,15 @@ class GADDataset:
             )
 
     def _tokenize_row(self, row: Any) -> tuple[list[int], list[int]]:
-        prompt, response = _check_row(row, self.prompt_key, self.teacher_response_key)
+        prompt, response = check_row(row, self.prompt_key, self.teacher_response_key)
         p_ids = encode_prompt(self.tokenizer, prompt)
         if len(p_ids) > self.max_prompt_length:
-            raise _BadRow(
+            raise BadRow(
                 "prompt_too_long", f"prompt has {len(p_ids)} tokens > max_prompt_length {self.max_prompt_length}"
             )
         r_ids = encode_teacher_response(self.tokenizer, response)
         if len(r_ids) > self.max_response_length:
-            raise _BadRow(
+            raise BadRow(
                 "response_too_long",
                 f"teacher response has {len(r_ids)} tokens (with EOS) > max_response_length "
                 f"{self.max_response_length}",

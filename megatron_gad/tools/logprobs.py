@@ -123,7 +123,7 @@ def read_rows(path: str, tok, prompt_key: str, response_key: str, optional_key: 
     """Validate and tokenize ``path`` like training does (``GADDataset``'s row checks, its prompt
     template and EOS policy). ``optional_key``: a second response column that rows may omit (or set
     to null), tokenized with the same EOS policy. Any problem is a ToolError naming file:line."""
-    from megatron_gad.data import DataError, _BadRow, _check_row, _iter_file, encode_prompt, encode_teacher_response
+    from megatron_gad.data import BadRow, DataError, check_row, encode_prompt, encode_teacher_response, iter_file
 
     if not os.path.exists(path):
         raise ToolError(f"--data {path}: no such file")
@@ -134,18 +134,18 @@ def read_rows(path: str, tok, prompt_key: str, response_key: str, optional_key: 
     rows = Rows([], {response_key: []} | ({optional_key: []} if optional_key else {}))
     keys = (prompt_key, response_key) + ((optional_key,) if optional_key else ())
     try:
-        for loc, row in _iter_file(path, keys):
+        for loc, row in iter_file(path, keys):
             try:
-                prompt, text = _check_row(row, prompt_key, response_key)
+                prompt, text = check_row(row, prompt_key, response_key)
                 rows.prompts.append(encode_prompt(tok, prompt))
                 rows.responses[response_key].append(encode_teacher_response(tok, text))
                 if optional_key:
                     other = row.get(optional_key)
                     if other is not None and not (isinstance(other, str) and other.strip()):
-                        raise _BadRow("bad_type", f"'{optional_key}' must be a non-empty string or absent, "
+                        raise BadRow("bad_type", f"'{optional_key}' must be a non-empty string or absent, "
                                                   f"got {other!r:.40}")
                     rows.responses[optional_key].append(encode_teacher_response(tok, other) if other else None)
-            except _BadRow as bad:
+            except BadRow as bad:
                 raise ToolError(f"{loc}: {bad.problem}") from None
     except DataError as e:
         raise ToolError(str(e)) from None
