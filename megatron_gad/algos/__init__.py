@@ -6,7 +6,7 @@ from .advantages import (
     get_adv_estimator,
     register_adv_estimator,
 )
-from .discriminator import discriminator_loss
+from .discriminator import discriminator_loss, discriminator_loss_paired
 from .kl import entropy_from_logits, get_kl_penalty, kl_penalty
 from .policy import get_policy_loss, ppo_policy_loss, register_policy_loss
 from .sft import sft_loss
@@ -19,6 +19,7 @@ __all__ = [
     "compute_grpo_advantages",
     "compute_rloo_advantages",
     "discriminator_loss",
+    "discriminator_loss_paired",
     "entropy_from_logits",
     "get_adv_estimator",
     "get_kl_penalty",
