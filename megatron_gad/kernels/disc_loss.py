@@ -1,11 +1,16 @@
-"""Fused discriminator head + Bradley-Terry loss on the last pipeline stage.
+"""The critic's value head + Bradley-Terry loss, applied only to each sequence's last token.
 
-The scalar head is applied only to the gathered last-token rows ([B, H]), never to all
-S*B tokens; the loss has `megatron_gad.algos.discriminator_loss` semantics. Three
-implementations: "torch" (autograd reference and fallback), "triton" (fused kernels),
-"te" (Transformer Engine head module + Triton loss, GPU only).
+The scalar head never runs on all T tokens, only on the gathered last-token rows; the loss has
+`megatron_gad.algos.discriminator_loss_paired` semantics. Implementations ("impl"):
+
+* "torch": autograd reference and fallback (gather, head, loss);
+* "triton": one fused forward and one backward kernel (`triton_disc.py`) that read the last-token
+  rows straight from the packed hidden states; chosen by "auto" wherever Triton can run;
+* "te": a Transformer Engine head module (`te_disc.py`), only when a caller passes a `TEDiscHead`
+  as ``weight``. Never chosen by "auto" and refused as `critic.fused_loss` (TE_HEAD_NOT_USED).
 """
 
+import functools
 import importlib.util
 import logging
 import os
@@ -13,13 +18,20 @@ import os
 import torch
 from torch import Tensor
 
-from megatron_gad.algos import discriminator_loss
+from megatron_gad.algos import discriminator_loss, discriminator_loss_paired
 
 logger = logging.getLogger("megatron_gad")
 _IMPLS = ("auto", "torch", "triton", "te")
 _logged: set = set()
 
+TE_HEAD_NOT_USED = (
+    "critic.fused_loss=te: the Transformer Engine value head is not used in training (no GPU measurement "
+    "shows it beats the fused Triton kernel, and the critic's ValueHead is not a TE module); use "
+    "critic.fused_loss=auto (the fused Triton kernel where Triton runs, else torch), triton or torch"
+)
 
+
+@functools.cache
 def _has_module(name: str) -> bool:
     # find_spec does not import: importing triton before TRITON_INTERPRET is set would stick
     try:
@@ -36,8 +48,14 @@ def _te_available() -> bool:
     return torch.cuda.is_available() and _has_module("transformer_engine")
 
 
-def _triton_available() -> bool:
-    return _has_module("triton") and (torch.cuda.is_available() or _triton_interpret())
+def _device_type(device) -> str:
+    if device is None:  # the device training will use
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+def _triton_available(device=None) -> bool:
+    return _has_module("triton") and (_device_type(device) == "cuda" or _triton_interpret())
 
 
 def _log_once(msg: str):
@@ -46,8 +64,13 @@ def _log_once(msg: str):
         logger.info(msg)
 
 
-def resolve_impl(requested: str = "auto") -> str:
-    """auto -> te (TE + CUDA) > triton (CUDA or TRITON_INTERPRET=1) > torch."""
+def resolve_impl(requested: str = "auto", device=None) -> str:
+    """The implementation that runs for tensors on ``device`` (None: CUDA if available, else CPU).
+
+    auto -> triton (a CUDA tensor, or TRITON_INTERPRET=1) > torch; never "te": the TE head needs a
+    `TEDiscHead` module that training does not build, so auto must not pick it. An explicit
+    "triton" or "te" that cannot run raises here, before any model work.
+    """
     if requested not in _IMPLS:
         raise ValueError(f"unknown disc loss impl {requested!r}; known: {', '.join(_IMPLS)}")
     if requested == "torch":
@@ -58,18 +81,14 @@ def resolve_impl(requested: str = "auto") -> str:
                                f"(cuda={torch.cuda.is_available()}, te={_has_module('transformer_engine')})")
         return "te"
     if requested == "triton":
-        if not _triton_available():
-            raise RuntimeError("impl='triton' needs the triton package and a CUDA GPU, or TRITON_INTERPRET=1 "
+        if not _triton_available(device):
+            raise RuntimeError("impl='triton' needs the triton package and CUDA tensors, or TRITON_INTERPRET=1 "
                                f"set before triton is imported (triton={_has_module('triton')}, "
-                               f"cuda={torch.cuda.is_available()})")
+                               f"device={_device_type(device)})")
         return "triton"
-    if _te_available():
-        return "te"
-    if _triton_available():
-        if torch.cuda.is_available():
-            _log_once("disc loss: Transformer Engine not available, using the Triton kernel")
+    if _triton_available(device):
         return "triton"
-    _log_once("disc loss: no CUDA Triton/TE available, using the torch implementation")
+    _log_once("disc loss: Triton cannot run here (no CUDA device or no triton), using the torch implementation")
     return "torch"
 
 
@@ -110,6 +129,45 @@ def disc_head_scores(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return s + bias.to(dtype) if bias is not None else s
 
 
+def disc_bt_loss_packed(
+    hidden: Tensor,
+    rows: Tensor,
+    num_teachers: int,
+    teacher_of: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    impl: str = "auto",
+    score_reg_coef: float = 0.0,
+) -> tuple[Tensor, dict, Tensor, Tensor]:
+    """Head + Bradley-Terry loss read from packed (THD) hidden states.
+
+    hidden [T, H] or [1, T, H] (the critic's GPTModel output); rows [k + P]: packed index of each
+    sequence's last token (`engine/packing.py:last_token_indices`), the k teachers first, then the
+    P students; teacher_of [P]: the teacher (0..k-1) of each student; weight [1, H], bias [1] | None.
+    Returns loss, metrics (0-d tensors, see `algos.discriminator_loss_paired`), teacher scores [k]
+    and student scores [P] (detached, fp32). The hidden gradient is zero except at ``rows``.
+    """
+    k = int(num_teachers)
+    assert rows.dim() == 1 and teacher_of.dim() == 1 and rows.numel() == k + teacher_of.numel(), (
+        f"rows {tuple(rows.shape)} must be {k} teachers + {teacher_of.numel()} students"
+    )
+    if impl == "te":  # the value head here is a plain weight tensor, never a TE module
+        raise ValueError(TE_HEAD_NOT_USED)
+    impl = resolve_impl(impl, hidden.device)
+    if impl == "triton":
+        from .triton_disc import FusedDiscBT
+
+        loss, t, s = FusedDiscBT.apply(hidden, weight, bias, rows, teacher_of, k, float(score_reg_coef))
+        with torch.no_grad():  # metrics from the scores: O(P), the reference's definitions
+            _, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef)
+        return loss, metrics, t, s
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
+    scores = disc_head_scores(h, weight, bias)  # one GEMV: dw is accumulated in fp32 before any cast
+    t, s = scores[:k], scores[k:]
+    loss, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef)
+    return loss, metrics, t.detach(), s.detach()
+
+
 def disc_head_bt_loss(
     h_teacher: Tensor,
     h_student: Tensor,
@@ -119,43 +177,39 @@ def disc_head_bt_loss(
     impl: str = "auto",
     score_reg_coef: float = 0.0,
 ) -> tuple[Tensor, dict, Tensor, Tensor]:
-    """Head + Bradley-Terry loss on gathered rows.
+    """Head + Bradley-Terry loss on already gathered rows (whole groups of n).
 
     h_teacher [N, H], h_student [N*n, H] (student j of teacher i is row i*n + j)
-    weight [1, H] and bias [1] | None; or, for impl="te", a `te_disc.TEDiscHead` as weight
+    weight [1, H] and bias [1] | None; or a `te_disc.TEDiscHead` as weight (then impl "te" or "auto")
     returns loss, metrics (0-d tensors, see algos.discriminator_loss),
             teacher_scores [N], student_scores [N*n] (detached, fp32)
     """
     N, H = h_teacher.shape
     assert h_student.shape == (N * n, H), f"h_student {tuple(h_student.shape)} != ({N}*{n}, {H})"
-    requested = impl
-    impl = resolve_impl(requested)
-    if not isinstance(weight, Tensor):
-        impl = "te"  # a TEDiscHead owns its weights: only the TE path can use it
-    elif impl == "te":
-        if requested == "te":
-            raise RuntimeError("impl='te' needs a te_disc.TEDiscHead as `weight` (TE modules own their weights)")
-        _log_once("disc loss: plain weight tensor given, using the Triton kernel instead of TE")
-        impl = "triton"
-    if impl == "triton" and h_teacher.device.type == "cpu" and not _triton_interpret():
-        raise RuntimeError("Triton disc loss on CPU tensors needs TRITON_INTERPRET=1")
+    if not isinstance(weight, Tensor):  # a TEDiscHead owns its weights: only the TE path can use it
+        if impl not in ("auto", "te"):
+            raise ValueError(f"impl={impl!r} needs a weight tensor, got {type(weight).__name__}")
+        from .te_disc import te_disc_head_bt_loss
 
+        resolve_impl("te")  # a clear error without CUDA + TE
+        loss, t, s = te_disc_head_bt_loss(h_teacher, h_student, weight, n, score_reg_coef)
+        with torch.no_grad():
+            _, metrics = discriminator_loss(s, t, n, score_reg_coef)
+        return loss, metrics, t.detach(), s.detach()
+    if impl == "te":
+        raise ValueError("impl='te' needs a te_disc.TEDiscHead as `weight` (TE modules own their weights)")
+    impl = resolve_impl(impl, h_teacher.device)
     if impl == "torch":
+        # cast the head once: two casts would round each side's dw to a bf16 weight's dtype before summing
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        weight, bias = weight.to(dtype), bias.to(dtype) if bias is not None else None
         t = disc_head_scores(h_teacher, weight, bias)
         s = disc_head_scores(h_student, weight, bias)
         loss, metrics = discriminator_loss(s, t, n, score_reg_coef)
         return loss, metrics, t.detach(), s.detach()
-
-    if impl == "triton":
-        from .triton_disc import TritonDiscBT
-
-        loss, t, s = TritonDiscBT.apply(h_teacher, h_student, weight, bias, n, float(score_reg_coef))
-    else:
-        from .te_disc import te_disc_head_bt_loss
-
-        loss, t, s = te_disc_head_bt_loss(h_teacher, h_student, weight, n, score_reg_coef)
-        t, s = t.detach(), s.detach()
-    # metrics from the (detached) scores: O(N*n), same definitions as the reference
-    with torch.no_grad():
-        _, metrics = discriminator_loss(s, t, n, score_reg_coef)
-    return loss, metrics, t, s
+    # the fused kernel reads rows of one tensor: stack the two sides (a copy; the critic uses
+    # disc_bt_loss_packed on the backbone's output directly)
+    rows = torch.arange(N + N * n, device=h_teacher.device)
+    teacher_of = torch.arange(N, device=h_teacher.device).repeat_interleave(n)
+    return disc_bt_loss_packed(torch.cat([h_teacher, h_student]), rows, N, teacher_of, weight, bias,
+                               impl="triton", score_reg_coef=score_reg_coef)

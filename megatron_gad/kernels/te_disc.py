@@ -1,10 +1,16 @@
-"""Transformer Engine discriminator head (GPU only, import-guarded).
+"""Transformer Engine discriminator head (GPU only, import-guarded): optional, never selected.
+
+Training does not use it: `critic.fused_loss=te` is refused by config validation and
+`resolve_impl("auto")` never picks it, because the critic's ValueHead is a plain weight and no
+GPU measurement shows this head beating the fused Triton kernel (`triton_disc.py`). It is kept
+only as a measured alternative for a GPU check that passes a `TEDiscHead` explicitly
+(`disc_head_bt_loss(..., weight=head)`); delete it if such a measurement shows it loses.
 
 TE modules own their weights, so the TE path is a module: `TEDiscHead` holds a TE
 Linear (or LayerNormLinear when given pre-norm hidden states) whose real head is row 0.
 out_features is padded 1 -> 16 because TE's FP8 GEMMs need both GEMM dims divisible by
 16; rows 1..15 stay zero (their gradient is masked). Input rows are padded likewise.
-The Bradley-Terry loss on the resulting scores runs in the Triton scores kernel.
+The Bradley-Terry loss on the resulting scores is `algos.discriminator_loss` (O(rows), torch).
 """
 
 import torch
@@ -65,10 +71,10 @@ class TEDiscHead(nn.Module):
 def te_disc_head_bt_loss(h_teacher: Tensor, h_student: Tensor, head: TEDiscHead, n: int,
                          score_reg_coef: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """-> loss, teacher_scores [N], student_scores [N*n] (scores still attached)."""
-    from .triton_disc import TritonBTFromScores
+    from megatron_gad.algos import discriminator_loss
 
     N = h_teacher.shape[0]
     scores = head(torch.cat([h_teacher, h_student], dim=0))  # one GEMM for both sides
     t, s = scores[:N], scores[N:]
-    loss = TritonBTFromScores.apply(t, s, n, float(score_reg_coef))
+    loss, _ = discriminator_loss(s, t, n, score_reg_coef)
     return loss, t, s

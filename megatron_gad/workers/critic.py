@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megatron_gad.config import CriticConfig
 from megatron_gad.engine.model_shard import ModelShard
-from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, resolve_impl
+from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED, disc_bt_loss_packed, disc_head_scores, resolve_impl
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
 from megatron_gad.workers.base import Worker
@@ -30,6 +30,10 @@ class CriticWorker(Worker):
                  init_from: str | None = None):
         self.config = config
         m = config.megatron
+        if config.fused_loss == "te":  # config validation refuses it too; workers may be built directly
+            raise ValueError(TE_HEAD_NOT_USED)
+        # fails early for an explicit "triton" that cannot run; "auto" resolves per call on the
+        # hidden states' device, so it never picks a kernel that cannot run there
         self.impl = resolve_impl(config.fused_loss)
         self.shard = ModelShard("critic", model_path, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                                 params_dtype=m.params_dtype, vocab_divisible_by=vocab_divisible_by, seed=m.seed,
@@ -80,16 +84,14 @@ class CriticWorker(Worker):
 
     def _pair_loss(self, prefix: str):
         def loss_fn(hidden, mb):
-            h = hidden[0].index_select(0, mb["last"])  # [teachers + students, H]
-            k, n = mb["num_teachers"], mb["n"]
+            # the fused loss reads each sequence's last token straight from the packed [1, T, H]
+            # output; teacher_of pairs each student with its teacher (whole or split groups alike)
             w, b = self._head()
-            if n:  # whole groups of n: the fused loss scores each teacher once
-                loss, m, _, _ = disc_head_bt_loss(h[:k], h[k:], w, b, n, impl=self.impl,
-                                                  score_reg_coef=self.config.score_reg_coef)
-            else:  # parts of split groups: pair each student with its own teacher row
-                loss, m, _, _ = disc_head_bt_loss(h[:k].index_select(0, mb["teacher_of"]), h[k:], w, b, 1,
-                                                  impl=self.impl, score_reg_coef=self.config.score_reg_coef)
-            pairs = h.shape[0] - k
+            k = mb["num_teachers"]
+            loss, m, _, _ = disc_bt_loss_packed(hidden, mb["last"], k, mb["teacher_of"], w, b,
+                                                impl=self.config.fused_loss,
+                                                score_reg_coef=self.config.score_reg_coef)
+            pairs = mb["teacher_of"].numel()
             share = pairs / mb["pairs_total"] * mb["share_scale"]  # mean over this micro-batch's pairs -> share
             out = {f"{prefix}{key}": float(v) * share for key, v in m.items()}
             return loss * share, out

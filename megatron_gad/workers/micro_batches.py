@@ -124,8 +124,8 @@ def pair_groups(batch: dict, n: int, b: Batching, min_count: int = 1) -> list[li
 def pair_micro_batch(batch: dict, parts: list[GroupPart], align: int = 1, pad_id: int = 0) -> dict:
     """One packed critic micro-batch: the parts' teacher sequences, then their student samples.
     ``teacher_of`` [pairs] says which teacher (position among this micro-batch's teachers) each
-    student is paired with; ``n`` is the students per teacher when every part is a whole group of
-    equal size (the fused loss's fast path), else 0."""
+    student is paired with (the loss reads it, whole or split groups alike); ``n`` is the students
+    per teacher when every part is a whole group of equal size, else 0."""
     def tokens(prompt_ids, prompt_mask, resp, resp_mask):
         return torch.cat([prompt_ids[prompt_mask.bool()], resp[resp_mask.bool()]])
 

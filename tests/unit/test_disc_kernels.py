@@ -7,9 +7,16 @@ import textwrap
 import pytest
 import torch
 
-from megatron_gad.algos import discriminator_loss
+from megatron_gad.algos import discriminator_loss, discriminator_loss_paired
+from megatron_gad.config import CriticConfig
 from megatron_gad.kernels import disc_loss as dl
-from megatron_gad.kernels.disc_loss import disc_head_bt_loss, disc_head_scores, gather_last_hidden, resolve_impl
+from megatron_gad.kernels.disc_loss import (
+    disc_bt_loss_packed,
+    disc_head_bt_loss,
+    disc_head_scores,
+    gather_last_hidden,
+    resolve_impl,
+)
 
 
 def _case(N=3, n=4, H=16, dtype=torch.float32, seed=0):
@@ -72,43 +79,173 @@ def test_resolve_impl_cpu(monkeypatch, caplog):
         assert resolve_impl("auto") == "triton"
 
 
+def test_resolve_auto_never_picks_te(monkeypatch):
+    # a GPU box with Transformer Engine: auto must still pick a kernel that runs on a plain weight
+    monkeypatch.setattr(dl, "_te_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_impl("auto", "cpu") == "torch"  # CPU tensors on a CUDA box: Triton cannot run them
+    monkeypatch.setattr(dl, "_has_module", lambda name: True)
+    assert resolve_impl("auto", "cuda") == "triton"
+    monkeypatch.setattr(dl, "_has_module", lambda name: name != "triton")
+    assert resolve_impl("auto", "cuda") == "torch"
+
+
+class _FakeShard:  # just the critic's value head: the loss function needs nothing else
+    def __init__(self, *args, **kwargs):
+        g = torch.Generator().manual_seed(3)
+        head = torch.nn.Linear(8, 1)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(1, 8, generator=g))
+        self.module = type("M", (), {"output_layer": head})()
+
+
+def _critic_mb(T=30, k=2, teacher_of=(0, 0, 0, 1, 1)):
+    last = torch.tensor([4, 9, 13, 18, 22, 26, 29])[: k + len(teacher_of)]
+    return {"last": last, "num_teachers": k, "teacher_of": torch.tensor(teacher_of), "n": 0,
+            "pairs_total": float(len(teacher_of)), "share_scale": 1.0}
+
+
+def test_critic_loss_with_te_installed(monkeypatch):
+    """Defect 1: with TE + CUDA present, fused_loss=auto resolved to "te" and every critic loss
+    raised on the plain ValueHead weight. Drives the worker's own __init__ and loss function."""
+    from megatron_gad.workers import critic as critic_mod
+
+    monkeypatch.setattr(dl, "_te_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(critic_mod, "ModelShard", _FakeShard)
+    worker = critic_mod.CriticWorker(CriticConfig(score_reg_coef=0.1), model_path="unused", vocab_divisible_by=1,
+                                     total_steps=1)
+    mb = _critic_mb()
+    hidden = torch.randn(1, 30, 8, requires_grad=True)
+    loss, metrics = worker._pair_loss("critic/")(hidden, mb)
+    loss.backward()
+    head = worker.shard.module.output_layer
+    scores = (hidden[0, mb["last"]] @ head.weight.t()).squeeze(-1) + head.bias
+    ref, ref_m = discriminator_loss_paired(scores[2:], scores[:2], mb["teacher_of"], 0.1)
+    torch.testing.assert_close(loss, ref)
+    assert metrics["critic/d_acc"] == pytest.approx(float(ref_m["d_acc"]))
+    assert hidden.grad.abs().sum() > 0
+
+
+def test_critic_refuses_te():
+    from megatron_gad.workers.critic import CriticWorker
+
+    with pytest.raises(ValueError, match="not used in training"):
+        CriticWorker(CriticConfig(fused_loss="te"), model_path="unused", vocab_divisible_by=1, total_steps=1)
+    hidden, w = torch.randn(1, 30, 8), torch.randn(1, 8)
+    mb = _critic_mb()
+    with pytest.raises(ValueError, match="not used in training"):
+        disc_bt_loss_packed(hidden, mb["last"], 2, mb["teacher_of"], w, None, impl="te")
+
+
+def test_paired_loss_counts_each_teacher_once():
+    t = torch.tensor([1.0, -1.0])
+    s = torch.tensor([0.0, 2.0, 1.0])  # teacher 0 has two students, teacher 1 one
+    loss, m = discriminator_loss_paired(s, t, torch.tensor([0, 0, 1]), score_reg_coef=0.1)
+    sp = lambda x: float(torch.nn.functional.softplus(torch.tensor(x)))
+    bt = (sp(-1.0) + sp(1.0) + sp(2.0)) / 3
+    assert float(m["d_loss"]) == pytest.approx(bt, abs=1e-6)
+    assert float(m["score_reg"]) == pytest.approx(0.1 * (1 + 1 + 0 + 4 + 1) / 5, abs=1e-6)
+    assert float(m["teacher_value_mean"]) == pytest.approx(0.0)
+    assert float(m["d_acc"]) == pytest.approx(1 / 3)
+    assert loss.item() == pytest.approx(bt + float(m["score_reg"]), abs=1e-6)
+    # whole groups: the same as discriminator_loss
+    s4 = torch.tensor([0.0, 2.0, 1.0, -3.0])
+    a, ma = discriminator_loss_paired(s4, t, torch.tensor([0, 0, 1, 1]), 0.2)
+    b, mb = discriminator_loss(s4, t, 2, 0.2)
+    torch.testing.assert_close(a, b)
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_packed_torch_path_matches_gathered():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 40, 6, generator=g, requires_grad=True)
+    w, b = torch.randn(1, 6, generator=g), torch.randn(1, generator=g)
+    rows = torch.tensor([5, 11, 17, 23, 29, 35, 39])  # 2 teachers, 5 students (n = 0: ragged)
+    teacher_of = torch.tensor([0, 0, 1, 1, 1])
+    loss, _, t, s = disc_bt_loss_packed(hidden, rows, 2, teacher_of, w, b, "torch", 0.05)
+    loss.backward()
+    h = hidden.detach()[0, rows]
+    torch.testing.assert_close(t, h[:2] @ w[0] + b)
+    torch.testing.assert_close(s, h[2:] @ w[0] + b)
+    others = torch.ones(40, dtype=torch.bool)
+    others[rows] = False
+    assert (hidden.grad[0, others] == 0).all() and (hidden.grad[0, rows] != 0).all()
+    # whole groups: the gathered-rows API gives the same loss and metrics
+    tw = torch.tensor([0, 0, 0, 1, 1, 1])
+    rows6 = torch.tensor([1, 5, 11, 17, 23, 29, 35, 39])
+    l1, m1, _, _ = disc_bt_loss_packed(hidden.detach(), rows6, 2, tw, w, b, "torch", 0.05)
+    h6 = hidden.detach()[0, rows6]
+    l2, m2, _, _ = disc_head_bt_loss(h6[:2], h6[2:], w, b, 3, "torch", 0.05)
+    torch.testing.assert_close(l1, l2)
+    for k in m1:
+        torch.testing.assert_close(m1[k], m2[k])
+
+
 # Triton in the interpreter, in a fresh process: TRITON_INTERPRET must precede `import triton`.
 _TRITON_SCRIPT = textwrap.dedent(
     """
+    import json
     import torch
-    from megatron_gad.kernels.disc_loss import disc_head_bt_loss
-    from megatron_gad.kernels.triton_disc import TritonBTFromScores
-    from megatron_gad.algos import discriminator_loss
+    from megatron_gad.kernels.disc_loss import disc_bt_loss_packed, disc_head_bt_loss
 
-    def run(N, n, H, bias, coef, seed):
+    TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: {}}  # {}: torch's bf16 tolerances
+    worst = {}
+
+    def case(name, T, H, k, teacher_of, dtype, bias, coef, seed, layout="1TH"):
         g = torch.Generator().manual_seed(seed)
-        base = [torch.randn(N, H, generator=g), torch.randn(N * n, H, generator=g),
-                torch.randn(1, H, generator=g) * 0.3, torch.randn(1, generator=g)]
+        P = len(teacher_of)
+        rows = torch.randperm(T, generator=g)[: k + P]  # distinct last-token rows, any order
+        teacher_of = torch.tensor(teacher_of)
+        base = [torch.randn(T, H, generator=g).to(dtype), (torch.randn(1, H, generator=g) * 0.3).to(dtype),
+                torch.randn(1, generator=g).to(dtype)]
         res = {}
-        for impl in ("torch", "triton"):
-            xs = [x.clone().requires_grad_() for x in base]
-            loss, m, t, s = disc_head_bt_loss(xs[0], xs[1], xs[2], xs[3] if bias else None, n, impl, coef)
+        for impl in ("torch", "triton", "triton"):
+            hid, w, b = (x.clone().requires_grad_() for x in base)
+            # the critic hands over [1, T, H]; [T, 1, H] transposed is a strided view of the same
+            x = {"1TH": hid[None], "TH": hid, "T1H": hid[:, None].transpose(0, 1)}[layout]
+            loss, m, t, s = disc_bt_loss_packed(x, rows, k, teacher_of, w, b if bias else None, impl, coef)
             loss.backward()
-            res[impl] = [loss, t, s] + [x.grad for x in xs[: 4 if bias else 3]] + [m]
-        a, b = res["torch"], res["triton"]
-        for x, y in zip(a[:-1], b[:-1]):
-            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)
-        assert a[-1].keys() == b[-1].keys()
-        for k in a[-1]:
-            torch.testing.assert_close(b[-1][k], a[-1][k], atol=1e-5, rtol=1e-5)
+            out = [loss, t, s, hid.grad, w.grad] + ([b.grad] if bias else [])
+            if impl in res:  # a second run: bit-identical (no atomics anywhere)
+                assert all(torch.equal(u, v) for u, v in zip(out, res[impl][0])), name
+            res[impl] = (out, m)
+        (ref, mref), (got, mgot) = res["torch"], res["triton"]
+        others = torch.ones(T, dtype=torch.bool)
+        others[rows] = False
+        assert (got[3][others] == 0).all(), f"{name}: dh written outside the gathered rows"
+        names = ["loss", "t", "s", "dh", "dw", "db"]
+        for nm, u, v in zip(names, ref, got):
+            assert u.dtype == v.dtype and u.shape == v.shape, (name, nm, u.dtype, v.dtype, u.shape, v.shape)
+            torch.testing.assert_close(v, u, **TOL[dtype], msg=lambda m: f"{name} {nm}: {m}")
+            key = f"{dtype}".split(".")[1]
+            worst[key] = max(worst.get(key, 0.0), float((v.double() - u.double()).abs().max()))
+        assert mref.keys() == mgot.keys()
+        for key in mref:
+            torch.testing.assert_close(mgot[key], mref[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name} {key}: {m}")
 
-    run(N=3, n=4, H=40, bias=True, coef=0.0, seed=0)    # H not a multiple of the block
-    run(N=2, n=3, H=300, bias=False, coef=0.1, seed=1)  # n not a power of 2, 2 H blocks
-    run(N=4, n=1, H=8, bias=True, coef=0.02, seed=2)    # n = 1
+    whole = [i for i in range(3) for _ in range(4)]  # 3 teachers x n=4
+    ragged = [1] * 17 + [0, 0] + [2] + [1] * 3  # split groups: 2, 20 (two student blocks), 1 students
+    for dtype in (torch.float32, torch.bfloat16):
+        case("whole", 64, 40, 3, whole, dtype, bias=True, coef=0.0, seed=0)  # H not a block multiple
+        case("whole-reg", 64, 40, 3, whole, dtype, bias=False, coef=0.1, seed=1, layout="TH")
+        case("ragged", 96, 300, 3, ragged, dtype, bias=True, coef=0.05, seed=2)  # 3 H blocks
+        case("ragged-noreg", 96, 136, 3, ragged, dtype, bias=False, coef=0.0, seed=3, layout="T1H")
+        case("one-pair", 8, 8, 1, [0], dtype, bias=True, coef=0.02, seed=4)
 
-    # scores-only kernel (used by the TE path)
-    t = torch.randn(3, requires_grad=True); s = torch.randn(9, requires_grad=True)
-    loss = TritonBTFromScores.apply(t, s, 3, 0.1); loss.backward()
-    t2 = t.detach().clone().requires_grad_(); s2 = s.detach().clone().requires_grad_()
-    ref, _ = discriminator_loss(s2, t2, 3, 0.1); ref.backward()
-    torch.testing.assert_close(loss, ref); torch.testing.assert_close(t.grad, t2.grad)
-    torch.testing.assert_close(s.grad, s2.grad)
-    print("TRITON_OK")
+    # the gathered-rows API routes impl="triton" through the same kernels
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 24, generator=g), torch.randn(6, 24, generator=g), torch.randn(1, 24, generator=g),
+          torch.randn(1, generator=g)]
+    grads = []
+    for impl in ("torch", "triton"):
+        ys = [x.clone().requires_grad_() for x in xs]
+        loss, m, t, s = disc_head_bt_loss(*ys, 3, impl, 0.1)
+        loss.backward()
+        grads.append([loss, t, s] + [y.grad for y in ys])
+    for u, v in zip(*grads):
+        torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-5)
+    print("TRITON_OK", json.dumps(worst))
     """
 )
 
@@ -116,8 +253,9 @@ _TRITON_SCRIPT = textwrap.dedent(
 def test_triton_interpreted_matches_torch():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "TRITON_OK" in r.stdout, r.stdout + r.stderr
+    print(r.stdout.strip())  # max |triton - torch| over loss, scores and all gradients, per dtype
 
 
 def test_gather_last_hidden_grad():
