@@ -163,6 +163,8 @@ class CriticConfig:
     ppo_max_token_len_per_gpu: int = 16384
     forward_max_token_len_per_gpu: int = 16384
     ppo_epochs: int = 1
+    # auto: the fused Triton kernel where Triton runs (CUDA), else torch. "te" is refused by validation
+    # (kernels/disc_loss.py:TE_HEAD_NOT_USED); it stays in the choices so the refusal can say why.
     fused_loss: Literal["auto", "triton", "torch", "te"] = "auto"
     score_reg_coef: float = 0.0
     head_init_std: float = 0.0  # 0.0 = zero-init scalar head

@@ -215,6 +215,10 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
         bad.append("actor_rollout_ref.rollout.name=vllm: the vLLM rollout engine is not part of this release; use "
                    "actor_rollout_ref.rollout.name=megatron (native Megatron sampling with a KV cache, on the "
                    "actor's own weights, so nothing needs syncing)")
+    if cfg.critic.fused_loss == "te":
+        from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED  # the one wording, shared with the worker
+
+        bad.append(TE_HEAD_NOT_USED)
     if trainer.device == "cpu":
         for role in _ROLES:
             if _get(cfg, role).megatron.params_dtype == "float16":

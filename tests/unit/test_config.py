@@ -179,6 +179,8 @@ VALIDATE_ERRORS = [
     (["trainer.save_freq=0"], None, "must be -1 (never) or >= 1"),
     (["actor_rollout_ref.rollout.name=vllm", "trainer.device=cuda"], None,
      "actor_rollout_ref.rollout.name=vllm: the vLLM rollout engine is not part of this release"),
+    (["critic.fused_loss=te"], None,
+     "critic.fused_loss=te: the Transformer Engine value head is not used in training"),
     (["trainer.device=cpu", "critic.megatron.params_dtype=float16"], None,
      "critic.megatron.params_dtype=float16 is not supported with trainer.device=cpu"),
     (["actor_rollout_ref.actor.optim.lr_scheduler=cosine", "actor_rollout_ref.actor.optim.min_lr=1e-3"], None,
