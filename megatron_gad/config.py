@@ -208,6 +208,9 @@ class TrainerConfig:
     n_gpus_per_node: int = 1
     placement: Literal["colocate", "split"] = "colocate"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # "ray": each role's ranks are Ray processes; "local": each role's one rank runs in the trainer's own
+    # process (no Ray; one device, TP = PP = DP = 1 — the GPU check machine, quick single-device runs).
+    workers: Literal["ray", "local"] = "ray"
     log_every: int = 1
 
 

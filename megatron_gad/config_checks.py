@@ -74,6 +74,11 @@ def _check_optim(key: str, o: OptimConfig, bad: list[str]) -> None:
 
 def _check_layout(cfg: GADConfig, bad: list[str]) -> None:
     world, placement = world_size(cfg), cfg.trainer.placement
+    if cfg.trainer.workers == "local" and (world != 1 or placement != "colocate"):
+        bad.append(f"trainer.workers=local runs each role's one rank in the trainer's process: it needs "
+                   f"trainer.nnodes*trainer.n_gpus_per_node=1 and trainer.placement=colocate (got world size "
+                   f"{world}, placement={placement}); use trainer.workers=ray for more ranks")
+        return
     if placement == "split" and world % 2:
         bad.append(f"trainer.placement=split gives half the GPUs to the actor and half to the critic, but the "
                    f"world size (trainer.nnodes*trainer.n_gpus_per_node) is {world}, which is odd; use an even "

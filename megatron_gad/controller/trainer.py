@@ -37,10 +37,7 @@ def _use_gpu(cfg: GADConfig) -> bool:
 
 class GADTrainer:
     def __init__(self, cfg: GADConfig):
-        import ray
         from transformers import AutoTokenizer
-
-        from megatron_gad.controller.worker_group import WorkerGroup
 
         self.cfg = cfg
         t, d = cfg.trainer, cfg.data
@@ -66,28 +63,51 @@ class GADTrainer:
         self.step = 0
         self.phases: list[str] = []
 
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
-        gpu = _use_gpu(cfg)
         world_actor = actor_dp(cfg) * cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size \
             * cfg.actor_rollout_ref.actor.megatron.pipeline_model_parallel_size
         world_critic = critic_dp(cfg) * cfg.critic.megatron.tensor_model_parallel_size \
             * cfg.critic.megatron.pipeline_model_parallel_size
-        pg, critic_offset, frac = self._placement(gpu, world_actor, world_critic)
-        log.info("starting %d actor ranks and %d critic ranks (%s)", world_actor, world_critic, t.placement)
+        log.info("starting %d actor ranks and %d critic ranks (%s, %s workers)", world_actor, world_critic,
+                 t.placement, t.workers)
+        group = self._local_group if t.workers == "local" else self._ray_group_factory(world_actor, world_critic)
         # Each worker gets its own role's section plus the few shared values, named explicitly.
         arr = cfg.actor_rollout_ref
-        self.actor = WorkerGroup("actor", world_actor, dict(
+        self.actor = group("actor", world_actor, dict(
             config=arr, max_response_length=d.max_response_length, total_steps=self.total_steps,
-            eos_id=self.eos_id, pad_id=self.pad_id, init_from=t.init_actor_from), gpu, pg, 0, frac)
+            eos_id=self.eos_id, pad_id=self.pad_id, init_from=t.init_actor_from))
         self.critic = None
         if t.mode == "gad":
-            self.critic = WorkerGroup("critic", world_critic, dict(
+            self.critic = group("critic", world_critic, dict(
                 config=cfg.critic, model_path=critic_model_path(cfg), total_steps=self.total_steps,
-                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from),
-                gpu, pg, critic_offset, frac)
+                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from))
         self.logger = None
+
+    @staticmethod
+    def _local_group(role: str, world: int, worker_kwargs: dict):
+        """trainer.workers=local: the role's one rank in this process (no Ray; world size 1)."""
+        from megatron_gad.controller.local_group import LocalWorkerGroup
+
+        if world != 1:
+            raise ValueError(f"trainer.workers=local hosts one rank per role, but the {role} has {world}")
+        return LocalWorkerGroup(role, worker_kwargs)
+
+    def _ray_group_factory(self, world_actor: int, world_critic: int):
+        """trainer.workers=ray: each role's ranks as Ray processes (placement on GPUs)."""
+        import ray
+
+        from megatron_gad.controller.worker_group import WorkerGroup
+
+        cfg = self.cfg
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
+                     log_to_driver=True, configure_logging=False)
+        gpu = _use_gpu(cfg)
+        pg, critic_offset, frac = self._placement(gpu, world_actor, world_critic)
+
+        def group(role: str, world: int, worker_kwargs: dict):
+            return WorkerGroup(role, world, worker_kwargs, gpu, pg, 0 if role == "actor" else critic_offset, frac)
+
+        return group
 
     def _placement(self, gpu: bool, world_actor: int, world_critic: int):
         """GPU bundles: colocated roles share each GPU (half each); split gives each its own GPUs."""
