@@ -124,4 +124,11 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
     )
     if role == "critic" and post:
         model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype)
+    # Without Apex, the local spec's norms are torch RMSNorms created in fp32 whatever params_dtype is.
+    # Megatron's bf16/fp16 optimizer then holds them as fp32 params beside the fp32 copies of the
+    # half-precision ones, which its checkpoint code does not expect (the optimizer state maps onto the
+    # wrong parameters on save). Every parameter takes params_dtype, as with TE's norms.
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != config.params_dtype:
+            p.data = p.data.to(config.params_dtype)
     return model
