@@ -74,34 +74,43 @@ class GADTrainer:
             * cfg.actor_rollout_ref.actor.megatron.pipeline_model_parallel_size
         world_critic = critic_dp(cfg) * cfg.critic.megatron.tensor_model_parallel_size \
             * cfg.critic.megatron.pipeline_model_parallel_size
-        pg, critic_offset, frac = self._placement(gpu, world_actor, world_critic)
+        pg, actor_bundles, critic_bundles, frac = self._placement(gpu, world_actor, world_critic)
         log.info("starting %d actor ranks and %d critic ranks (%s)", world_actor, world_critic, t.placement)
         # Each worker gets its own role's section plus the few shared values, named explicitly.
         arr = cfg.actor_rollout_ref
         self.actor = WorkerGroup("actor", world_actor, dict(
             config=arr, max_response_length=d.max_response_length, total_steps=self.total_steps,
-            eos_id=self.eos_id, pad_id=self.pad_id, init_from=t.init_actor_from), gpu, pg, 0, frac)
+            eos_id=self.eos_id, pad_id=self.pad_id, init_from=t.init_actor_from), gpu, pg, actor_bundles, frac)
         self.critic = None
         if t.mode == "gad":
             self.critic = WorkerGroup("critic", world_critic, dict(
                 config=cfg.critic, model_path=critic_model_path(cfg), total_steps=self.total_steps,
                 vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from),
-                gpu, pg, critic_offset, frac)
+                gpu, pg, critic_bundles, frac)
         self.logger = None
 
     def _placement(self, gpu: bool, world_actor: int, world_critic: int):
-        """GPU bundles: colocated roles share each GPU (half each); split gives each its own GPUs."""
+        """GPU bundles: colocated roles share each GPU (half each); split gives each its own GPUs.
+        Returns the placement group, each role's bundle per rank and the GPU fraction per rank."""
         if not gpu:
-            return None, 0, 1.0
-        from ray.util.placement_group import placement_group
+            return None, None, None, 1.0
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        from megatron_gad.controller.placement import rank_bundles
 
         colocate = self.cfg.trainer.placement == "colocate"
         bundles = max(world_actor, world_critic) if colocate else world_actor + world_critic
         pg = placement_group([{"GPU": 1, "CPU": 1}] * bundles, strategy="PACK")
-        import ray
-
         ray.get(pg.ready())
-        return pg, (0 if colocate else world_actor), (0.5 if colocate else 1.0)
+        # PACK numbers bundles in no node order: map ranks node by node so TP groups stay on one node
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        tp_actor = self.cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size
+        tp_critic = self.cfg.critic.megatron.tensor_model_parallel_size
+        actor = rank_bundles(nodes, world_actor, tp_actor, 0, "actor")
+        critic = rank_bundles(nodes, world_critic, tp_critic, 0 if colocate else world_actor, "critic") \
+            if self.cfg.trainer.mode == "gad" else None
+        return pg, actor, critic, (0.5 if colocate else 1.0)
 
     # ------------------------------------------------------------------ one global step
     @contextlib.contextmanager
