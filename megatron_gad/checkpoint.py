@@ -99,6 +99,7 @@ def load_checkpoint(path: str, model, optimizer=None, *, load_rng: bool = False,
     reshards). ``skip_output_layer`` loads a backbone only, e.g. a discriminator from an actor
     checkpoint. Returns the ``extra`` dict saved with it."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     if not is_megatron_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a megatron-gad checkpoint (no {META})")
@@ -109,7 +110,17 @@ def load_checkpoint(path: str, model, optimizer=None, *, load_rng: bool = False,
         if not meta.get("has_optimizer"):
             raise ValueError(f"{path} holds no optimizer state")
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
-    loaded = dist_checkpointing.load(state, os.path.join(path, "dist"))
+    # The local and the Transformer Engine specs write the same tensor keys (the local spec's
+    # sharded_state_dict_keys_map stores its norms under TE's fused names, e.g.
+    # ``linear_qkv.layer_norm_weight``), but TE modules may ask for ``_extra_state`` (FP8 metadata)
+    # that a checkpoint from the other spec never wrote. RETURN_UNEXPECTED drops requested keys the
+    # checkpoint lacks *before* reading (a plain load raises on them) and names them, so only
+    # optional extra state may be absent: those modules keep their fresh state.
+    loaded, _, absent = dist_checkpointing.load(state, os.path.join(path, "dist"),
+                                                strict=StrictHandling.RETURN_UNEXPECTED)
+    bad = sorted(k for k in absent if not k.endswith("_extra_state"))
+    if bad:
+        raise KeyError(f"{path}: checkpoint lacks {bad[:5]}{'...' if len(bad) > 5 else ''}")
     missing = model.load_state_dict(loaded["model"], strict=False)
     bad = [k for k in missing.missing_keys if not (skip_output_layer and k.startswith("output_layer."))
            and not k.endswith("_extra_state")]

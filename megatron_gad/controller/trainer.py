@@ -102,26 +102,36 @@ class GADTrainer:
             ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
                      log_to_driver=True, configure_logging=False)
         gpu = _use_gpu(cfg)
-        pg, critic_offset, frac = self._placement(gpu, world_actor, world_critic)
+        pg, actor_bundles, critic_bundles, frac = self._placement(gpu, world_actor, world_critic)
 
         def group(role: str, world: int, worker_kwargs: dict):
-            return WorkerGroup(role, world, worker_kwargs, gpu, pg, 0 if role == "actor" else critic_offset, frac)
+            bundles = actor_bundles if role == "actor" else critic_bundles
+            return WorkerGroup(role, world, worker_kwargs, gpu, pg, bundles, frac)
 
         return group
 
     def _placement(self, gpu: bool, world_actor: int, world_critic: int):
-        """GPU bundles: colocated roles share each GPU (half each); split gives each its own GPUs."""
+        """GPU bundles: colocated roles share each GPU (half each); split gives each its own GPUs.
+        Returns the placement group, each role's bundle per rank and the GPU fraction per rank."""
         if not gpu:
-            return None, 0, 1.0
-        from ray.util.placement_group import placement_group
+            return None, None, None, 1.0
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        from megatron_gad.controller.placement import rank_bundles
 
         colocate = self.cfg.trainer.placement == "colocate"
         bundles = max(world_actor, world_critic) if colocate else world_actor + world_critic
         pg = placement_group([{"GPU": 1, "CPU": 1}] * bundles, strategy="PACK")
-        import ray
-
         ray.get(pg.ready())
-        return pg, (0 if colocate else world_actor), (0.5 if colocate else 1.0)
+        # PACK numbers bundles in no node order: map ranks node by node so TP groups stay on one node
+        nodes = placement_group_table(pg)["bundles_to_node_id"]
+        tp_actor = self.cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size
+        tp_critic = self.cfg.critic.megatron.tensor_model_parallel_size
+        actor = rank_bundles(nodes, world_actor, tp_actor, 0, "actor")
+        critic = rank_bundles(nodes, world_critic, tp_critic, 0 if colocate else world_actor, "critic") \
+            if self.cfg.trainer.mode == "gad" else None
+        return pg, actor, critic, (0.5 if colocate else 1.0)
 
     # ------------------------------------------------------------------ one global step
     @contextlib.contextmanager

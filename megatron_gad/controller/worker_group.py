@@ -18,8 +18,19 @@ import torch
 from megatron_gad.parallel.state import Layout
 from megatron_gad.workers.dispatch import collect, dispatch_spec, rank_args
 
-_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "RAY_USAGE_STATS_ENABLED": "0",
-        "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+_ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONWARNINGS": "ignore"}
+
+
+def worker_env(use_gpu: bool, single_node: bool) -> dict[str, str]:
+    """Environment of every worker process. Gloo is pinned to loopback only for a CPU run on one
+    node (gloo is then the role's only backend, and loopback avoids picking an unroutable
+    interface in containers). Across nodes, or on GPUs, no override: gloo bound to loopback
+    cannot reach another node, and a multi-node run hangs at start-up."""
+    env = dict(_ENV)
+    if not use_gpu and single_node:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
 
 
 def worker_class(role: str) -> type:
@@ -74,11 +85,14 @@ class WorkerGroup:
     that name on every rank as its declaration says."""
 
     def __init__(self, role: str, world: int, worker_kwargs: dict, use_gpu: bool,
-                 placement_group=None, bundle_offset: int = 0, gpu_fraction: float = 1.0):
+                 placement_group=None, bundles: list[int] | None = None, gpu_fraction: float = 1.0):
+        """``bundles``: the placement-group bundle of each rank (``controller/placement.py``
+        keeps each TP group on one node)."""
         # CPU: no reservation (gloo ranks share the cores). GPU: colocated roles split each bundle's
         # GPU and CPU in half.
+        single_node = len([n for n in ray.nodes() if n.get("Alive")]) <= 1
         opts = {"num_cpus": gpu_fraction if use_gpu else 0.01, "num_gpus": gpu_fraction if use_gpu else 0,
-                "runtime_env": {"env_vars": _ENV}}
+                "runtime_env": {"env_vars": worker_env(use_gpu, single_node)}}
         procs = []
         for r in range(world):
             o = dict(opts)
@@ -86,7 +100,7 @@ class WorkerGroup:
                 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    placement_group=placement_group, placement_group_bundle_index=bundle_offset + r)
+                    placement_group=placement_group, placement_group_bundle_index=bundles[r])
             procs.append(WorkerProcess.options(**o).remote())
         self.role = role
         self.worker_cls = worker_class(role)

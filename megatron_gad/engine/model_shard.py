@@ -82,7 +82,7 @@ class ModelShard:
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad,
             bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype, use_distributed_optimizer=False,
-        ), [self.ddp])
+        ), [self.ddp], use_gloo_process_groups=state.uses_gloo_groups())
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state (Adam moments, fp32 master copies) held on this rank."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_gad.config import padded_vocab_size
 from megatron_gad.models.arch import Arch, torch_dtype
+
+log = logging.getLogger("megatron_gad")
 
 
 def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32"):
@@ -60,8 +65,17 @@ def layer_spec(arch: Arch):
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
             return get_gpt_layer_with_transformer_engine_spec()
-        except ImportError:
-            pass
+        # Not only ImportError: a wheel whose shared library does not load (wrong CUDA, missing
+        # .so) raises OSError or RuntimeError from the import. Any of them means "no TE here".
+        except Exception as exc:
+            log.warning("Transformer Engine unusable (%s: %s); building the local spec instead",
+                        type(exc).__name__, exc)
+            # Megatron guards its own TE imports (e.g. in the local spec's module tree) with
+            # ``except ImportError``; a retried broken import would raise the OSError again there.
+            # None in sys.modules makes every later ``import transformer_engine`` an ImportError.
+            for name in [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]:
+                del sys.modules[name]
+            sys.modules["transformer_engine"] = None
     # Megatron's local spec with a core attention that also takes packed (THD) input and, under
     # MEGATRON_GAD_EMULATE_TE_MASKING=1, masks only what TE would (unpacked: exactly Megatron's).
     from megatron_gad.models.packed_attention import packed_local_layer_spec

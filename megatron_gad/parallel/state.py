@@ -73,9 +73,19 @@ def init_model_parallel(tp: int, pp: int, seed: int = 42) -> Layout:
         if (cur.tp_size, cur.pp_size) == (tp, pp):  # e.g. a reference model beside the actor
             return cur
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    # Megatron 0.16 also builds gloo copies of the data-parallel groups by default; only its
+    # distributed optimizer uses them (we do not), and on GPUs across nodes they are one more
+    # bootstrap over sockets that can hang. Only a gloo (CPU) run keeps them, where they cost nothing.
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 create_gloo_process_groups=uses_gloo_groups())
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout()
+
+
+def uses_gloo_groups() -> bool:
+    """Whether this process's Megatron groups include gloo copies (the default group is gloo).
+    ``get_megatron_optimizer(use_gloo_process_groups=...)`` must agree, or it asserts."""
+    return dist.get_backend() == "gloo"
 
 
 def layout() -> Layout:
