@@ -21,20 +21,8 @@ import gc
 
 import torch
 
+from megatron_gad.controller.group_base import DeclaredGroup, worker_class
 from megatron_gad.parallel.state import Layout
-from megatron_gad.workers.dispatch import collect, dispatch_spec, rank_args
-
-
-def _worker_class(role: str) -> type:
-    if role == "actor":
-        from megatron_gad.workers.actor import ActorWorker
-
-        return ActorWorker
-    if role == "critic":
-        from megatron_gad.workers.critic import CriticWorker
-
-        return CriticWorker
-    raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
 
 
 def ensure_single_process_group() -> None:
@@ -52,7 +40,7 @@ def ensure_single_process_group() -> None:
     state.init_distributed(0, 1, "127.0.0.1", free_port())
 
 
-class LocalWorkerGroup:
+class LocalWorkerGroup(DeclaredGroup):
     """One rank of ``role`` in this process. ``group.<method>(...)`` calls the worker method of that
     name as its declaration says (world size 1: one replica, whose collector is this rank)."""
 
@@ -60,7 +48,7 @@ class LocalWorkerGroup:
         from megatron_gad.parallel.cpu_compat import cpu_device_mode
 
         self.role = role
-        self.worker_cls = _worker_class(role)
+        self.worker_cls = worker_class(role)
         ensure_single_process_group()
         with cpu_device_mode():
             self.worker = self.worker_cls(**worker_kwargs)
@@ -69,22 +57,12 @@ class LocalWorkerGroup:
             raise RuntimeError(f"{role}: a local worker group holds one rank, got layout {self.layouts[0]}")
         self.dp_size = self.layouts[0].dp_size
 
-    def __getattr__(self, name: str):
-        if name.startswith("_") or name in ("worker_cls", "worker", "layouts", "dp_size", "role"):
-            raise AttributeError(name)
-        spec = dispatch_spec(self.worker_cls, name)
+    def _execute(self, name: str, per_rank_args: list[tuple], kwargs: dict) -> list:
+        from megatron_gad.parallel.cpu_compat import cpu_device_mode
 
-        def call(*args, **kwargs):
-            from megatron_gad.parallel.cpu_compat import cpu_device_mode
-
-            dp_ranks = [lay.dp_rank for lay in self.layouts]
-            (rank_a,) = rank_args(spec, args, dp_ranks)
-            with cpu_device_mode():
-                result = getattr(self.worker, name)(*rank_a, **kwargs)
-            return collect(spec, [result], dp_ranks)
-
-        call.__name__ = name
-        return call
+        (args,) = per_rank_args  # world size 1: one rank
+        with cpu_device_mode():
+            return [getattr(self.worker, name)(*args, **kwargs)]
 
     def shutdown(self) -> None:
         """Drop the worker (and its GPU memory); the process group stays for the process."""

@@ -15,8 +15,8 @@ import socket
 import ray
 import torch
 
+from megatron_gad.controller.group_base import DeclaredGroup, worker_class
 from megatron_gad.parallel.state import Layout
-from megatron_gad.workers.dispatch import collect, dispatch_spec, rank_args
 
 _ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "ignore"}
@@ -31,18 +31,6 @@ def worker_env(use_gpu: bool, single_node: bool) -> dict[str, str]:
     if not use_gpu and single_node:
         env["GLOO_SOCKET_IFNAME"] = "lo"
     return env
-
-
-def worker_class(role: str) -> type:
-    if role == "actor":
-        from megatron_gad.workers.actor import ActorWorker
-
-        return ActorWorker
-    if role == "critic":
-        from megatron_gad.workers.critic import CriticWorker
-
-        return CriticWorker
-    raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
 
 
 @ray.remote
@@ -80,7 +68,7 @@ class WorkerProcess:
             return getattr(self.worker, method)(*args, **kwargs)
 
 
-class WorkerGroup:
+class WorkerGroup(DeclaredGroup):
     """The ``world`` ranks of one role. ``group.update_critic(batch, n)`` calls the worker method of
     that name on every rank as its declaration says."""
 
@@ -110,28 +98,18 @@ class WorkerGroup:
             [p.setup.remote(role, r, world, addr, port, worker_kwargs) for r, p in enumerate(procs)])
         self.dp_size = self.layouts[0].dp_size
 
-    def __getattr__(self, name: str):
-        if name.startswith("_") or name in ("worker_cls", "procs", "layouts", "dp_size", "role"):
-            raise AttributeError(name)
-        spec = dispatch_spec(self.worker_cls, name)
+    def _execute(self, name: str, per_rank_args: list[tuple], kwargs: dict) -> list:
+        stored: dict[int, ray.ObjectRef] = {}  # a replica's share goes to the object store once
 
-        def call(*args, **kwargs):
-            dp_ranks = [lay.dp_rank for lay in self.layouts]
-            stored: dict[int, ray.ObjectRef] = {}  # a replica's share goes to the object store once
+        def put(x):
+            if not isinstance(x, dict):
+                return x
+            if id(x) not in stored:
+                stored[id(x)] = ray.put(x)
+            return stored[id(x)]
 
-            def put(x):
-                if not isinstance(x, dict):
-                    return x
-                if id(x) not in stored:
-                    stored[id(x)] = ray.put(x)
-                return stored[id(x)]
-
-            refs = [p.execute.remote(name, *[put(x) for x in a], **kwargs)
-                    for p, a in zip(self.procs, rank_args(spec, args, dp_ranks))]
-            return collect(spec, ray.get(refs), dp_ranks)
-
-        call.__name__ = name
-        return call
+        return ray.get([p.execute.remote(name, *[put(x) for x in a], **kwargs)
+                        for p, a in zip(self.procs, per_rank_args)])
 
     def shutdown(self) -> None:
         for p in self.procs:
