@@ -76,6 +76,10 @@ class MegatronConfig:
     pipeline_model_parallel_size: int = 1
     params_dtype: ParamsDtype = "float32"
     seed: int = 42
+    # FP8 GEMMs through Transformer Engine (GPU with TE, bf16 params): null (off) | e4m3 | hybrid
+    # (e4m3 forward, e5m2 gradients), with Megatron's recipe names.
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
 
 
 @dataclass(frozen=True)

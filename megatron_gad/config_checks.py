@@ -229,6 +229,16 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
             if _get(cfg, role).megatron.params_dtype == "float16":
                 bad.append(f"{role}.megatron.params_dtype=float16 is not supported with trainer.device=cpu "
                            f"(fp16 needs loss scaling and GPU kernels); use bfloat16 or float32 on CPU")
+    for role in _ROLES:
+        m = _get(cfg, role).megatron
+        if m.fp8 is None:
+            continue
+        if trainer.device == "cpu":
+            bad.append(f"{role}.megatron.fp8={m.fp8}: FP8 runs in Transformer Engine on a GPU; it cannot run with "
+                       "trainer.device=cpu (unset it)")
+        if m.params_dtype != "bfloat16":
+            bad.append(f"{role}.megatron.fp8={m.fp8} needs {role}.megatron.params_dtype=bfloat16 (TE keeps bf16 "
+                       f"weights and casts GEMM inputs to FP8), got {m.params_dtype}")
 
     # Layout, batch and architecture rules divide by these sizes: run them only once the sizes are positive
     # (a non-positive size is already reported above and would only add noise or a ZeroDivisionError).

@@ -27,7 +27,8 @@ class ModelShard:
 
     def __init__(self, role: str, model_path: str, tp: int, pp: int, *, params_dtype: str = "float32",
                  vocab_divisible_by: int = 128, seed: int = 42, optim: OptimConfig | None = None,
-                 total_steps: int = 0, head_init_std: float = 0.0, trainable: bool = True):
+                 total_steps: int = 0, head_init_std: float = 0.0, trainable: bool = True, fp8: str | None = None,
+                 fp8_recipe: str = "delayed"):
         self.role = role
         self.model_path = model_path
         self.hf_config = read_hf_config(model_path)
@@ -36,7 +37,8 @@ class ModelShard:
         self.padded_vocab = padded_vocab_size(self.arch.vocab_size, vocab_divisible_by)
         self.layout = state.init_model_parallel(tp, pp, seed)
         torch.manual_seed(seed)
-        self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std)
+        self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std,
+                                  fp8, fp8_recipe)
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
             self.module.cuda(torch.cuda.current_device())
         self.optim = optim or OptimConfig()

@@ -15,7 +15,10 @@ from megatron_gad.models.arch import Arch, torch_dtype
 log = logging.getLogger("megatron_gad")
 
 
-def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32"):
+def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32", fp8: str | None = None,
+                       fp8_recipe: str = "delayed"):
+    """``fp8`` ("e4m3" | "hybrid") runs the Transformer Engine GEMMs of the layers in FP8 with
+    ``fp8_recipe``; Megatron's transformer block enters TE's FP8 autocast itself."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch_dtype(params_dtype)
@@ -53,6 +56,8 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
         variable_seq_lengths=True,  # micro-batches may differ in length (p2p sends shapes)
         moe_token_dispatcher_type="alltoall",  # (dense model; only to satisfy the check above)
         deallocate_pipeline_outputs=False,
+        fp8=fp8,
+        fp8_recipe=fp8_recipe,
     )
 
 
@@ -83,6 +88,12 @@ def layer_spec(arch: Arch):
     return packed_local_layer_spec(normalization="RMSNorm")
 
 
+def is_te_spec(spec) -> bool:
+    """Did :func:`layer_spec` give the Transformer Engine spec (its core attention is TE's)?"""
+    core = spec.submodules.self_attention.submodules.core_attention
+    return getattr(core, "__module__", "").startswith("megatron.core.extensions.transformer_engine")
+
+
 class ValueHead(nn.Linear):
     """hidden -> 1 head stored as the GPT ``output_layer`` (so dist-checkpointing sees
     ``output_layer.weight``), but its forward passes the normed hidden states through: the
@@ -110,7 +121,8 @@ class ValueHead(nn.Linear):
 
 
 def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "float32",
-                vocab_divisible_by: int = 128, head_init_std: float = 0.0):
+                vocab_divisible_by: int = 128, head_init_std: float = 0.0, fp8: str | None = None,
+                fp8_recipe: str = "delayed"):
     """This rank's stage of the actor (``role="actor"``) or discriminator (``role="critic"``).
 
     Call after ``parallel.state.init_model_parallel``.
@@ -121,12 +133,17 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
 
     if role not in ("actor", "critic"):
         raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
-    config = transformer_config(arch, tp, pp, params_dtype)
+    config = transformer_config(arch, tp, pp, params_dtype, fp8, fp8_recipe)
+    spec = layer_spec(arch)
+    if fp8 and not is_te_spec(spec):
+        # the local spec's linear layers have no FP8 path: running it would silently stay bf16
+        raise RuntimeError(f"megatron.fp8={fp8!r} needs the Transformer Engine layer spec (a GPU with TE); "
+                           "this process built the local spec. Unset ...megatron.fp8 or install TE")
     lay = state.layout()
     pre, post = lay.is_first_stage, lay.is_last_stage
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(arch),
+        transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(arch.vocab_size, vocab_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre,

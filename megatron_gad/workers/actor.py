@@ -41,7 +41,7 @@ class ActorWorker(Worker):
 
         def shard(path: str, **kw) -> ModelShard:
             return ModelShard("actor", path, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                              params_dtype=m.params_dtype,
+                              params_dtype=m.params_dtype, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                               vocab_divisible_by=config.model.make_vocab_size_divisible_by, seed=m.seed, **kw)
 
         self.shard = shard(config.model.path, optim=config.actor.optim, total_steps=total_steps)

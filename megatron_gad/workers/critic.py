@@ -37,6 +37,7 @@ class CriticWorker(Worker):
         self.impl = resolve_impl(config.fused_loss)
         self.shard = ModelShard("critic", model_path, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                                 params_dtype=m.params_dtype, vocab_divisible_by=vocab_divisible_by, seed=m.seed,
+                                fp8=m.fp8, fp8_recipe=m.fp8_recipe,
                                 optim=config.optim, total_steps=total_steps, head_init_std=config.head_init_std)
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)

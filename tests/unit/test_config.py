@@ -191,6 +191,10 @@ VALIDATE_ERRORS = [
     (["critic.use_dynamic_bsz=true", "critic.ppo_max_token_len_per_gpu=1000"], None,
      "critic.ppo_max_token_len_per_gpu=1000 is smaller than a teacher sequence plus one student sample can be "
      "(1024 tokens"),
+    (["trainer.device=cpu", "critic.megatron.fp8=hybrid", "critic.megatron.params_dtype=bfloat16"], None,
+     "critic.megatron.fp8=hybrid: FP8 runs in Transformer Engine on a GPU; it cannot run with trainer.device=cpu"),
+    (["trainer.device=cuda", "actor_rollout_ref.actor.megatron.fp8=e4m3"], None,
+     "actor_rollout_ref.actor.megatron.fp8=e4m3 needs actor_rollout_ref.actor.megatron.params_dtype=bfloat16"),
     (["actor_rollout_ref.actor.ppo_max_token_len_per_gpu=0"], None,
      "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=0 must be >= 1"),
 ]

@@ -81,3 +81,19 @@ def test_patches_are_undone():
     assert not any(isinstance(f, _BrokenTE) for f in sys.meta_path)
     assert torch.cuda.is_available.__module__.startswith("torch")
     assert all(mod is not None for mod in _te_modules().values())
+
+
+def test_fp8_reaches_megatron_and_needs_the_te_spec():
+    """``...megatron.fp8`` goes into Megatron's TransformerConfig; the local spec (no TE here) refuses
+    it instead of silently training in bf16."""
+    from megatron_gad.models.arch import Arch
+    from megatron_gad.models.build import build_model, is_te_spec, layer_spec, transformer_config
+
+    arch = Arch(model_type="llama", vocab_size=96, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                ffn_hidden_size=64, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1e4,
+                tie_word_embeddings=False, qkv_bias=False, head_dim=8)
+    cfg = transformer_config(arch, 1, 1, "bfloat16", fp8="hybrid", fp8_recipe="tensorwise")
+    assert (cfg.fp8, cfg.fp8_recipe) == ("hybrid", "tensorwise")
+    assert not is_te_spec(layer_spec(arch))
+    with pytest.raises(RuntimeError, match=r"megatron.fp8='hybrid' needs the Transformer Engine layer spec"):
+        build_model(arch, "actor", 1, 1, "bfloat16", fp8="hybrid")
