@@ -10,11 +10,15 @@ Layout of a model checkpoint directory (also what ``convert hf-to-mcore`` writes
 
 It is written to ``<dir>.tmp`` and renamed when every rank has finished, so a crash never leaves a
 half checkpoint under the final name. A training run keeps ``latest_checkpointed_iteration.txt``
-beside its ``global_step_<N>`` directories (verl's name) as the pointer to the newest one.
+beside its ``global_step_<N>`` directories (verl's name) as the pointer to the newest one. A run
+checkpoint (both roles + ``trainer_state.json``) is written whole under ``global_step_<N>.partial``
+and renamed before ``latest`` moves to it (``save_run_checkpoint``); old ones are pruned only after
+that (``prune_run_checkpoints``, verl's ``trainer.max_{actor,critic}_ckpt_to_keep``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -26,6 +30,9 @@ import torch.distributed as dist
 
 META = "megatron_gad.json"
 LATEST = "latest_checkpointed_iteration.txt"
+TRAINER_STATE = "trainer_state.json"
+STEP_PREFIX = "global_step_"
+PARTIAL = ".partial"  # a run checkpoint being written: global_step_<N>.partial, renamed when complete
 
 
 def is_megatron_checkpoint(path: str) -> bool:
@@ -150,3 +157,94 @@ def read_latest(run_dir: str) -> int | None:
         return None
     with open(p) as f:
         return int(f.read().strip())
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to ``path`` through ``path.tmp`` + fsync + ``os.replace``: readers see the old file
+    or the whole new one, never a prefix."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+class CheckpointSaveError(OSError):
+    """A run checkpoint could not be written; the previous one and ``latest`` are untouched."""
+
+
+def save_run_checkpoint(run_dir: str, step: int, write) -> str:
+    """``write(tmp_dir)`` writes the whole checkpoint of ``step`` into a temporary directory, which is
+    then renamed to ``global_step_<step>``; only then does ``latest`` move to it. Any OSError on the
+    way (a full disk, ...) removes the partial directory and raises :class:`CheckpointSaveError`
+    saying which checkpoint is still the latest."""
+    path = os.path.join(run_dir, f"{STEP_PREFIX}{step}")
+    tmp = path + PARTIAL
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        os.makedirs(tmp)
+        write(tmp)
+        if os.path.exists(path):  # the same step saved again: swap, never a moment without one
+            old = path + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        write_latest(run_dir, step)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e))
+        prev = read_latest(run_dir)
+        kept = (f"{LATEST} still points at {STEP_PREFIX}{prev}, which is intact: trainer.resume_mode=auto "
+                f"continues from it" if prev is not None and prev != step else "no earlier checkpoint exists")
+        raise CheckpointSaveError(e.errno, f"saving the step-{step} checkpoint to {path} failed "
+                                           f"({reason}); the partial copy was removed and {kept}. "
+                                           f"Free disk space under {run_dir} (or lower the number of "
+                                           f"checkpoints kept) and resume") from e
+    return path
+
+
+def run_checkpoint_steps(run_dir: str) -> list[int]:
+    """Steps of the complete run checkpoints (``global_step_<N>`` with a trainer state), oldest first."""
+    steps = []
+    for name in os.listdir(run_dir):
+        n = name[len(STEP_PREFIX):]
+        if name.startswith(STEP_PREFIX) and n.isdigit() and os.path.isfile(os.path.join(run_dir, name, TRAINER_STATE)):
+            steps.append(int(n))
+    return sorted(steps)
+
+
+def prune_run_checkpoints(run_dir: str, keep: dict[str, int | None]) -> list[str]:
+    """Delete each role's checkpoints beyond the newest ``keep[role]`` complete ones (None: keep all);
+    a step directory left with no role is removed whole. The one ``latest`` names is never touched.
+    Called after a save completed, so a failed save deletes nothing. Returns the paths removed."""
+    steps = run_checkpoint_steps(run_dir)
+    latest = read_latest(run_dir)
+    removed = []
+    for role, k in keep.items():
+        if k is None:
+            continue
+        with_role = [s for s in steps if os.path.isdir(os.path.join(run_dir, f"{STEP_PREFIX}{s}", role))]
+        for s in with_role[:max(0, len(with_role) - k)]:
+            if s == latest:
+                continue
+            d = os.path.join(run_dir, f"{STEP_PREFIX}{s}", role)
+            shutil.rmtree(d)
+            removed.append(d)
+    roles = tuple(keep)
+    for s in steps:
+        d = os.path.join(run_dir, f"{STEP_PREFIX}{s}")
+        if s != latest and not any(os.path.isdir(os.path.join(d, r)) for r in roles):
+            gone = d + ".deleting"  # renamed first: a half-deleted directory never looks like a checkpoint
+            os.replace(d, gone)
+            shutil.rmtree(gone)
+            removed.append(d)
+    return removed

@@ -216,6 +216,13 @@ class TrainerConfig:
     # process (no Ray; one device, TP = PP = DP = 1 — the GPU check machine, quick single-device runs).
     workers: Literal["ray", "local"] = "ray"
     log_every: int = 1
+    # a role whose loss or gradient is non-finite skips that optimizer update; this many such steps of
+    # one role in a row stop the run (see ModelShard.train_step)
+    max_nonfinite_steps: int = 3
+    # verl's keys: keep only the newest N complete checkpoints (None: keep all); older ones are deleted
+    # only after a newer one is complete
+    max_actor_ckpt_to_keep: int | None = None
+    max_critic_ckpt_to_keep: int | None = None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
 log = logging.getLogger("megatron_gad")
 
 
+class NonFiniteError(RuntimeError):
+    """A role's loss or gradient stayed non-finite for trainer.max_nonfinite_steps steps in a row."""
+
+
 def _use_gpu(cfg: GADConfig) -> bool:
     if cfg.trainer.device == "auto":
         return torch.cuda.is_available()
@@ -62,6 +66,8 @@ class GADTrainer:
         self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
         self.step = 0
         self.phases: list[str] = []
+        self.nonfinite = {"actor": 0, "critic": 0}  # steps with a skipped (non-finite) update, per role
+        self.nonfinite_run = {"actor": 0, "critic": 0}  # ... of them in a row, up to this step
 
         world_actor = actor_dp(cfg) * cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size \
             * cfg.actor_rollout_ref.actor.megatron.pipeline_model_parallel_size
@@ -252,6 +258,12 @@ class GADTrainer:
                 metrics = self._step(batch, timer)
                 self.step += 1
                 metrics["epoch"] = self.loader.epoch
+                stop = self._count_nonfinite(metrics)
+                if stop:
+                    metrics.update(timer.collect())
+                    self.logger.log(self.step, metrics)
+                    log.error("%s", stop)
+                    raise NonFiniteError(stop)
                 if t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
                     with self._phase(timer, "validate"):
                         metrics.update(self.validate())
@@ -263,17 +275,49 @@ class GADTrainer:
         finally:
             self.logger.close()
 
+    def _count_nonfinite(self, metrics: dict) -> str | None:
+        """Count this step's skipped (non-finite) updates per role into ``<role>/nonfinite_steps``
+        (cumulative); return the stop message once a role had trainer.max_nonfinite_steps in a row."""
+        limit = self.cfg.trainer.max_nonfinite_steps
+        for role in ("actor", "critic"):
+            key = f"{role}/nonfinite_updates"
+            if key in metrics:  # the role updated this step (a frozen warmup actor does not)
+                if metrics[key] > 0:
+                    self.nonfinite[role] += 1
+                    self.nonfinite_run[role] += 1
+                else:
+                    self.nonfinite_run[role] = 0
+            metrics[f"{role}/nonfinite_steps"] = float(self.nonfinite[role])
+        for role, run in self.nonfinite_run.items():
+            if run >= limit:
+                first = self.step - run + 1
+                return (f"stopping at step {self.step}: the {role}'s loss or gradient was non-finite (NaN/Inf) in "
+                        f"{run} consecutive steps ({first}..{self.step}; trainer.max_nonfinite_steps={limit}). Those "
+                        f"updates were skipped, so its weights are still those before step {first}. Lower the "
+                        f"{role}'s learning rate or check the data, then resume from the last checkpoint "
+                        f"(trainer.resume_mode=auto).")
+        return None
+
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
+        """Write ``global_step_<N>`` complete under a temporary name, rename it into place, then move
+        ``latest`` to it and prune old checkpoints: ``latest`` never names a partial checkpoint, and a
+        failed save (e.g. a full disk) leaves the previous checkpoint and ``latest`` as they were."""
         path = os.path.join(self.run_dir, f"global_step_{self.step}")
         extra = {"step": self.step}
-        self.actor.save(os.path.join(path, "actor"), extra)
-        if self.critic is not None:
-            self.critic.save(os.path.join(path, "critic"), extra)
-        with open(os.path.join(path, "trainer_state.json"), "w") as f:
-            json.dump({"step": self.step, "loader": self.loader.state_dict(),
-                       "warmup": self.warmup.state_dict()}, f)
-        ckpt.write_latest(self.run_dir, self.step)
+        state = {"step": self.step, "loader": self.loader.state_dict(), "warmup": self.warmup.state_dict(),
+                 "nonfinite": dict(self.nonfinite), "nonfinite_run": dict(self.nonfinite_run)}
+
+        def write(tmp: str) -> None:
+            self.actor.save(os.path.join(tmp, "actor"), extra)
+            if self.critic is not None:
+                self.critic.save(os.path.join(tmp, "critic"), extra)
+            ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE), state)
+
+        ckpt.save_run_checkpoint(self.run_dir, self.step, write)
+        t = self.cfg.trainer
+        ckpt.prune_run_checkpoints(self.run_dir, {"actor": t.max_actor_ckpt_to_keep,
+                                                  "critic": t.max_critic_ckpt_to_keep})
         return path
 
     def _maybe_resume(self) -> bool:
@@ -294,6 +338,8 @@ class GADTrainer:
         self.loader.load_state_dict(st["loader"])
         self.warmup.load_state_dict(st["warmup"])
         self.step = int(st["step"])
+        self.nonfinite.update(st.get("nonfinite", {}))
+        self.nonfinite_run.update(st.get("nonfinite_run", {}))
         log.info("resumed from %s at step %d", path, self.step)
         return True
 

@@ -7,6 +7,9 @@ process entry has entered ``parallel.cpu_compat.cpu_device_mode()``.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from megatron_gad import checkpoint as ckpt
@@ -17,6 +20,20 @@ from megatron_gad.models import hf as hfmap
 from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
 from megatron_gad.models.build import build_model
 from megatron_gad.parallel import state
+
+NAN_ENV = "MEGATRON_GAD_INJECT_NAN"
+
+
+def injected_nan_steps(role: str) -> set[int]:
+    """Debug hook for fault tests: ``MEGATRON_GAD_INJECT_NAN="critic:0,1;actor:2"`` makes the loss of
+    those ``train_step`` calls (0-based, counted per model in this process) NaN, so the update is skipped
+    as a real non-finite step would be. Read by the worker process (Ray workers inherit the env)."""
+    out: set[int] = set()
+    for part in os.environ.get(NAN_ENV, "").split(";"):
+        name, _, steps = part.partition(":")
+        if name.strip() == role:
+            out.update(int(x) for x in steps.split(",") if x.strip())
+    return out
 
 
 class ModelShard:
@@ -46,7 +63,8 @@ class ModelShard:
         self.trainable = trainable
         self.ddp = None
         self.optimizer = None
-        self.opt_step = 0
+        self.opt_step = 0  # optimizer updates applied (skipped non-finite ones excluded)
+        self.train_calls = 0  # train_step calls of this process (what NaN injection counts)
         self.load_weights(model_path)
 
     # ---------------------------------------------------------------- weights
@@ -113,11 +131,44 @@ class ModelShard:
             group["lr"] = lr
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
-        results = forward_backward(self.ddp, micro_batches, loss_fn, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
-        self.opt_step += 1
-        return results, {"lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                         "update_ok": float(bool(ok))}
+        inject = self.train_calls in injected_nan_steps(self.role)
+        self.train_calls += 1
+        bad_loss = []
+
+        def guarded(output, mb):
+            loss, out = loss_fn(output, mb)
+            if inject:
+                loss = loss * float("nan")
+            if not bool(torch.isfinite(loss.detach()).all()):
+                bad_loss.append(True)
+            return loss, out
+
+        results = forward_backward(self.ddp, micro_batches, guarded, forward_only=False)
+        ok, grad_norm = self._guarded_step(bool(bad_loss))
+        if ok:
+            self.opt_step += 1
+        return results, {"lr": lr, "grad_norm": grad_norm, "update_ok": float(ok), "nonfinite": float(not ok)}
+
+    @torch.no_grad()
+    def _guarded_step(self, bad_loss: bool) -> tuple[bool, float]:
+        """Megatron's ``optimizer.step()`` split at the point where a non-finite loss (on any rank)
+        or gradient norm can still skip the update: weights and Adam state stay untouched then.
+        Every rank of the role reaches the same decision (the norm and the loss flag are all-reduced)."""
+        import torch.distributed as dist
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        found_inf = self.optimizer.prepare_grads()  # main grads in place (fp16: unscaled, inf check)
+        grad_norm = float(self.optimizer.get_grad_norm())
+        flag = torch.tensor([float(bad_loss or found_inf or not math.isfinite(grad_norm))], device=state.device())
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            return False, grad_norm
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = opt.get_parameters()
+            if params and opt.config.clip_grad > 0.0:
+                clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=grad_norm)
+        return bool(self.optimizer.step_with_ready_grads()), grad_norm
 
     # ---------------------------------------------------------------- checkpoints / export
     def save(self, path: str, extra: dict | None = None, with_optimizer: bool = True) -> None:

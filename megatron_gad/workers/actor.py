@@ -175,6 +175,7 @@ class ActorWorker(Worker):
         rows = batch["prompt_ids"].shape[0]
         mini = -(-rows // num_mini_batches)
         metrics: list[dict] = []
+        skipped = 0
         for _ in range(epochs):
             for i in range(0, rows, mini):
                 part = {k: v[i:i + mini] for k, v in batch.items()}
@@ -185,8 +186,10 @@ class ActorWorker(Worker):
                 for mb in mbs:
                     mb["agg"], mb["share_scale"] = agg, float(len(mbs) * self.layout.dp_size)
                 results, info = self.shard.train_step(mbs, loss_fn)
+                skipped += int(info["nonfinite"])
                 metrics += [dict(r) for r in results]
                 metrics.append({"actor/grad_norm": info["grad_norm"], "actor/lr": info["lr"]})
         out = reduce_metrics(metrics)
+        out["actor/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
         out["actor/optimizer_state_bytes"] = float(self.shard.optimizer_state_bytes())
         return out

@@ -110,9 +110,13 @@ class CriticWorker(Worker):
         """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R]."""
         loss_fn = self._pair_loss("critic/")
         metrics = []
+        skipped = 0
         for epoch in range(self.config.ppo_epochs):
             results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn)
+            skipped += int(info["nonfinite"])
             if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
                 metrics += [dict(r) for r in results]
             metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
-        return reduce_metrics(metrics)
+        out = reduce_metrics(metrics)
+        out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
+        return out

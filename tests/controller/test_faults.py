@@ -1,0 +1,234 @@
+"""Faults survived (issue 15): non-finite steps skipped, counted and stopped on; checkpoints that a
+failed or interrupted save never corrupts, and pruning only after a newer checkpoint is complete.
+
+The trainer cases run the in-process (trainer.workers=local) trainer in a spawned process, as
+``test_local_trainer.py`` does; NaN comes from the ``MEGATRON_GAD_INJECT_NAN`` debug hook."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+
+from megatron_gad import checkpoint as ckpt
+
+pytestmark = pytest.mark.distributed
+
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from megatron_gad.demo.assets import build_tiny_student, build_tokenizer
+    from megatron_gad.demo.task import write_dataset
+
+    root = tmp_path_factory.mktemp("gad_fault_assets")
+    tok = build_tokenizer(str(root / "tok"))
+    model = build_tiny_student(str(root / "model"), tok, seed=0, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
+    data = write_dataset(str(root / "data"), n_train=32, n_heldout=8, seed=0)
+    return {"model": model, "train": data["train"]}
+
+
+def _overrides(assets, run_dir):
+    return [f"data.train_files=[{assets['train']}]", f"actor_rollout_ref.model.path={assets['model']}",
+            "actor_rollout_ref.model.make_vocab_size_divisible_by=8",
+            "data.max_prompt_length=16", "data.max_response_length=12", "data.train_batch_size=2",
+            "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.temperature=1.0",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+            "actor_rollout_ref.actor.optim.lr=1e-3", "critic.optim.lr=1e-3", "critic.ppo_micro_batch_size_per_gpu=1",
+            "actor_rollout_ref.actor.use_kl_loss=false", "critic.fused_loss=torch", "trainer.device=cpu",
+            "trainer.workers=local", f"trainer.default_local_dir={run_dir}", "trainer.logger=[jsonl]",
+            "data.on_bad_row=skip", "trainer.total_training_steps=3", "trainer.critic_warmup=1",
+            "trainer.resume_mode=disable"]
+
+
+# ---------------------------------------------------------------- checkpoint functions (no model)
+def _fake_save(run, step, fail=False):
+    def write(tmp):
+        os.makedirs(os.path.join(tmp, "actor"))
+        with open(os.path.join(tmp, "actor", "w.bin"), "w") as f:
+            f.write(str(step))
+        if fail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE), {"step": step})
+    return ckpt.save_run_checkpoint(str(run), step, write)
+
+
+def test_json_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    p = str(tmp_path / "s.json")
+    ckpt.write_json_atomic(p, {"a": 1})
+
+    def boom(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", boom)
+    with pytest.raises(OSError):
+        ckpt.write_json_atomic(p, {"a": 2})
+    monkeypatch.undo()
+    assert json.load(open(p)) == {"a": 1} and os.listdir(tmp_path) == ["s.json"]
+
+
+def test_enospc_leaves_previous_checkpoint_and_latest(tmp_path):
+    _fake_save(tmp_path, 1)
+    with pytest.raises(ckpt.CheckpointSaveError) as ei:
+        _fake_save(tmp_path, 2, fail=True)
+    msg = str(ei.value)
+    assert "step-2" in msg and "No space left on device" in msg
+    assert f"still points at {ckpt.STEP_PREFIX}1, which is intact" in msg
+    assert ei.value.errno == errno.ENOSPC
+    assert ckpt.read_latest(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == ["global_step_1", ckpt.LATEST]  # no partial dir left
+    assert ckpt.run_checkpoint_steps(str(tmp_path)) == [1]
+
+
+def test_partial_dir_is_never_a_checkpoint(tmp_path):
+    _fake_save(tmp_path, 1)
+    os.makedirs(tmp_path / "global_step_2.partial" / "actor")  # a run killed mid-save
+    os.makedirs(tmp_path / "global_step_3" / "actor")  # no trainer_state.json: not complete
+    assert ckpt.run_checkpoint_steps(str(tmp_path)) == [1] and ckpt.read_latest(str(tmp_path)) == 1
+    _fake_save(tmp_path, 2)  # the stale partial is replaced
+    assert ckpt.run_checkpoint_steps(str(tmp_path)) == [1, 2]
+    assert not os.path.exists(tmp_path / "global_step_2.partial")
+
+
+def test_prune_per_role_keeps_latest(tmp_path):
+    for s in (1, 2, 3):
+        def write(tmp, s=s):
+            for r in ("actor", "critic"):
+                os.makedirs(os.path.join(tmp, r))
+            ckpt.write_json_atomic(os.path.join(tmp, ckpt.TRAINER_STATE), {"step": s})
+        ckpt.save_run_checkpoint(str(tmp_path), s, write)
+    assert ckpt.prune_run_checkpoints(str(tmp_path), {"actor": None, "critic": None}) == []
+    ckpt.prune_run_checkpoints(str(tmp_path), {"actor": 1, "critic": 2})
+    assert not os.path.exists(tmp_path / "global_step_1")  # neither role left: removed whole
+    assert sorted(os.listdir(tmp_path / "global_step_2")) == ["critic", ckpt.TRAINER_STATE]
+    assert sorted(os.listdir(tmp_path / "global_step_3")) == ["actor", "critic", ckpt.TRAINER_STATE]
+
+
+def test_failed_save_prunes_nothing(tmp_path):
+    for s in (1, 2):
+        _fake_save(tmp_path, s)
+    with pytest.raises(ckpt.CheckpointSaveError):
+        _fake_save(tmp_path, 3, fail=True)
+        ckpt.prune_run_checkpoints(str(tmp_path), {"actor": 1})  # not reached: the trainer prunes after
+    assert ckpt.run_checkpoint_steps(str(tmp_path)) == [1, 2] and ckpt.read_latest(str(tmp_path)) == 2
+
+
+# ---------------------------------------------------------------- trainer (local workers)
+def _params(shard):
+    return [p.detach().clone() for p in shard.module.parameters()]
+
+
+def _adam(shard):
+    if shard.optimizer is None:
+        return []
+    out = []
+    for opt in getattr(shard.optimizer, "chained_optimizers", [shard.optimizer]):
+        for s in opt.optimizer.state.values():
+            out += [v.detach().clone() for v in s.values() if hasattr(v, "clone")]
+    return out
+
+
+def _nan_run(rank, world, overrides):
+    import torch
+
+    from megatron_gad.config import load_config
+    from megatron_gad.controller.trainer import GADTrainer, NonFiniteError
+
+    # critic train_step calls 1, 2, 3 (steps 2..4) and the actor's first update (step 2) are NaN
+    os.environ["MEGATRON_GAD_INJECT_NAN"] = "critic:1,2,3;actor:0"
+    tr = GADTrainer(load_config(None, overrides))
+    actor, critic = tr.actor.worker.shard, tr.critic.worker.shard
+    snaps = []
+    for role, group in (("actor", tr.actor), ("critic", tr.critic)):
+        name = "update_actor" if role == "actor" else "update_critic"
+        orig = getattr(group, name)
+
+        def wrapped(*a, _orig=orig, _role=role, **k):
+            shard = actor if _role == "actor" else critic
+            before = (_params(shard), _adam(shard), shard.opt_step)
+            out = _orig(*a, **k)
+            after = (_params(shard), _adam(shard), shard.opt_step)
+            same = before[2] == after[2] and len(before[1]) == len(after[1]) and all(
+                torch.equal(x, y) for x, y in zip(before[0] + before[1], after[0] + after[1], strict=True))
+            snaps.append((tr.step + 1, _role, same))
+            return out
+
+        setattr(group, name, wrapped)
+    err = None
+    try:
+        tr.fit()
+    except NonFiniteError as e:
+        err = str(e)
+    tr.shutdown()
+    return {"snaps": snaps, "err": err}
+
+
+def test_nonfinite_steps_skipped_counted_and_stopped(assets, tmp_path):
+    from megatron_gad.parallel.launch import run_local
+
+    run = str(tmp_path / "run")
+    ov = [*_overrides(assets, run), "trainer.total_training_steps=6", "trainer.max_nonfinite_steps=3"]
+    got = run_local(_nan_run, 1, ov)[0]
+    unchanged = {(s, r): same for s, r, same in got["snaps"]}
+    assert unchanged[(1, "critic")] is False and unchanged[(2, "critic")] is True  # skipped: bit-identical
+    assert unchanged[(3, "critic")] is True and unchanged[(4, "critic")] is True
+    assert unchanged[(2, "actor")] is True and unchanged[(3, "actor")] is False  # one skip, then updates
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4]  # stopped at step 4
+    assert [m["critic/nonfinite_steps"] for m in rows] == [0, 1, 2, 3]
+    assert [m["actor/nonfinite_steps"] for m in rows] == [0, 1, 1, 1]
+    assert rows[1]["actor/optimizer_state_bytes"] == 0  # the skipped first update allocated no Adam state
+    assert got["err"].startswith("stopping at step 4: the critic's loss or gradient was non-finite")
+    assert "3 consecutive steps (2..4; trainer.max_nonfinite_steps=3)" in got["err"]
+    assert not os.path.exists(os.path.join(run, "global_step_4"))  # no checkpoint of the failed step
+
+
+def _ckpt_run(rank, world, overrides, fail):
+    import megatron_gad.checkpoint as ck
+    from megatron_gad.config import load_config
+    from megatron_gad.controller.trainer import GADTrainer
+
+    tr = GADTrainer(load_config(None, overrides))
+    if fail:
+        real = ck.write_json_atomic
+
+        def enospc(path, obj):
+            if path.endswith(ck.TRAINER_STATE):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(path, obj)
+
+        ck.write_json_atomic = enospc
+    err = None
+    try:
+        tr.fit()
+    except ck.CheckpointSaveError as e:
+        err = str(e)
+    step = tr.step
+    tr.shutdown()
+    return {"err": err, "step": step}
+
+
+def test_keep_limits_and_enospc_on_trainer(assets, tmp_path):
+    from megatron_gad.parallel.launch import run_local
+
+    run = str(tmp_path / "run")
+    ov = [*_overrides(assets, run), "trainer.save_freq=1", "trainer.max_actor_ckpt_to_keep=1",
+          "trainer.max_critic_ckpt_to_keep=2"]
+    assert run_local(_ckpt_run, 1, ov, False)[0]["err"] is None
+    assert ckpt.read_latest(run) == 3 and not os.path.exists(os.path.join(run, "global_step_1"))
+    assert sorted(os.listdir(os.path.join(run, "global_step_2"))) == ["critic", ckpt.TRAINER_STATE]
+    assert {"actor", "critic", ckpt.TRAINER_STATE} <= set(os.listdir(os.path.join(run, "global_step_3")))
+    state3 = json.load(open(os.path.join(run, "global_step_3", ckpt.TRAINER_STATE)))
+    assert state3["step"] == 3 and state3["nonfinite"] == {"actor": 0, "critic": 0}
+
+    # resume at 3, step 4's save hits a full disk: step 3 stays the (intact) latest, nothing pruned
+    before = sorted(os.listdir(run))
+    got = run_local(_ckpt_run, 1, [*ov, "trainer.total_training_steps=4", "trainer.resume_mode=auto"], True)[0]
+    assert got["step"] == 4
+    assert "saving the step-4 checkpoint" in got["err"] and "No space left on device" in got["err"]
+    assert "still points at global_step_3, which is intact" in got["err"]
+    assert ckpt.read_latest(run) == 3 and sorted(os.listdir(run)) == before
+    assert ckpt.is_megatron_checkpoint(os.path.join(run, "global_step_3", "actor"))
