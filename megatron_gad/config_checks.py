@@ -261,5 +261,6 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
 
     if bad:
         bad = list(dict.fromkeys(bad))  # actor and critic may report the same shared-length problem
-        raise ConfigError(f"invalid config ({len(bad)} problem{'s' if len(bad) > 1 else ''}):\n  - "
-                          + "\n  - ".join(bad))
+        if len(bad) == 1:  # one problem: one line
+            raise ConfigError(f"invalid config: {bad[0]}")
+        raise ConfigError(f"invalid config ({len(bad)} problems):\n  - " + "\n  - ".join(bad))
