@@ -222,6 +222,12 @@ def test_tool_input_errors(case, world, capsys):
     assert out == ""
 
 
+def test_demo_out_dir_under_a_file(world, capsys):
+    code, out, err = _run(["demo", "--quick", "--out", f"{world['file']}/demo"], capsys)
+    _check(code, out, err, ["--out=", "cannot be created", "a_file.txt is a file; choose another directory"],
+           command="demo")
+
+
 # ---------------------------------------------------------------- --debug and the real exit code
 def test_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypatch):
     missing = str(tmp_path / "nope.yaml")
