@@ -11,7 +11,7 @@ import os
 import re
 
 from megatron_gad import checkpoint as ckpt
-from megatron_gad.config import GADConfig
+from megatron_gad.config import GADConfig, critic_model_path
 from megatron_gad.errors import InputError
 
 # Any one of these makes a directory loadable with AutoTokenizer.
@@ -76,6 +76,32 @@ def _check_role(key: str, path: str, role: str) -> None:
                          f"<trainer.default_local_dir>/global_step_<N>/{role}")
 
 
+# Architecture keys that must agree between a checkpoint and the model it is loaded into.
+ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "intermediate_size", "vocab_size")
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_same_model(key: str, path: str, model_key: str, model_path: str) -> None:
+    """The checkpoint at ``path`` has the architecture of the model at ``model_path`` (both config.json)."""
+    mine = _read_json(os.path.join(path, "config.json"))
+    ref = _read_json(os.path.join(model_path, "config.json")) if model_path else None
+    if mine is None or ref is None:
+        return
+    diff = [f"{k}={mine.get(k)!r} vs {ref.get(k)!r}" for k in ARCH_KEYS if k in mine and k in ref
+            and mine[k] != ref[k]]
+    if diff:
+        raise InputError(f"{key}={path} is a checkpoint of a different model than {model_key}={model_path} "
+                         f"({', '.join(diff)}); point {key} at a checkpoint of that model, or change {model_key}")
+
+
 def check_checkpoint(key: str, path: str, role: str) -> None:
     """``path`` is a megatron-gad checkpoint directory of ``role``."""
     example = f"<trainer.default_local_dir>/global_step_<N>/{role}"
@@ -105,6 +131,12 @@ def check_resume(cfg: GADConfig) -> None:
         if not ckpt.is_megatron_checkpoint(sub):
             raise InputError(f"{key}={path} has no {role} checkpoint ({sub}/{ckpt.META} is missing); {fix}")
         _check_role(key, sub, role)
+        model_key = "actor_rollout_ref.model.path" if role == "actor" else "critic.model.path"
+        check_same_model(key, sub, model_key, _model_path(cfg, role))
+
+
+def _model_path(cfg: GADConfig, role: str) -> str:
+    return cfg.actor_rollout_ref.model.path if role == "actor" else critic_model_path(cfg)
 
 
 def check_data_files(key: str, files: list[str]) -> None:
@@ -149,7 +181,11 @@ def check_paths(cfg: GADConfig) -> None:
         check_data_files("data.val_files", list(d.val_files))
     if t.init_actor_from:
         check_checkpoint("trainer.init_actor_from", t.init_actor_from, "actor")
+        check_same_model("trainer.init_actor_from", t.init_actor_from, "actor_rollout_ref.model.path",
+                         arr.model.path)
     if t.init_critic_from and t.mode == "gad":
         check_checkpoint("trainer.init_critic_from", t.init_critic_from, "critic")
+        model_key = "critic.model.path" if cfg.critic.model.path else "actor_rollout_ref.model.path"
+        check_same_model("trainer.init_critic_from", t.init_critic_from, model_key, critic_model_path(cfg))
     check_resume(cfg)
     check_output_dir("trainer.default_local_dir", t.default_local_dir)

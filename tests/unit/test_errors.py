@@ -76,6 +76,8 @@ def world(tmp_path_factory):
     _write(step / "trainer_state.json", json.dumps({"step": 3}))
     os.symlink(w["actor_ckpt"], step / "actor")
     w["half_step"] = str(step)
+    w["other_critic"] = _model(root, "other_critic", tokenizer=False, role="critic")
+    _write(root / "other_critic" / "config.json", json.dumps(dict(CONFIGS["llama"], hidden_size=64)))
     return w
 
 
@@ -126,6 +128,9 @@ TRAIN_CASES = {
     "init_critic_not_ckpt": (["trainer.init_critic_from={model}"],
                              ["trainer.init_critic_from=", "is not a megatron-gad checkpoint",
                               "convert hf-to-mcore --role critic"]),
+    "init_critic_other_model": (["trainer.init_critic_from={other_critic}"],
+                                ["is a checkpoint of a different model than actor_rollout_ref.model.path=",
+                                 "hidden_size=64 vs 32"]),
     "init_actor_missing": (["trainer.init_actor_from=/nonexistent/ckpt"],
                            ["trainer.init_actor_from=/nonexistent/ckpt does not exist"]),
     "resume_without_checkpoint": (["trainer.resume_from_path={empty_dir}"],
