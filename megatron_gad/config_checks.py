@@ -141,7 +141,9 @@ def _load_arch(model_path: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read model architecture {path!r}: {e}") from None
+        raise ConfigError(f"cannot read model architecture {path!r}: {' '.join(str(e).split())}; restore that "
+                          "config.json, or point actor_rollout_ref.model.path / critic.model.path at another "
+                          "model") from None
 
 
 def layout_problems(arch: Mapping, tp: int, pp: int, vocab_divisible_by: int, *, tp_key: str, pp_key: str,

@@ -149,6 +149,9 @@ def check_data_files(key: str, files: list[str]) -> None:
             raise InputError(f"{key}: {path} is a directory, not a file; list the data files themselves")
         if not os.access(path, os.R_OK):
             raise InputError(f"{key}: {path} is not readable; fix its permissions (chmod a+r)")
+        if not path.lower().endswith((".jsonl", ".json", ".parquet")):
+            raise InputError(f"{key}: {path} is not a .jsonl, .json or .parquet file; convert it to JSONL (one JSON "
+                             "object per line) or Parquet")
         if os.path.getsize(path) == 0:
             raise InputError(f"{key}: {path} is empty; fill it with one JSON object per line "
                              "(prompt and teacher response columns) or remove it from the list")
