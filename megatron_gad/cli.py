@@ -8,13 +8,22 @@ without importing torch / Megatron:
   score    -> megatron_gad.tools.score.main_score
   train    -> megatron_gad.controller.trainer.main_train
   demo     -> megatron_gad.demo.run.main_demo
+
+Error contract (``megatron_gad.errors``): an input problem of any command (``UserError``: ``ConfigError``,
+``DataError``, ``ToolError``, ``InputError``) ends with one message on stderr naming the file or key and
+the fix, and exit code 2, without a traceback; ``--debug`` (anywhere on the command line) or
+``MEGATRON_GAD_DEBUG=1`` prints the traceback too. Argument errors exit 2 as well (argparse).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from megatron_gad.errors import UserError
 
 # subcommand -> (module, function): the lazy dispatch table
 _COMMANDS = {
@@ -160,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-gad",
         description="Generative Adversarial Distillation on Megatron-Core (TP x PP actor and discriminator).")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, also print the Python traceback (any position; or MEGATRON_GAD_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _convert_parser(sub)
     _generate_parser(sub)
@@ -181,17 +192,32 @@ def _load_command(name: str):
         raise
 
 
+def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` is global: accepted before or after the subcommand (everything before a ``--``)."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    rest = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    env = os.environ.get("MEGATRON_GAD_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return rest, debug or env
+
+
+def _user_error(command: str, e: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(e)
+    print(f"megatron-gad {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv, debug = _split_debug(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     args = parser.parse_args(argv)
-    from megatron_gad.tools import ToolError
-
-    command = _load_command(args.command)
+    args.debug = debug
     try:
+        command = _load_command(args.command)
         return int(command(args) or 0)
-    except ToolError as e:  # input problems: one clear line, usage-style exit code
-        print(f"megatron-gad {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except UserError as e:  # input problems: one clear message naming the key/path and the fix; exit 2
+        return _user_error(args.command, e, debug)
     except RuntimeError as e:
         if not str(e).startswith("distributed run"):
             raise

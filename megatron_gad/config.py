@@ -23,6 +23,8 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_gad.errors import UserError
+
 __all__ = [
     "ConfigError",
     "GADConfig",
@@ -40,7 +42,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be loaded or would not run; the message names the key and the fix."""
 
 
@@ -441,9 +443,22 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             with open(path, encoding="utf-8") as f:
                 data = _yaml_load(f.read())
         except OSError as e:
-            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+            raise ConfigError(f"cannot read config file {str(path)!r}: {e.strerror}; pass the path of a YAML "
+                              "config (configs/gad.yaml is a complete example)") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = " ".join(str(getattr(e, "problem", None) or e).split())
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: {problem}; fix the file "
+                              "(a YAML mapping of keys such as `trainer:`, `data:`)") from None
+        if data is not None and not isinstance(data, Mapping):
+            raise ConfigError(f"config file {str(path)!r} holds a YAML {type(data).__name__}, not a mapping of "
+                              "keys; write it as sections such as `trainer:` and `data:` (see configs/gad.yaml)")
+        try:
+            cfg = config_from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"config file {str(path)!r}: {e}") from None
+        return apply_overrides(cfg, overrides)
     return apply_overrides(config_from_dict(data), overrides)
 
 

@@ -142,7 +142,9 @@ def _load_arch(model_path: str) -> dict | None:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read model architecture {path!r}: {e}") from None
+        raise ConfigError(f"cannot read model architecture {path!r}: {' '.join(str(e).split())}; restore that "
+                          "config.json, or point actor_rollout_ref.model.path / critic.model.path at another "
+                          "model") from None
 
 
 def layout_problems(arch: Mapping, tp: int, pp: int, vocab_divisible_by: int, *, tp_key: str, pp_key: str,
@@ -262,5 +264,6 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
 
     if bad:
         bad = list(dict.fromkeys(bad))  # actor and critic may report the same shared-length problem
-        raise ConfigError(f"invalid config ({len(bad)} problem{'s' if len(bad) > 1 else ''}):\n  - "
-                          + "\n  - ".join(bad))
+        if len(bad) == 1:  # one problem: one line
+            raise ConfigError(f"invalid config: {bad[0]}")
+        raise ConfigError(f"invalid config ({len(bad)} problems):\n  - " + "\n  - ".join(bad))

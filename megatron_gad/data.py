@@ -29,13 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_gad.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad row or file; the message names the file, the 1-based line (or row) and the problem."""
 
 

@@ -402,15 +402,28 @@ def main_train(args) -> int:
     from megatron_gad.config import load_config, validate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from megatron_gad.controller.preflight import check_paths
+    from megatron_gad.data import DataError
+    from megatron_gad.errors import InputError
+
     cfg = load_config(args.config, list(args.overrides))
     validate(cfg)
     import yaml
 
+    print_only = getattr(args, "print_config", False)
+    if not print_only:
+        check_paths(cfg)  # every path the driver sees, before any worker starts
     print("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
-    if getattr(args, "print_config", False):
+    if print_only:
         return 0
     start = time.time()
-    trainer = GADTrainer(cfg)
+    try:
+        trainer = GADTrainer(cfg)  # reads and tokenizes the data before it starts the workers
+    except DataError as e:
+        d = cfg.data
+        raise InputError(f"data: {e}; fix or remove the row (columns: data.prompt_key={d.prompt_key!r}, "
+                         f"data.teacher_response_key={d.teacher_response_key!r}), or set data.on_bad_row=skip "
+                         "to drop bad rows") from e
     try:
         trainer.fit()
     finally:

@@ -348,5 +348,8 @@ def main_demo(args) -> int:
     if not out:
         out = tempfile.mkdtemp(prefix="megatron-gad-demo-")
         _log(f"no --out given: writing to {out}")
+    from megatron_gad.controller.preflight import check_output_dir
+
+    check_output_dir("--out", out)  # an InputError (exit 2) before anything is built
     run_demo(out, seeds, QUICK if quick else FULL, quick)
     return 0

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import sys
 
+from megatron_gad.errors import UserError
 
-class ToolError(Exception):
+
+class ToolError(UserError):
     """A user-facing problem with a tool's inputs (bad path, unsupported model, impossible layout)."""
 
 

@@ -25,7 +25,8 @@ def read_model_dir(path: str):
     from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
 
     if not os.path.exists(path):
-        raise ToolError(f"{path}: no such directory")
+        raise ToolError(f"{path}: no such directory; pass an existing Hugging Face model directory or "
+                        "megatron-gad checkpoint")
     if not os.path.isdir(path):
         raise ToolError(f"{path}: not a directory (expected a Hugging Face model directory or a "
                         "megatron-gad checkpoint)")

@@ -11,6 +11,7 @@ several models in one launch with :func:`run_specs`).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 
 from megatron_gad import checkpoint as ckpt
@@ -98,6 +99,14 @@ def model_settings(model: str, tp: int, pp: int, vocab_divisible_by: int,
 
 
 def load_tokenizer(model: str, required: bool, hint: str = "pass token ids with --prompt-ids instead"):
+    from megatron_gad.controller.preflight import TOKENIZER_FILES
+
+    if not any(os.path.isfile(os.path.join(model, f)) for f in TOKENIZER_FILES):
+        if required:
+            raise ToolError(f"{model}: cannot load a tokenizer (no tokenizer files: none of "
+                            f"{', '.join(TOKENIZER_FILES)}); copy the model's tokenizer there ({hint})")
+        log(f"no tokenizer in {model}: output text will be empty")
+        return None
     try:
         from transformers import AutoTokenizer
 
