@@ -11,33 +11,18 @@ import os
 import sys
 
 import pytest
+from local_setup import build_assets, local_overrides
 
 pytestmark = pytest.mark.distributed
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from megatron_gad.demo.assets import build_tiny_student, build_tokenizer
-    from megatron_gad.demo.task import write_dataset
-
-    root = tmp_path_factory.mktemp("gad_local_assets")
-    tok = build_tokenizer(str(root / "tok"))
-    model = build_tiny_student(str(root / "model"), tok, seed=0, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
-    data = write_dataset(str(root / "data"), n_train=32, n_heldout=8, seed=0)
-    return {"model": model, "train": data["train"]}
+    return build_assets(str(tmp_path_factory.mktemp("gad_local_assets")))
 
 
 def _overrides(assets, run_dir):
-    return [f"data.train_files=[{assets['train']}]", f"actor_rollout_ref.model.path={assets['model']}",
-            "actor_rollout_ref.model.make_vocab_size_divisible_by=8",
-            "data.max_prompt_length=16", "data.max_response_length=12", "data.train_batch_size=2",
-            "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.temperature=1.0",
-            "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
-            "actor_rollout_ref.actor.optim.lr=1e-3", "critic.optim.lr=1e-3", "critic.ppo_micro_batch_size_per_gpu=1",
-            "actor_rollout_ref.actor.use_kl_loss=true", "critic.fused_loss=torch", "trainer.device=cpu",
-            "trainer.workers=local", f"trainer.default_local_dir={run_dir}", "trainer.logger=[jsonl]",
-            "data.on_bad_row=skip", "trainer.total_training_steps=3", "trainer.critic_warmup=1",
-            "trainer.resume_mode=disable"]
+    return local_overrides(assets, run_dir, kl=True)
 
 
 def _three_steps(rank, world, overrides):

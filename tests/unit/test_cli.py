@@ -11,20 +11,12 @@ import sys
 import types
 
 import pytest
+from cli_helpers import run_cli
 
-from megatron_gad import cli
 from megatron_gad.tools import ToolError
 from megatron_gad.tools.tiny_models import CONFIGS
 
-
-def _run(argv, capsys):
-    """(exit code, stdout, stderr) of ``megatron-gad argv``."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_run = run_cli
 
 
 def test_top_level_help_lists_commands(capsys):

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
-from megatron_gad import cli
 from megatron_gad.tools.tiny_models import CONFIGS, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,14 +24,7 @@ DEMO = str(REPO / "configs" / "demo.yaml")
 GOOD = json.dumps({"content": "w5 w6", "teacher_response": "w7"})
 
 
-def _run(argv, capsys):
-    """(exit code, stdout, stderr) of ``megatron-gad argv``."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
+_run = run_cli
 
 
 def _model(root: Path, name: str = "model", tokenizer: bool = True, role: str | None = None) -> str:
