@@ -371,16 +371,14 @@ class GADTrainer:
         pairs ranked teacher-first, ties half — the training metric's definition)."""
         if self.critic is None:
             raise RuntimeError("trainer.mode=sft has no critic to evaluate")
-        out = self.rollout(items, n, seed, temperature=temperature)
-        student = {k: out[k] for k in ("responses", "response_mask")}
-        student["prompt_ids"] = out["prompt_ids"].repeat_interleave(n, 0)
-        student["prompt_mask"] = out["prompt_mask"].repeat_interleave(n, 0)
-        teacher = {"prompt_ids": out["prompt_ids"], "prompt_mask": out["prompt_mask"],
-                   "responses": out["teacher_response"], "response_mask": out["teacher_response_mask"]}
+        batch = collate_prompts(items, self.pad_id)
+        student = self._rollout(batch, n, seed, temperature=temperature)  # prompts repeated per sample
+        teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                   "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
         s_scores = self.critic.compute_scores(student)["scores"]
         t_scores = self.critic.compute_scores(teacher)["scores"]
         _, m = algos.discriminator_loss(s_scores, t_scores, n)
-        texts = [self.decode(ids, msk) for ids, msk in zip(out["responses"], out["response_mask"])]
+        texts = [self.decode(ids, msk) for ids, msk in zip(student["responses"], student["response_mask"])]
         return {"student_texts": [texts[i * n:(i + 1) * n] for i in range(len(items))],
                 "student_scores": s_scores.view(len(items), n), "teacher_scores": t_scores,
                 "d_acc": float(m["d_acc"])}

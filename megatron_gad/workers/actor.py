@@ -21,7 +21,6 @@ from megatron_gad.workers.dispatch import Dispatch, register
 from megatron_gad.workers.micro_batches import (
     Batching,
     actor_micro_batches,
-    count_micro_batches,
     group_rows,
     restore_order,
     row_lengths,
@@ -75,10 +74,7 @@ class ActorWorker(Worker):
         """Micro-batch rows; with ``sync_count`` every data-parallel replica runs as many micro-batches
         as the one that needs most (balanced work, and per-micro-batch metrics weigh the same)."""
         lengths = row_lengths(batch["prompt_mask"], batch["response_mask"])
-        need = count_micro_batches(lengths, b) if (b.dynamic and sync_count) else 1
-        if b.dynamic and sync_count:
-            need = int(state.all_reduce_dp([need], op="max")[0])
-        return group_rows(lengths, b, min_count=need)
+        return self._equal_count(lambda k: group_rows(lengths, b, min_count=k), b.dynamic and sync_count)
 
     # ---------------------------------------------------------------- rollout
     @register(Dispatch.DP, collect="concat")

@@ -8,7 +8,10 @@ controller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from megatron_gad.engine.model_shard import ModelShard
+from megatron_gad.parallel import state
 from megatron_gad.workers.dispatch import Dispatch, register
 
 
@@ -24,6 +27,17 @@ class Worker:
     def is_collector(self) -> bool:
         """One rank per data-parallel replica (TP rank 0, last stage) holds complete outputs."""
         return self.layout.tp_rank == 0 and self.layout.is_last_stage
+
+    def _equal_count(self, partition: Callable[[int], list], sync: bool) -> list:
+        """``partition(min_count)``'s micro-batches. With ``sync`` (token budgets) every data-parallel
+        replica runs as many as the replica that needs most: balanced work, and per-micro-batch metrics
+        weigh the same everywhere. Partitions once; again only when another replica needs more."""
+        parts = partition(1)
+        if sync:
+            need = int(state.all_reduce_dp([len(parts)], op="max")[0])
+            if need > len(parts):
+                parts = partition(need)
+        return parts
 
     @register(Dispatch.ALL)
     def optimizer_state_bytes(self) -> int:

@@ -73,10 +73,8 @@ class CriticWorker(Worker):
         ``pairs_total`` so its loss is its exact share of the mini-batch loss (see actor ``_train``)."""
         c = self.config
         b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu)
-        need = 1
-        if b.dynamic:  # every replica runs as many micro-batches as the one that needs most
-            need = int(state.all_reduce_dp([len(pair_groups(batch, n, b))], op="max")[0])
-        mbs = [pair_micro_batch(batch, parts) for parts in pair_groups(batch, n, b, min_count=need)]
+        groups = self._equal_count(lambda k: pair_groups(batch, n, b, min_count=k), b.dynamic)
+        mbs = [pair_micro_batch(batch, parts) for parts in groups]
         pairs_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n)])[0]
         for mb in mbs:
             mb["share_scale"] = float(len(mbs) * self.layout.dp_size)

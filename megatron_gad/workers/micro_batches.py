@@ -54,10 +54,6 @@ def group_rows(lengths: list[int], b: Batching, min_count: int = 1) -> list[list
     return balanced_partition(lengths, b.max_token_len, min(max(1, min_count), n), b.align)
 
 
-def count_micro_batches(lengths: list[int], b: Batching) -> int:
-    return len(group_rows(lengths, b)) if lengths else 0
-
-
 def actor_micro_batches(batch: dict, groups: list[list[int]], extra: tuple[str, ...] = (), align: int = 1,
                         pad_id: int = 0) -> list[dict]:
     """batch: prompt_ids/prompt_mask [B, P] (left-padded) + responses/response_mask [B, R] (+ extra
@@ -124,8 +120,7 @@ def pair_groups(batch: dict, n: int, b: Batching, min_count: int = 1) -> list[li
 def pair_micro_batch(batch: dict, parts: list[GroupPart], align: int = 1, pad_id: int = 0) -> dict:
     """One packed critic micro-batch: the parts' teacher sequences, then their student samples.
     ``teacher_of`` [pairs] says which teacher (position among this micro-batch's teachers) each
-    student is paired with (the loss reads it, whole or split groups alike); ``n`` is the students
-    per teacher when every part is a whole group of equal size, else 0."""
+    student is paired with (the loss reads it, whole or split groups alike)."""
     def tokens(prompt_ids, prompt_mask, resp, resp_mask):
         return torch.cat([prompt_ids[prompt_mask.bool()], resp[resp_mask.bool()]])
 
@@ -138,7 +133,5 @@ def pair_micro_batch(batch: dict, parts: list[GroupPart], align: int = 1, pad_id
             students.append(tokens(pi[g], pm[g], batch["responses"][g, j], batch["response_mask"][g, j]))
             teacher_of.append(k)
     packed = pack_sequences(seqs + students, align=align, pad_id=pad_id)
-    sizes = {len(p.students) for p in parts}
-    n = sizes.pop() if len(sizes) == 1 else 0
     return {"packed": packed, "last": last_token_indices(packed), "num_teachers": len(parts),
-            "teacher_of": torch.tensor(teacher_of, dtype=torch.long), "n": n}
+            "teacher_of": torch.tensor(teacher_of, dtype=torch.long)}

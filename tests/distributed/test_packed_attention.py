@@ -33,26 +33,6 @@ EMULATE = "MEGATRON_GAD_EMULATE_TE_MASKING"
 DIFFS: dict[str, float] = {}
 
 
-def _make_hf(path: str, family: str, seed: int) -> str:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.for_model(
-        family, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6,
-        rope_theta=10000.0 if family == "llama" else 1000000.0, tie_word_embeddings=family == "qwen2",
-        hidden_act="silu", initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # random norms / biases so every mapped tensor matters
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(path, safe_serialization=True)
-    return path
-
-
 def _sequences() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(7)
     return [torch.randint(3, VOCAB, (n,), generator=g) for n in LENGTHS]
@@ -191,7 +171,12 @@ def _worker(rank, world, tp, pp, paths, seqs):
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     base = tmp_path_factory.mktemp("packed_attn")
-    return {fam: _make_hf(str(base / fam), fam, seed=11 + i) for i, fam in enumerate(FAMILIES)}
+    from megatron_gad.tools.tiny_models import make_hf_model
+
+    # hidden 64 (vs 32 in CONFIGS) with larger initial weights: longer sequences, sizeable logits
+    return {fam: make_hf_model(str(base / fam), fam, seed=11 + i, hidden_size=64, intermediate_size=128,
+                               vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1)
+            for i, fam in enumerate(FAMILIES)}
 
 
 @pytest.fixture(scope="module")

@@ -101,7 +101,7 @@ class _FakeShard:  # just the critic's value head: the loss function needs nothi
 
 def _critic_mb(T=30, k=2, teacher_of=(0, 0, 0, 1, 1)):
     last = torch.tensor([4, 9, 13, 18, 22, 26, 29])[: k + len(teacher_of)]
-    return {"last": last, "num_teachers": k, "teacher_of": torch.tensor(teacher_of), "n": 0,
+    return {"last": last, "num_teachers": k, "teacher_of": torch.tensor(teacher_of),
             "pairs_total": float(len(teacher_of)), "share_scale": 1.0}
 
 
