@@ -12,7 +12,9 @@ without importing torch / Megatron:
 Error contract (``megatron_gad.errors``): an input problem of any command (``UserError``: ``ConfigError``,
 ``DataError``, ``ToolError``, ``InputError``) ends with one message on stderr naming the file or key and
 the fix, and exit code 2, without a traceback; ``--debug`` (anywhere on the command line) or
-``MEGATRON_GAD_DEBUG=1`` prints the traceback too. Argument errors exit 2 as well (argparse).
+``MEGATRON_GAD_DEBUG=1`` prints the traceback too. Argument errors exit 2 as well (argparse). A run that
+stops for a reason outside the inputs (``RunFailure``: a worker process died, non-finite updates) prints
+one line naming role, rank and step and the checkpoint to resume from, and exits 3.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import sys
 import traceback
 
-from megatron_gad.errors import UserError
+from megatron_gad.errors import RunFailure, UserError
 
 # subcommand -> (module, function): the lazy dispatch table
 _COMMANDS = {
@@ -201,11 +203,11 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
     return rest, debug or env
 
 
-def _user_error(command: str, e: BaseException, debug: bool) -> int:
+def _user_error(command: str, e: BaseException, debug: bool, code: int = 2) -> int:
     if debug:
         traceback.print_exception(e)
     print(f"megatron-gad {command}: error: {e}", file=sys.stderr)
-    return 2
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(command(args) or 0)
     except UserError as e:  # input problems: one clear message naming the key/path and the fix; exit 2
         return _user_error(args.command, e, debug)
+    except RunFailure as e:  # the run stopped (a worker died, ...): one line, the checkpoint to resume from; 3
+        return _user_error(args.command, e, debug, code=3)
     except RuntimeError as e:
         if not str(e).startswith("distributed run"):
             raise

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_gad.errors import UserError
+from megatron_gad.errors import InputError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +76,23 @@ def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    # Read only the columns we need; absent ones surface as "missing key" per row.
-    columns = [k for k in keys if k in pf.schema_arrow.names]
     row_no = 0
-    for batch in pf.iter_batches(columns=columns, batch_size=4096):
-        for row in batch.to_pylist():
-            row_no += 1
-            yield f"{path} row {row_no}", row
+    try:
+        pf = pq.ParquetFile(path)
+        # Read only the columns we need; absent ones surface as "missing key" per row.
+        columns = [k for k in keys if k in pf.schema_arrow.names]
+        for batch in pf.iter_batches(columns=columns, batch_size=4096):
+            for row in batch.to_pylist():
+                row_no += 1
+                yield f"{path} row {row_no}", row
+    except (pa.ArrowException, OSError) as e:
+        # a truncated or overwritten file fails in the footer, or in a row group half way through
+        where = f" after row {row_no}" if row_no else ""
+        raise InputError(f"{path}: damaged Parquet file, cannot be read{where} ({' '.join(str(e).split())}); "
+                         "write it again (e.g. pandas.DataFrame.to_parquet) or convert it to JSONL") from None
 
 
 def iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -184,6 +191,13 @@ def encode_teacher_response(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def no_eos_message(tokenizer: Any) -> str:
+    where = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+    return (f"{where}: the tokenizer has no EOS token (eos_token is not set); GAD ends every teacher response and "
+            "student sample with it: set \"eos_token\" in the model's tokenizer_config.json (or tokenizer.eos_token = "
+            "'...' then tokenizer.save_pretrained(path)) to the token the model ends its answers with")
+
+
 # ----------------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +225,7 @@ class GADDataset:
 
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no eos_token_id; GAD needs one to end teacher responses")
+            raise InputError(no_eos_message(tokenizer))
         self.files = [str(f) for f in files]
         self.tokenizer = tokenizer
         self.prompt_key = prompt_key

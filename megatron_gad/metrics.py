@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -16,6 +17,11 @@ from typing import Any
 _now = time.perf_counter
 
 TIMING_PREFIX = "timing_s/"
+# How long an online wandb.init may try to reach the server before the run falls back to offline
+# logging (wandb's own default is 90 s); WANDB_INIT_TIMEOUT in the environment overrides it.
+WANDB_INIT_TIMEOUT_S = 30.0
+
+log = logging.getLogger("megatron_gad")
 
 
 def _scalar(value: Any) -> float:
@@ -119,8 +125,10 @@ class MetricsLogger:
     """Logs one record per step to the console, ``<out_dir>/metrics.jsonl`` and optionally wandb.
 
     ``resume_step`` (a resumed run) keeps the JSONL lines with step <= resume_step and drops the rest,
-    so the file matches the checkpoint; without it a fresh file is started. wandb runs offline unless
-    ``WANDB_MODE`` says otherwise.
+    so the file matches the checkpoint; without it a fresh file is started. wandb logs online (as verl
+    does) unless ``WANDB_MODE`` chooses a mode; when the online start fails or times out (no network, no
+    API key, server down) it warns once and logs offline under ``<out_dir>/wandb`` (``wandb sync``
+    uploads it later), and the run goes on.
     """
 
     KNOWN_LOGGERS = ("console", "jsonl", "wandb")
@@ -162,14 +170,25 @@ class MetricsLogger:
                     "logger 'wandb' was requested but wandb is not installed; "
                     "pip install 'megatron-gad[wandb]' or drop 'wandb' from the loggers"
                 ) from e
-            # Offline unless the user chose otherwise; passed as an argument to leave os.environ alone.
-            self._wandb = wandb.init(
-                project=project,
-                name=experiment,
-                config=dict(config_dict or {}),
-                dir=self.out_dir,
-                mode=os.environ.get("WANDB_MODE", "offline"),
-            )
+            self._wandb = self._init_wandb(wandb, dict(project=project, name=experiment,
+                                                       config=dict(config_dict or {}), dir=self.out_dir))
+
+    def _init_wandb(self, wandb: Any, kwargs: dict) -> Any:
+        mode = os.environ.get("WANDB_MODE")
+        if mode:  # the person chose (offline, online, disabled): no fallback behind their back
+            return wandb.init(mode=mode, **kwargs)
+        online = dict(kwargs)
+        if "WANDB_INIT_TIMEOUT" not in os.environ:
+            online["settings"] = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S)
+        try:
+            return wandb.init(mode="online", **online)
+        except Exception as e:  # wandb raises its own CommError/UsageError/timeout types; any failure falls back
+            reason = " ".join(str(e).split()) or type(e).__name__
+            log.warning("wandb: cannot log online (%s: %s); logging offline to %s instead, the run goes on "
+                        "(upload later with `wandb sync %s`; set WANDB_MODE=offline to skip the online attempt)",
+                        type(e).__name__, reason, os.path.join(self.out_dir, "wandb"),
+                        os.path.join(self.out_dir, "wandb", "offline-run-*"))
+            return wandb.init(mode="offline", **kwargs)
 
     def _prepare_jsonl(self, resume_step: int | None) -> None:
         kept: list[str] = []

@@ -8,6 +8,38 @@ from megatron_gad.parallel.state import Layout
 from megatron_gad.workers.dispatch import collect, dispatch_spec, rank_args
 
 
+def worker_paths(role: str, worker_kwargs: dict) -> list[tuple[str, str, str]]:
+    """(config key, path, "model" | "checkpoint") of every path the role's worker reads itself."""
+    cfg = worker_kwargs["config"]
+    if role == "actor":
+        out = [("actor_rollout_ref.model.path", cfg.model.path, "model")]
+        key = "trainer.init_actor_from"
+    else:
+        model_key = "critic.model.path" if cfg.model.path else "actor_rollout_ref.model.path"
+        out = [(model_key, worker_kwargs["model_path"], "model")]
+        key = "trainer.init_critic_from"
+    if worker_kwargs.get("init_from"):
+        out.append((key, worker_kwargs["init_from"], "checkpoint"))
+    return out
+
+
+def check_worker_paths(role: str, worker_kwargs: dict, where: str) -> None:
+    """The preflight checks (same messages, plus ``where``) of the paths the worker reads, run where
+    it reads them: on a cluster a path can exist on the driver's node and not on a worker's, or only
+    on the workers' nodes (then ``preflight.check_paths`` leaves it to this check)."""
+    from megatron_gad.controller.preflight import check_checkpoint, check_model_dir
+    from megatron_gad.errors import InputError
+
+    for key, path, kind in worker_paths(role, worker_kwargs):
+        try:
+            if kind == "model":
+                check_model_dir(key, path, need_tokenizer=False)
+            else:
+                check_checkpoint(key, path, role)
+        except InputError as e:
+            raise InputError(f"{e} (checked {where})") from None
+
+
 def worker_class(role: str) -> type:
     if role == "actor":
         from megatron_gad.workers.actor import ActorWorker
@@ -35,7 +67,8 @@ class DeclaredGroup:
 
     def __getattr__(self, name: str):
         # only reached for names the instance lacks; attributes set in __init__ never get here
-        if name.startswith("_") or name in ("role", "worker_cls", "layouts", "dp_size", "procs", "worker"):
+        if name.startswith("_") or name in ("role", "worker_cls", "layouts", "dp_size", "procs", "worker",
+                                                  "context", "failed", "pids", "nodes"):
             raise AttributeError(name)
         spec = dispatch_spec(self.worker_cls, name)
 

@@ -21,7 +21,7 @@ import gc
 
 import torch
 
-from megatron_gad.controller.group_base import DeclaredGroup, worker_class
+from megatron_gad.controller.group_base import DeclaredGroup, check_worker_paths, worker_class
 from megatron_gad.parallel.state import Layout
 
 
@@ -49,6 +49,8 @@ class LocalWorkerGroup(DeclaredGroup):
 
         self.role = role
         self.worker_cls = worker_class(role)
+        self.context: dict = {}  # the trainer's step (kept for the same interface as the Ray group)
+        check_worker_paths(role, worker_kwargs, where="in the trainer's process")
         ensure_single_process_group()
         with cpu_device_mode():
             self.worker = self.worker_cls(**worker_kwargs)

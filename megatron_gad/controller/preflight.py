@@ -1,12 +1,17 @@
 """Checks of every path the driver can see, run by ``megatron-gad train`` before any worker starts.
 
 Each problem is an :class:`~megatron_gad.errors.InputError` whose message names the config key, the
-path and what to do. Paths that exist only on worker nodes are checked where they are read.
+path and what to do. Paths that exist only on worker nodes are checked where they are read: on a Ray
+cluster (``ray.address`` set), a path only the workers read (``critic.model.path``,
+``trainer.init_actor_from``, ``trainer.init_critic_from``) that the driver cannot see is left to the
+workers, which run the same checks (``group_base.check_worker_paths``) and fail with the same message
+naming their node.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 
@@ -172,23 +177,49 @@ def check_output_dir(key: str, path: str) -> None:
                          "can write to, or fix its permissions")
 
 
+def left_to_workers(cfg: GADConfig, key: str, path: str) -> bool:
+    """True (with a warning) when ``path``, read only by workers, is missing here but may exist on the
+    workers' nodes of a Ray cluster; they check it where they read it."""
+    if cfg.ray.address is None or cfg.trainer.workers != "ray" or os.path.exists(path):
+        return False
+    logging.getLogger("megatron_gad").warning(
+        "%s=%s does not exist on the driver's node; the workers check it on theirs (ray.address=%s)",
+        key, path, cfg.ray.address)
+    return True
+
+
 def check_paths(cfg: GADConfig) -> None:
     """Every driver-visible path of a training config, in the order a person would fix them."""
     d, t = cfg.data, cfg.trainer
     arr = cfg.actor_rollout_ref
     check_model_dir("actor_rollout_ref.model.path", arr.model.path, need_tokenizer=True, role="actor")
-    if t.mode == "gad" and cfg.critic.model.path:
+    if t.mode == "gad" and cfg.critic.model.path \
+            and not left_to_workers(cfg, "critic.model.path", cfg.critic.model.path):
         check_model_dir("critic.model.path", cfg.critic.model.path, need_tokenizer=False)
     check_data_files("data.train_files", list(d.train_files))
     if d.val_files and t.test_freq > 0:
         check_data_files("data.val_files", list(d.val_files))
-    if t.init_actor_from:
+    if t.init_actor_from and not left_to_workers(cfg, "trainer.init_actor_from", t.init_actor_from):
         check_checkpoint("trainer.init_actor_from", t.init_actor_from, "actor")
         check_same_model("trainer.init_actor_from", t.init_actor_from, "actor_rollout_ref.model.path",
                          arr.model.path)
-    if t.init_critic_from and t.mode == "gad":
+    if t.init_critic_from and t.mode == "gad" \
+            and not left_to_workers(cfg, "trainer.init_critic_from", t.init_critic_from):
         check_checkpoint("trainer.init_critic_from", t.init_critic_from, "critic")
         model_key = "critic.model.path" if cfg.critic.model.path else "actor_rollout_ref.model.path"
         check_same_model("trainer.init_critic_from", t.init_critic_from, model_key, critic_model_path(cfg))
     check_resume(cfg)
     check_output_dir("trainer.default_local_dir", t.default_local_dir)
+
+
+def check_loggers(cfg: GADConfig) -> None:
+    """A requested logger's package is installed: said at start-up, not after the workers started."""
+    if "wandb" in cfg.trainer.logger:
+        import importlib
+
+        try:
+            importlib.import_module("wandb")
+        except ImportError:
+            raise InputError("trainer.logger includes wandb, but wandb is not installed; pip install "
+                             "'megatron-gad[wandb]' (or pip install wandb), or drop wandb from "
+                             "trainer.logger") from None

@@ -24,12 +24,13 @@ from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
+from megatron_gad.errors import RunFailure
 from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
 
 log = logging.getLogger("megatron_gad")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure, RuntimeError):
     """A role's loss or gradient stayed non-finite for trainer.max_nonfinite_steps steps in a row."""
 
 
@@ -251,6 +252,7 @@ class GADTrainer:
         timer = Timer()
         try:
             while self.step < self.total_steps:
+                self._call_context(self.step + 1)  # a failed worker call names this step (and its save)
                 timer.start_step()
                 self.phases = []
                 items = next(self.loader)
@@ -297,6 +299,11 @@ class GADTrainer:
                         f"{role}'s learning rate or check the data, then resume from the last checkpoint "
                         f"(trainer.resume_mode=auto).")
         return None
+
+    def _call_context(self, step: int) -> None:
+        for group in (self.actor, self.critic):
+            if group is not None:
+                group.context.update(step=step, run_dir=self.run_dir)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -400,7 +407,7 @@ def main_train(args) -> int:
     from megatron_gad.config import load_config, validate
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from megatron_gad.controller.preflight import check_paths
+    from megatron_gad.controller.preflight import check_loggers, check_paths
     from megatron_gad.data import DataError
     from megatron_gad.errors import InputError
 
@@ -411,6 +418,7 @@ def main_train(args) -> int:
     print_only = getattr(args, "print_config", False)
     if not print_only:
         check_paths(cfg)  # every path the driver sees, before any worker starts
+        check_loggers(cfg)
     print("# resolved config\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False), flush=True)
     if print_only:
         return 0

@@ -5,6 +5,10 @@ and build Megatron's TP x PP x DP grid among themselves; each hosts the role's w
 controller calls ``group.<method>(...)`` for any worker method declared with
 ``workers.dispatch.register``: the declaration says how arguments are split over the ranks and
 how results are collected (see ``workers/dispatch.py``).
+
+A call waits for the ranks' results as they arrive, not for all of them: when a rank dies or fails,
+the call stops within seconds instead of waiting on peers blocked in a collective, stops the role's
+other processes and raises (``controller/faults.py``). A group that failed refuses further calls.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import socket
 import ray
 import torch
 
-from megatron_gad.controller.group_base import DeclaredGroup, worker_class
+from megatron_gad.controller import faults
+from megatron_gad.controller.group_base import DeclaredGroup, check_worker_paths, worker_class
 from megatron_gad.parallel.state import Layout
 
 _ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
@@ -30,6 +35,8 @@ def worker_env(use_gpu: bool, single_node: bool) -> dict[str, str]:
     env = dict(_ENV)
     if not use_gpu and single_node:
         env["GLOO_SOCKET_IFNAME"] = "lo"
+    # debug hooks set in the driver after Ray started still reach the workers created now
+    env.update({k: os.environ[k] for k in faults.DEBUG_ENV if k in os.environ})
     return env
 
 
@@ -45,6 +52,9 @@ class WorkerProcess:
             s.bind(("", 0))
             return ip, s.getsockname()[1]
 
+    def pid_and_node(self) -> tuple[int, str]:
+        return os.getpid(), ray.util.get_node_ip_address()
+
     def setup(self, role: str, rank: int, world: int, addr: str, port: int, kwargs: dict) -> Layout:
         import logging
         import warnings
@@ -54,6 +64,11 @@ class WorkerProcess:
 
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron").setLevel(logging.ERROR)
+        self._kill = faults.kill_points(os.environ.get(faults.KILL_ENV), role, rank)
+        self._calls: dict[str, int] = {}
+        # the paths this worker reads, checked here: on a cluster they may exist only on the workers' nodes
+        check_worker_paths(role, kwargs, where=f"on the {role} worker's node {ray.util.get_node_ip_address()} "
+                                               f"(rank {rank})")
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         state.init_distributed(rank, world, addr, port)
         with cpu_device_mode():
@@ -63,6 +78,7 @@ class WorkerProcess:
     def execute(self, method: str, *args, **kwargs):
         from megatron_gad.parallel.cpu_compat import cpu_device_mode
 
+        faults.maybe_kill(self._kill, self._calls, method)
         torch.set_num_threads(1)
         with cpu_device_mode():
             return getattr(self.worker, method)(*args, **kwargs)
@@ -93,10 +109,34 @@ class WorkerGroup(DeclaredGroup):
         self.role = role
         self.worker_cls = worker_class(role)
         self.procs = procs
+        self.context: dict = {}  # set by the trainer (step, run_dir) for the messages of failed calls
+        self.failed: BaseException | None = None
+        self.pids: list[int | None] = [None] * world
+        self.nodes: list[str | None] = [None] * world
+        ids = self._gather("start", [p.pid_and_node.remote() for p in procs])
+        self.pids, self.nodes = [i[0] for i in ids], [i[1] for i in ids]
         addr, port = ray.get(procs[0].node_ip_and_port.remote())
-        self.layouts: list[Layout] = ray.get(
-            [p.setup.remote(role, r, world, addr, port, worker_kwargs) for r, p in enumerate(procs)])
+        self.layouts: list[Layout] = self._gather(
+            "setup", [p.setup.remote(role, r, world, addr, port, worker_kwargs) for r, p in enumerate(procs)])
         self.dp_size = self.layouts[0].dp_size
+
+    def _gather(self, name: str, refs: list) -> list:
+        """The ranks' results of one call; at the first failure, stop the role's processes and raise
+        (``faults.gather``)."""
+
+        def on_failure(failures: dict) -> None:
+            self._kill_all()
+            try:
+                faults.raise_failure(self.role, name, failures, self.pids, self.nodes, self.context)
+            except BaseException as e:
+                self.failed = e
+                raise
+
+        return faults.gather(refs, on_failure)
+
+    def _kill_all(self) -> None:
+        for p in self.procs:
+            ray.kill(p, no_restart=True)
 
     def _execute(self, name: str, per_rank_args: list[tuple], kwargs: dict) -> list:
         stored: dict[int, ray.ObjectRef] = {}  # a replica's share goes to the object store once
@@ -108,9 +148,10 @@ class WorkerGroup(DeclaredGroup):
                 stored[id(x)] = ray.put(x)
             return stored[id(x)]
 
-        return ray.get([p.execute.remote(name, *[put(x) for x in a], **kwargs)
-                        for p, a in zip(self.procs, per_rank_args)])
+        if self.failed is not None:  # its processes are gone: say why, not "actor died" again
+            raise RuntimeError(f"the {self.role} worker group stopped earlier: {self.failed}")
+        return self._gather(name, [p.execute.remote(name, *[put(x) for x in a], **kwargs)
+                                   for p, a in zip(self.procs, per_rank_args)])
 
     def shutdown(self) -> None:
-        for p in self.procs:
-            ray.kill(p)
+        self._kill_all()

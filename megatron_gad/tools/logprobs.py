@@ -123,14 +123,22 @@ def read_rows(path: str, tok, prompt_key: str, response_key: str, optional_key: 
     """Validate and tokenize ``path`` like training does (``GADDataset``'s row checks, its prompt
     template and EOS policy). ``optional_key``: a second response column that rows may omit (or set
     to null), tokenized with the same EOS policy. Any problem is a ToolError naming file:line."""
-    from megatron_gad.data import BadRow, DataError, check_row, encode_prompt, encode_teacher_response, iter_file
+    from megatron_gad.data import (
+        BadRow,
+        DataError,
+        check_row,
+        encode_prompt,
+        encode_teacher_response,
+        iter_file,
+        no_eos_message,
+    )
 
     if not os.path.exists(path):
         raise ToolError(f"--data {path}: no such file")
     if not os.path.isfile(path):
         raise ToolError(f"--data {path}: not a file")
     if tok.eos_token_id is None:
-        raise ToolError("the tokenizer has no eos_token_id; responses are tokenized ending with EOS, as in training")
+        raise ToolError(no_eos_message(tok))  # the training message: responses end with EOS here too
     rows = Rows([], {response_key: []} | ({optional_key: []} if optional_key else {}))
     keys = (prompt_key, response_key) + ((optional_key,) if optional_key else ())
     try:

@@ -257,3 +257,93 @@ def test_real_process_exit_code_and_debug(tmp_path):
     proc = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback (most recent call last)" in proc.stderr and "InputError" in proc.stderr
+
+
+# ---------------------------------------------------------------- inputs read after the path checks
+def _parquet(path: Path, damage: str) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["w5 w6"] * 50, "teacher_response": ["w7"] * 50}), str(path))
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":  # a copy cut short: the footer is gone
+        data = data[:len(data) // 2]
+    else:  # overwritten inside: the footer is intact, the column chunk metadata is not
+        data[8:len(data) // 2] = b"\xab" * (len(data) // 2 - 8)
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("damage,reason", [
+    ("truncated", "Parquet magic bytes not found in footer. Either the file is corrupted or this is not a parquet "
+                  "file."),
+    ("overwritten", "Couldn't deserialize thrift: Variable-length int over 10 bytes."),
+])
+def test_damaged_parquet(damage, reason, world, tmp_path, capsys):
+    path = _parquet(tmp_path / "train.parquet", damage)
+    code, out, err = _run(_train(world, tmp_path, f"data.train_files=[{path}]"), capsys)
+    assert code == 2 and "Traceback" not in err + out
+    assert err == (f"megatron-gad train: error: {path}: damaged Parquet file, cannot be read ({reason}); write it "
+                   "again (e.g. pandas.DataFrame.to_parquet) or convert it to JSONL\n")
+
+
+def test_tokenizer_without_eos(world, tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path / "no_eos"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(CONFIGS["llama"]))
+    vocab = {"<pad>": 0, "<s>": 1, **{f"w{i}": i for i in range(2, CONFIGS["llama"]["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>").save_pretrained(str(d))
+    code, out, err = _run(_train(world, tmp_path, f"actor_rollout_ref.model.path={d}"), capsys)
+    assert code == 2 and "Traceback" not in err + out
+    assert err == (f"megatron-gad train: error: {d}: the tokenizer has no EOS token (eos_token is not set); GAD ends "
+                   "every teacher response and student sample with it: set \"eos_token\" in the model's "
+                   "tokenizer_config.json (or tokenizer.eos_token = '...' then tokenizer.save_pretrained(path)) to "
+                   "the token the model ends its answers with\n")
+    # the logprobs tool reads the same tokenizer and says the same
+    code, out, err = _run(["logprobs", str(d), "--data", world["data"]], capsys)
+    assert code == 2 and out == "" and "the tokenizer has no EOS token (eos_token is not set)" in err
+
+
+def test_wandb_not_installed_at_start(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes "import wandb" raise ImportError
+    code, out, err = _run(_train(world, tmp_path, "trainer.logger=[console,wandb]"), capsys)
+    assert code == 2 and "Traceback" not in err and out == ""  # before the resolved config is printed
+    assert err == ("megatron-gad train: error: trainer.logger includes wandb, but wandb is not installed; pip install "
+                   "'megatron-gad[wandb]' (or pip install wandb), or drop wandb from trainer.logger\n")
+
+
+def test_worker_read_paths(world, tmp_path, caplog):
+    """A path only workers read is checked where it is read, with preflight's message plus where; on a Ray
+    cluster (ray.address set) the driver leaves a path it cannot see to them."""
+    from megatron_gad.config import load_config
+    from megatron_gad.controller.group_base import check_worker_paths
+    from megatron_gad.controller.preflight import check_paths
+    from megatron_gad.errors import InputError
+
+    cfg = load_config(DEMO, [f"actor_rollout_ref.model.path={world['model']}", f"data.train_files=[{world['data']}]",
+                             f"trainer.default_local_dir={tmp_path / 'run'}",
+                             "trainer.init_critic_from=/nonexistent/critic_ckpt"])
+    expected = ("trainer.init_critic_from=/nonexistent/critic_ckpt does not exist; set it to a megatron-gad critic "
+                "checkpoint directory, e.g. <trainer.default_local_dir>/global_step_<N>/critic")
+    with pytest.raises(InputError) as ei:
+        check_paths(cfg)
+    assert str(ei.value) == expected
+    cluster = load_config(DEMO, [f"actor_rollout_ref.model.path={world['model']}",
+                                 f"data.train_files=[{world['data']}]", f"trainer.default_local_dir={tmp_path / 'run'}",
+                                 "trainer.init_critic_from=/nonexistent/critic_ckpt", "ray.address=auto"])
+    check_paths(cluster)  # left to the workers, with a warning
+    assert ("trainer.init_critic_from=/nonexistent/critic_ckpt does not exist on the driver's node; the workers "
+            "check it on theirs (ray.address=auto)") in caplog.text
+    kwargs = {"config": cluster.critic, "model_path": world["model"], "init_from": "/nonexistent/critic_ckpt"}
+    with pytest.raises(InputError) as ei:
+        check_worker_paths("critic", kwargs, where="on the critic worker's node 10.0.0.2 (rank 3)")
+    assert str(ei.value) == expected + " (checked on the critic worker's node 10.0.0.2 (rank 3))"
+    kwargs = {"config": cluster.critic, "model_path": world["no_tok"] + "_missing", "init_from": None}
+    with pytest.raises(InputError, match=r"^actor_rollout_ref.model.path=.*no_tok_missing: no such file or directory; "
+                                         r"set actor_rollout_ref.model.path to .* \(checked here\)$"):
+        check_worker_paths("critic", kwargs, where="here")

@@ -1,4 +1,5 @@
 import json
+import logging
 import sys
 import types
 
@@ -129,34 +130,79 @@ def test_wandb_missing_gives_clear_error(tmp_path, monkeypatch):
         MetricsLogger(tmp_path, loggers=("wandb",))
 
 
-def test_wandb_offline_by_default(tmp_path, monkeypatch):
-    calls = []
+class _FakeWandb(types.SimpleNamespace):
+    """A stand-in ``wandb`` module: ``init`` records its calls; an online init raises ``online_error``."""
 
-    class Run:
-        def log(self, data, step):
-            calls.append(("log", data, step))
+    def __init__(self, online_error=None):
+        calls = []
 
-        def finish(self):
-            calls.append(("finish",))
+        class Run:
+            def log(self, data, step):
+                calls.append(("log", data, step))
 
-    def init(**kwargs):
-        calls.append(("init", kwargs))
-        return Run()
+            def finish(self):
+                calls.append(("finish",))
 
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+        class Settings:
+            def __init__(self, **kw):
+                self.kw = kw
+
+            def __eq__(self, other):
+                return isinstance(other, Settings) and other.kw == self.kw
+
+        def init(**kwargs):
+            calls.append(("init", kwargs))
+            if kwargs["mode"] == "online" and online_error is not None:
+                raise online_error
+            return Run()
+
+        super().__init__(init=init, Settings=Settings, calls=calls)
+
+
+def test_wandb_online_by_default(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
     logger = MetricsLogger(tmp_path, loggers=("wandb",), project="p", experiment="e", config_dict={"lr": 1.0})
     logger.log(2, {"critic/d_acc": torch.tensor(0.5), "stage": "gad"})
     logger.close()
-    assert calls == [
-        ("init", {"project": "p", "name": "e", "config": {"lr": 1.0}, "dir": str(tmp_path), "mode": "offline"}),
+    assert fake.calls == [
+        ("init", {"project": "p", "name": "e", "config": {"lr": 1.0}, "dir": str(tmp_path), "mode": "online",
+                  "settings": fake.Settings(init_timeout=30.0)}),
         ("log", {"critic/d_acc": 0.5}, 2),
         ("finish",),
     ]
-    monkeypatch.setenv("WANDB_MODE", "online")
-    calls.clear()
-    MetricsLogger(tmp_path, loggers=("wandb",)).close()
-    assert calls[0][1]["mode"] == "online"
+    # a mode the person chose is used as is, with no fallback
+    for mode in ("offline", "online"):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        fake.calls.clear()
+        MetricsLogger(tmp_path, loggers=("wandb",)).close()
+        assert [c[1]["mode"] for c in fake.calls if c[0] == "init"] == [mode]
+
+
+def test_wandb_unreachable_falls_back_to_offline(tmp_path, monkeypatch, caplog):
+    class CommError(Exception):
+        pass
+
+    fake = _FakeWandb(CommError("Run initialization has timed out after 30.0 sec.\nPlease try again."))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")  # wandb reads it itself: no settings passed
+    with caplog.at_level(logging.WARNING, logger="megatron_gad"):
+        logger = MetricsLogger(tmp_path, loggers=("jsonl", "wandb"), project="p", experiment="e")
+    logger.log(1, {"critic/d_acc": 0.25})
+    logger.close()
+    kw = {"project": "p", "name": "e", "config": {}, "dir": str(tmp_path)}
+    assert fake.calls == [("init", dict(kw, mode="online")), ("init", dict(kw, mode="offline")),
+                          ("log", {"critic/d_acc": 0.25}, 1), ("finish",)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"wandb: cannot log online (CommError: Run initialization has timed out after 30.0 sec. Please try again.); "
+        f"logging offline to {tmp_path}/wandb instead, the run goes on (upload later with `wandb sync "
+        f"{tmp_path}/wandb/offline-run-*`; set WANDB_MODE=offline to skip the online attempt)"]
+    # the jsonl record is written as always
+    assert json.loads(open(tmp_path / "metrics.jsonl").read()) == {"step": 1, "critic/d_acc": 0.25}
 
 
 def test_unknown_logger(tmp_path):

@@ -1,0 +1,176 @@
+"""A worker process killed mid-step under Ray (local, CPU; two ranks per role so the dead rank's peer
+is blocked in a collective): the run stops within a bounded time with one line naming role, rank
+and step (exit code 3 at the console), the role's other processes are stopped, no partial checkpoint
+is visible, and ``trainer.resume_mode=auto`` continues from the last complete checkpoint with the
+metrics of an uninterrupted run. Kills come from the ``MEGATRON_GAD_KILL_WORKER`` debug hook
+(``controller/faults.py``): the worker SIGKILLs itself as the named call starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+
+import psutil
+import pytest
+from local_setup import build_assets, local_overrides
+
+from megatron_gad import checkpoint as ckpt
+from megatron_gad.controller import faults
+
+pytestmark = pytest.mark.distributed
+
+ray = pytest.importorskip("ray")
+
+STOP_BOUND_S = 60.0  # from dispatching the fatal call to the error (the grace is 15 s)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return build_assets(str(tmp_path_factory.mktemp("gad_ray_fault_assets")))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def _overrides(assets, run, steps):
+    base = [o for o in local_overrides(assets, run, kl=False) if not o.startswith(("trainer.workers=",
+                                                                                  "trainer.total_training_steps=",
+                                                                                  "trainer.resume_mode="))]
+    # 2 ranks per role (DP 2): a killed rank leaves its peer inside a collective
+    return [*base, "trainer.workers=ray", "trainer.n_gpus_per_node=2", "trainer.save_freq=2",
+            f"trainer.total_training_steps={steps}", "trainer.resume_mode=auto"]
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of ``megatron-gad argv`` run in this process (as tests/unit/cli_helpers.py)."""
+    from megatron_gad import cli
+
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("timing_s/")} for line in f]
+
+
+@pytest.fixture
+def dispatch_times(monkeypatch):
+    """(role, method) -> when the driver dispatched each call (monotonic), in order."""
+    from megatron_gad.controller.worker_group import WorkerGroup
+
+    times: dict = {}
+    real = WorkerGroup._execute
+
+    def execute(self, name, per_rank_args, kwargs):
+        times.setdefault((self.role, name), []).append(time.monotonic())
+        return real(self, name, per_rank_args, kwargs)
+
+    monkeypatch.setattr(WorkerGroup, "_execute", execute)
+    return times
+
+
+def _gone(pids, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_kill_parse():
+    assert faults.kill_points("critic:1:update_critic:2;actor:0:save:0", "critic", 1) == {"update_critic": 2}
+    assert faults.kill_points("critic:1:update_critic:2", "critic", 0) == {}
+    assert faults.kill_points(None, "actor", 0) == {}
+    with pytest.raises(ValueError, match="is not role:rank:method:call"):
+        faults.kill_points("critic:update_critic:2", "critic", 0)
+
+
+def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatch, dispatch_times):
+    from megatron_gad.config import load_config
+    from megatron_gad.controller.trainer import GADTrainer
+
+    # A: the straight run (4 steps: 1 frozen warmup + 3 GAD; checkpoints at 2 and 4)
+    straight = str(tmp_path / "straight")
+    tr = GADTrainer(load_config(None, _overrides(assets, straight, 4)))
+    tr.fit()
+    tr.shutdown()
+    want = _metrics(straight)
+    assert [m["step"] for m in want] == [1, 2, 3, 4]
+
+    # B: through the console script, critic rank 1 dies as step 3's critic update starts; its peer
+    # (rank 0) is in the same update's collectives
+    run = str(tmp_path / "run")
+    monkeypatch.setenv(faults.KILL_ENV, "critic:1:update_critic:2")
+    dispatch_times.clear()
+    code, _, err = run_cli(["train", _config_file(tmp_path, _overrides(assets, run, 4))], capsys)
+    stopped = time.monotonic()
+    last = err.rstrip("\n").split("\n")[-1]
+    assert code == 3, err
+    m = re.fullmatch(r"megatron-gad train: error: the critic worker process rank 1 \(pid (\d+) on ([\d.]+)\) died "
+                     r"during update_critic at step 3 \(killed, e\.g\. by the OOM killer, crashed, or its node "
+                     r"went down\); the critic's other ranks were stopped\. The last complete checkpoint is "
+                     + re.escape(os.path.join(run, "global_step_2")) + r": rerun the same command with "
+                     r"trainer\.resume_mode=auto to continue from it", last)
+    assert m, last
+    assert not psutil.pid_exists(int(m.group(1))) or psutil.Process(int(m.group(1))).status() == "zombie"
+    fatal = dispatch_times[("critic", "update_critic")][2]
+    assert stopped - fatal < STOP_BOUND_S, stopped - fatal
+    assert "Traceback" not in last
+    assert ckpt.read_latest(run) == 2 and ckpt.run_checkpoint_steps(run) == [2]
+    assert not any(n.startswith("global_step_3") for n in os.listdir(run))
+    assert [x["step"] for x in _metrics(run)] == [1, 2]
+
+    # C: resume from step 2; actor rank 0 dies as step 4's checkpoint save starts (rank 1 is saving)
+    monkeypatch.setenv(faults.KILL_ENV, "actor:0:save:0")
+    dispatch_times.clear()
+    tr = GADTrainer(load_config(None, _overrides(assets, run, 4)))
+    pids = {"actor": list(tr.actor.pids), "critic": list(tr.critic.pids)}
+    with pytest.raises(faults.WorkerDiedError) as ei:
+        tr.fit()
+    stopped = time.monotonic()
+    tr.shutdown()
+    assert str(ei.value) == (
+        f"the actor worker process rank 0 (pid {pids['actor'][0]} on {tr.actor.nodes[0]}) died during save at "
+        "step 4 (killed, e.g. by the OOM killer, crashed, or its node went down); the actor's other ranks were "
+        f"stopped. The last complete checkpoint is {os.path.join(run, 'global_step_2')}: rerun the same command "
+        "with trainer.resume_mode=auto to continue from it")
+    assert (ei.value.role, ei.value.rank, ei.value.step, ei.value.method) == ("actor", 0, 4, "save")
+    assert stopped - dispatch_times[("actor", "save")][0] < STOP_BOUND_S
+    assert _gone(pids["actor"]) and _gone(pids["critic"])
+    # the step-4 checkpoint never became visible: latest still names step 2, which is complete
+    assert ckpt.read_latest(run) == 2 and ckpt.run_checkpoint_steps(run) == [2]
+    assert not os.path.exists(os.path.join(run, "global_step_4"))
+    state = json.load(open(os.path.join(run, "global_step_2", ckpt.TRAINER_STATE)))
+    assert state["step"] == 2
+
+    # D: resume again, no kill: steps 3 and 4 redone; the metrics are the straight run's
+    monkeypatch.delenv(faults.KILL_ENV)
+    tr = GADTrainer(load_config(None, _overrides(assets, run, 4)))
+    tr.fit()
+    tr.shutdown()
+    assert _metrics(run) == want
+    assert ckpt.read_latest(run) == 4 and ckpt.run_checkpoint_steps(run) == [2, 4]
+    assert not os.path.exists(os.path.join(run, "global_step_4" + ckpt.PARTIAL))
+
+
+def _config_file(tmp_path, overrides):
+    """A YAML config holding ``overrides`` (the console script takes a file plus overrides)."""
+    import yaml
+
+    from megatron_gad.config import load_config, to_dict
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(load_config(None, overrides)), sort_keys=False))
+    return str(path)
