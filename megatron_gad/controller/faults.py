@@ -66,13 +66,15 @@ class WorkerDiedError(RunFailure):
     """A worker process died; the role's other processes were shut down."""
 
     def __init__(self, role: str, rank: int, pid: int | None, node: str | None, method: str,
-                 context: dict):
+                 context: dict, world: int = 2):
         self.role, self.rank, self.pid, self.method = role, rank, pid, method
         self.step = context.get("step")
         where = f"pid {pid} on {node}" if pid is not None else "not started"
         when = f"during {method}" + (f" at step {self.step}" if self.step is not None else "")
         msg = (f"the {role} worker process rank {rank} ({where}) died {when} (killed, e.g. by the OOM killer, "
-               f"crashed, or its node went down); the {role}'s other ranks were stopped")
+               "crashed, or its node went down)")
+        if world > 1:
+            msg += f"; the {role}'s other ranks were stopped"
         run_dir = context.get("run_dir")
         if run_dir is not None:
             latest = ckpt.read_latest(run_dir) if os.path.isdir(run_dir) else None
@@ -116,9 +118,27 @@ def gather(refs: list, on_failure, grace_s: float = DEATH_GRACE_S) -> list:
         if failures and any(_is_death(e) for e in failures.values()):
             break  # the cause is known: the peers' errors (or hangs) follow from it
     if failures:
-        on_failure(failures)
+        try:
+            on_failure(failures)
+        finally:
+            _drain(list(pending))
         raise AssertionError("on_failure must raise")  # pragma: no cover
     return results
+
+
+def _drain(refs: list, timeout_s: float = 10.0) -> None:
+    """Fetch (and drop) what the other ranks' calls ended with once their processes were stopped, so
+    Ray does not print their errors as unhandled after the one-line message."""
+    import ray
+
+    if not refs:
+        return
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # the expected ActorDiedError of a stopped peer
+            pass
 
 
 def raise_failure(role: str, method: str, failures: dict[int, BaseException], pids: list, nodes: list,
@@ -131,7 +151,7 @@ def raise_failure(role: str, method: str, failures: dict[int, BaseException], pi
     if deaths:
         r = deaths[0]
         raise WorkerDiedError(role, r, pids[r] if pids else None, nodes[r] if nodes else None, method,
-                              context) from failures[r]
+                              context, world=len(pids)) from failures[r]
     first = failures[min(failures)]
     cause = getattr(first, "cause", None) if isinstance(first, RayTaskError) else None
     if isinstance(cause, UserError):

@@ -111,9 +111,17 @@ class GADTrainer:
         gpu = _use_gpu(cfg)
         pg, actor_bundles, critic_bundles, frac = self._placement(gpu, world_actor, world_critic)
 
+        started: list[WorkerGroup] = []
+
         def group(role: str, world: int, worker_kwargs: dict):
             bundles = actor_bundles if role == "actor" else critic_bundles
-            return WorkerGroup(role, world, worker_kwargs, gpu, pg, bundles, frac)
+            try:
+                started.append(WorkerGroup(role, world, worker_kwargs, gpu, pg, bundles, frac))
+            except BaseException:
+                for g in started:  # a role that fails to start leaves no processes of the other behind
+                    g.shutdown()
+                raise
+            return started[-1]
 
         return group
 

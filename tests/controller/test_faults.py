@@ -217,3 +217,112 @@ def test_keep_limits_and_enospc_on_trainer(assets, tmp_path):
     assert "still points at global_step_3, which is intact" in got["err"]
     assert ckpt.read_latest(run) == 3 and sorted(os.listdir(run)) == before
     assert ckpt.is_megatron_checkpoint(os.path.join(run, "global_step_3", "actor"))
+
+
+# ---------------------------------------------------------------- the driver SIGKILLed during a save
+# The whole run (trainer.workers=local: one process) kills itself with SIGKILL at a point inside the
+# step-3 checkpoint save; what is on disk then is what a kill from outside at that instant leaves.
+_DRIVER = r"""
+import json, os, signal, sys
+import torch
+from megatron_gad import checkpoint as ck
+from megatron_gad.config import load_config
+from megatron_gad.controller.trainer import GADTrainer
+
+overrides, point, at = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+saving = {"step": None}
+real_run_save, real_json, real_latest, real_torch_save = (ck.save_run_checkpoint, ck.write_json_atomic,
+                                                          ck.write_latest, torch.save)
+
+def run_save(run_dir, step, write):
+    saving["step"] = step
+    return real_run_save(run_dir, step, write)
+
+def torch_save(obj, path, *a, **k):  # mid model save: the critic's shards written, its RNG file not
+    if point == "mid_critic" and saving["step"] == at and "critic.tmp" in str(path):
+        die()
+    return real_torch_save(obj, path, *a, **k)
+
+def write_json(path, obj):
+    if path.endswith(ck.TRAINER_STATE) and saving["step"] == at:
+        if point == "before_state":
+            die()
+        if point == "mid_state":  # a kill inside json.dump: a prefix of the file under its temporary name
+            with open(path + ".tmp", "w") as f:
+                f.write(json.dumps(obj)[:20])
+            die()
+    return real_json(path, obj)
+
+def write_latest(run_dir, step):
+    if point == "before_latest" and step == at:  # renamed into place, latest not moved yet
+        die()
+    return real_latest(run_dir, step)
+
+ck.save_run_checkpoint, ck.write_json_atomic, ck.write_latest = run_save, write_json, write_latest
+torch.save = torch_save
+tr = GADTrainer(load_config(None, overrides))
+tr.fit()
+tr.shutdown()
+"""
+
+
+def _driver(overrides, tmp_path, point="none", at=0):
+    """(exit code, stderr) of the run in its own session. Megatron's checkpoint writer starts a
+    multiprocessing Manager process that a SIGKILLed parent cannot stop: the session is killed after
+    the run so nothing is left behind (and no pipe is held open)."""
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    log = tmp_path / f"driver_{point}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(overrides), point, str(at)], env=env,
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=600)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return code, log.read_text()[-3000:]
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if not k.startswith("timing_s/")} for line in f]
+
+
+def test_driver_sigkill_during_save(assets, tmp_path):
+    import signal
+
+    def ov(run):
+        return [o if o != "trainer.resume_mode=disable" else "trainer.resume_mode=auto"
+                for o in _overrides(assets, run)] + ["trainer.save_freq=2"]  # saves at steps 2 and 3
+
+    straight = str(tmp_path / "straight")
+    code, out = _driver(ov(straight), tmp_path)
+    assert code == 0, out
+    want = _metrics(straight)
+    run = str(tmp_path / "run")
+    # each kill happens in step 3's save; every rerun resumes (auto) from step 2 and is killed at the next point
+    for point in ("mid_critic", "before_state", "mid_state", "before_latest"):
+        code, out = _driver(ov(run), tmp_path, point, 3)
+        assert code == -signal.SIGKILL, (point, code, out)
+        assert ckpt.read_latest(run) == 2, point
+        state = json.load(open(os.path.join(run, "global_step_2", ckpt.TRAINER_STATE)))
+        assert state["step"] == 2 and state["loader"]["position"] == 4, point
+        for role in ("actor", "critic"):
+            assert ckpt.is_megatron_checkpoint(os.path.join(run, "global_step_2", role)), (point, role)
+        complete = [2, 3] if point == "before_latest" else [2]  # renamed whole, but latest still names 2
+        assert ckpt.run_checkpoint_steps(run) == complete, point
+        if point != "before_latest":
+            assert not os.path.exists(os.path.join(run, "global_step_3")), point
+        assert [m["step"] for m in _metrics(run)] == [1, 2], point  # step 3 is logged after its save
+    code, out = _driver(ov(run), tmp_path, "resume")
+    assert code == 0, out
+    assert _metrics(run) == want
+    assert ckpt.read_latest(run) == 3 and ckpt.run_checkpoint_steps(run) == [2, 3]
+    assert not [n for n in os.listdir(run) if n.endswith((ckpt.PARTIAL, ".old", ".tmp"))]

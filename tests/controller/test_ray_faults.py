@@ -161,6 +161,7 @@ def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatc
     tr.fit()
     tr.shutdown()
     assert _metrics(run) == want
+    assert _no_live_workers()
     assert ckpt.read_latest(run) == 4 and ckpt.run_checkpoint_steps(run) == [2, 4]
     assert not os.path.exists(os.path.join(run, "global_step_4" + ckpt.PARTIAL))
 
@@ -174,3 +175,35 @@ def _config_file(tmp_path, overrides):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(to_dict(load_config(None, overrides)), sort_keys=False))
     return str(path)
+
+
+def test_path_missing_where_the_workers_read_it(assets, tmp_path, capsys, caplog):
+    """On a cluster (ray.address set) the driver leaves trainer.init_critic_from, which it cannot see,
+    to the critic workers; they check it where they read it: one line, exit 2, nothing left running."""
+    run = str(tmp_path / "run")
+    missing = str(tmp_path / "only_on_workers" / "critic")
+    overrides = [*_overrides(assets, run, 2), "ray.address=auto", f"trainer.init_critic_from={missing}"]
+    code, out, err = run_cli(["train", _config_file(tmp_path, overrides)], capsys)
+    assert code == 2, err
+    lines = err.rstrip("\n").split("\n")
+    assert "Traceback" not in err + out
+    assert (f"trainer.init_critic_from={missing} does not exist on the driver's node; the workers check it on "
+            "theirs (ray.address=auto)") in caplog.text
+    node = ray.util.get_node_ip_address()
+    assert re.fullmatch(re.escape(
+        f"megatron-gad train: error: trainer.init_critic_from={missing} does not exist; set it to a megatron-gad "
+        "critic checkpoint directory, e.g. <trainer.default_local_dir>/global_step_<N>/critic (checked on the "
+        f"critic worker's node {node} (rank ") + r"[01]\)\)", lines[-1]), lines[-1]
+    # the actor had started: its processes were stopped with the critic's
+    assert _no_live_workers()
+
+
+def _no_live_workers(timeout=30.0):
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "WorkerProcess"]:
+            return True
+        time.sleep(1.0)
+    return False
