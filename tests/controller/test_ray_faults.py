@@ -65,6 +65,27 @@ def _metrics(run):
 
 
 @pytest.fixture
+def groups(monkeypatch):
+    """Every WorkerGroup created in the test (also one whose start failed), to check its processes end."""
+    from megatron_gad.controller.worker_group import WorkerGroup
+
+    made = []
+    real = WorkerGroup.__init__
+
+    def init(self, *a, **k):
+        made.append(self)
+        real(self, *a, **k)
+
+    monkeypatch.setattr(WorkerGroup, "__init__", init)
+    return made
+
+
+def _no_live_workers(groups) -> bool:
+    pids = [p for g in groups for p in getattr(g, "pids", []) if p is not None]
+    return bool(pids) and _gone(pids)
+
+
+@pytest.fixture
 def dispatch_times(monkeypatch):
     """(role, method) -> when the driver dispatched each call (monotonic), in order."""
     from megatron_gad.controller.worker_group import WorkerGroup
@@ -80,10 +101,17 @@ def dispatch_times(monkeypatch):
     return times
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _gone(pids, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+        if not any(_alive(p) for p in pids):
             return True
         time.sleep(0.5)
     return False
@@ -97,7 +125,7 @@ def test_kill_parse():
         faults.kill_points("critic:update_critic:2", "critic", 0)
 
 
-def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatch, dispatch_times):
+def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatch, dispatch_times, groups):
     from megatron_gad.config import load_config
     from megatron_gad.controller.trainer import GADTrainer
 
@@ -124,8 +152,9 @@ def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatc
                      + re.escape(os.path.join(run, "global_step_2")) + r": rerun the same command with "
                      r"trainer\.resume_mode=auto to continue from it", last)
     assert m, last
-    assert not psutil.pid_exists(int(m.group(1))) or psutil.Process(int(m.group(1))).status() == "zombie"
+    assert _gone([int(m.group(1))]) and _no_live_workers(groups)  # the killed rank, and every process of the run
     fatal = dispatch_times[("critic", "update_critic")][2]
+    print(f"stopped {stopped - fatal:.1f} s after step 3's critic update was dispatched")
     assert stopped - fatal < STOP_BOUND_S, stopped - fatal
     assert "Traceback" not in last
     assert ckpt.read_latest(run) == 2 and ckpt.run_checkpoint_steps(run) == [2]
@@ -140,6 +169,8 @@ def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatc
     with pytest.raises(faults.WorkerDiedError) as ei:
         tr.fit()
     stopped = time.monotonic()
+    # the group stopped its role's processes itself; the other role is untouched until shutdown
+    assert _gone(pids["actor"]) and all(_alive(p) for p in pids["critic"])
     tr.shutdown()
     assert str(ei.value) == (
         f"the actor worker process rank 0 (pid {pids['actor'][0]} on {tr.actor.nodes[0]}) died during save at "
@@ -148,7 +179,7 @@ def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatc
         "with trainer.resume_mode=auto to continue from it")
     assert (ei.value.role, ei.value.rank, ei.value.step, ei.value.method) == ("actor", 0, 4, "save")
     assert stopped - dispatch_times[("actor", "save")][0] < STOP_BOUND_S
-    assert _gone(pids["actor"]) and _gone(pids["critic"])
+    assert _gone(pids["critic"])
     # the step-4 checkpoint never became visible: latest still names step 2, which is complete
     assert ckpt.read_latest(run) == 2 and ckpt.run_checkpoint_steps(run) == [2]
     assert not os.path.exists(os.path.join(run, "global_step_4"))
@@ -161,7 +192,7 @@ def test_worker_killed_mid_step_then_resume(assets, tmp_path, capsys, monkeypatc
     tr.fit()
     tr.shutdown()
     assert _metrics(run) == want
-    assert _no_live_workers()
+    assert _no_live_workers(groups)
     assert ckpt.read_latest(run) == 4 and ckpt.run_checkpoint_steps(run) == [2, 4]
     assert not os.path.exists(os.path.join(run, "global_step_4" + ckpt.PARTIAL))
 
@@ -177,7 +208,7 @@ def _config_file(tmp_path, overrides):
     return str(path)
 
 
-def test_path_missing_where_the_workers_read_it(assets, tmp_path, capsys, caplog):
+def test_path_missing_where_the_workers_read_it(assets, tmp_path, capsys, caplog, groups):
     """On a cluster (ray.address set) the driver leaves trainer.init_critic_from, which it cannot see,
     to the critic workers; they check it where they read it: one line, exit 2, nothing left running."""
     run = str(tmp_path / "run")
@@ -195,15 +226,16 @@ def test_path_missing_where_the_workers_read_it(assets, tmp_path, capsys, caplog
         "critic checkpoint directory, e.g. <trainer.default_local_dir>/global_step_<N>/critic (checked on the "
         f"critic worker's node {node} (rank ") + r"[01]\)\)", lines[-1]), lines[-1]
     # the actor had started: its processes were stopped with the critic's
-    assert _no_live_workers()
+    assert _no_live_workers(groups)
 
 
-def _no_live_workers(timeout=30.0):
-    from ray.util.state import list_actors
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "WorkerProcess"]:
-            return True
-        time.sleep(1.0)
-    return False
+def test_died_message_without_checkpoint_or_peers(tmp_path):
+    ctx = {"step": 1, "run_dir": str(tmp_path)}
+    e = faults.WorkerDiedError("actor", 0, 4242, "10.0.0.1", "generate", ctx, world=1)
+    assert str(e) == ("the actor worker process rank 0 (pid 4242 on 10.0.0.1) died during generate at step 1 (killed, "
+                      "e.g. by the OOM killer, crashed, or its node went down); no checkpoint was written yet, so a "
+                      "rerun starts from the beginning")
+    e = faults.WorkerDiedError("critic", 1, None, None, "setup", {}, world=2)
+    assert str(e) == ("the critic worker process rank 1 (not started) died during setup (killed, e.g. by the OOM "
+                      "killer, crashed, or its node went down); the critic's other ranks were stopped")
+    assert isinstance(e, faults.RunFailure)

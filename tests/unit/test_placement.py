@@ -55,3 +55,13 @@ def test_worker_env_loopback_only_for_single_node_cpu():
     assert worker_env(use_gpu=False, single_node=True)["GLOO_SOCKET_IFNAME"] == "lo"
     assert "GLOO_SOCKET_IFNAME" not in worker_env(use_gpu=True, single_node=True)
     assert "GLOO_SOCKET_IFNAME" not in worker_env(use_gpu=False, single_node=False)
+
+
+def test_worker_env_forwards_debug_hooks(monkeypatch):
+    """Fault hooks set in the driver reach the workers it starts afterwards (Ray started earlier)."""
+    from megatron_gad.controller.worker_group import worker_env
+
+    monkeypatch.setenv("MEGATRON_GAD_KILL_WORKER", "critic:0:save:0")
+    monkeypatch.delenv("MEGATRON_GAD_INJECT_NAN", raising=False)
+    env = worker_env(use_gpu=False, single_node=True)
+    assert env["MEGATRON_GAD_KILL_WORKER"] == "critic:0:save:0" and "MEGATRON_GAD_INJECT_NAN" not in env
