@@ -187,7 +187,9 @@ def save_run_checkpoint(run_dir: str, step: int, write) -> str:
     path = os.path.join(run_dir, f"{STEP_PREFIX}{step}")
     tmp = path + PARTIAL
     try:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        for name in os.listdir(run_dir):  # left by runs killed mid-save (this or another step): never read
+            if name.startswith(STEP_PREFIX) and name.endswith(PARTIAL):
+                shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
         os.makedirs(tmp)
         write(tmp)
         if os.path.exists(path):  # the same step saved again: swap, never a moment without one

@@ -75,6 +75,9 @@ def test_partial_dir_is_never_a_checkpoint(tmp_path):
     _fake_save(tmp_path, 2)  # the stale partial is replaced
     assert ckpt.run_checkpoint_steps(str(tmp_path)) == [1, 2]
     assert not os.path.exists(tmp_path / "global_step_2.partial")
+    os.makedirs(tmp_path / "global_step_5.partial" / "critic")  # a killed save of a step never saved again
+    _fake_save(tmp_path, 4)
+    assert not os.path.exists(tmp_path / "global_step_5.partial") and ckpt.read_latest(str(tmp_path)) == 4
 
 
 def test_prune_per_role_keeps_latest(tmp_path):
