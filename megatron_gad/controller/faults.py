@@ -2,7 +2,9 @@
 
 A role's ranks run one collective program: when one rank dies (SIGKILL, the OOM killer, a crash, a
 lost node) its peers block in the next collective, or fail in it a moment later ("connection closed
-by peer"). Waiting for every rank's result (``ray.get`` over all ranks) would then wait forever.
+by peer"). Waiting on every rank in order can wait forever on a blocked peer; ``ray.get`` over the
+list (Ray 2.60) does raise at the dead rank's error, but as a many-line ``ActorDiedError`` that names no
+role or step, possibly behind a peer's collective error, and leaves the peers blocked.
 :func:`gather` instead takes results as they arrive and stops at the first failure: it gives the
 other ranks a short grace to tell which rank *died* (so the message names the cause, not a peer's
 collective error), kills the role's remaining processes (their process group is broken for good)

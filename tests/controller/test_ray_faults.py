@@ -239,3 +239,60 @@ def test_died_message_without_checkpoint_or_peers(tmp_path):
     assert str(e) == ("the critic worker process rank 1 (not started) died during setup (killed, e.g. by the OOM "
                       "killer, crashed, or its node went down); the critic's other ranks were stopped")
     assert isinstance(e, faults.RunFailure)
+
+
+@ray.remote(num_cpus=0.01)
+class _Rank:
+    """A stand-in rank: its call fails like a peer in a broken collective, dies, hangs, or fails on an input."""
+
+    def run(self, mode: str):
+        import signal
+
+        from megatron_gad.errors import InputError
+
+        if mode == "peer_error":  # fails first, as gloo does when a peer's socket closes
+            raise RuntimeError("[gloo] Connection closed by peer")
+        if mode == "die":
+            time.sleep(2.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mode == "input":
+            raise InputError("critic.model.path=/x: no such file or directory; set critic.model.path to a model")
+        time.sleep(600)  # "hang": blocked in a collective whose peer never comes
+
+
+def _failures(modes, grace_s):
+    ranks = [_Rank.remote() for _ in modes]
+    seen = {}
+
+    def on_failure(failures):
+        seen.update(failures)
+        raise RuntimeError("stop")
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="stop"):
+        faults.gather([r.run.remote(m) for r, m in zip(ranks, modes)], on_failure, grace_s=grace_s)
+    for r in ranks:
+        ray.kill(r)
+    return seen, time.monotonic() - start
+
+
+def test_gather_blames_the_dead_rank_not_the_peer_that_failed_first():
+    from ray.exceptions import RayActorError
+
+    seen, took = _failures(["peer_error", "die", "hang"], grace_s=30.0)
+    assert isinstance(seen[1], RayActorError) and 0 in seen and 2 not in seen  # the hung rank is not waited for
+    assert took < 30.0  # the death ended the grace
+    with pytest.raises(faults.WorkerDiedError) as ei:
+        faults.raise_failure("critic", "update_critic", seen, [10, 11, 12], ["n0", "n1", "n2"], {"step": 7})
+    assert (ei.value.rank, ei.value.pid, ei.value.step) == (1, 11, 7)
+
+
+def test_gather_grace_then_the_workers_input_error_unwrapped():
+    from megatron_gad.errors import InputError
+
+    seen, took = _failures(["input", "hang"], grace_s=3.0)
+    assert list(seen) == [0] and 3.0 <= took < 30.0  # no death: the grace runs out, the hung rank is left
+    with pytest.raises(InputError) as ei:
+        faults.raise_failure("critic", "setup", seen, [10, 11], ["n0", "n1"], {})
+    assert type(ei.value) is InputError  # not Ray's wrapper: the console prints its one line
+    assert str(ei.value) == "critic.model.path=/x: no such file or directory; set critic.model.path to a model"
