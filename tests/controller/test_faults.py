@@ -264,6 +264,21 @@ def write_latest(run_dir, step):
 
 ck.save_run_checkpoint, ck.write_json_atomic, ck.write_latest = run_save, write_json, write_latest
 torch.save = torch_save
+if point == "ray_mid_save":  # Ray workers: the driver dies while the critic ranks are writing their shards
+    import time
+    from megatron_gad.controller.worker_group import WorkerGroup
+
+    real_execute = WorkerGroup._execute
+
+    def execute(self, name, per_rank_args, kwargs):
+        if name == "save" and self.role == "critic" and saving["step"] == at:
+            # dispatched to the critic's ranks (the actor's shards are already in the partial directory)
+            [p.execute.remote(name, *a, **kwargs) for p, a in zip(self.procs, per_rank_args)]
+            time.sleep(0.05)
+            die()
+        return real_execute(self, name, per_rank_args, kwargs)
+
+    WorkerGroup._execute = execute
 tr = GADTrainer(load_config(None, overrides))
 tr.fit()
 tr.shutdown()
@@ -271,14 +286,20 @@ tr.shutdown()
 
 
 def _driver(overrides, tmp_path, point="none", at=0):
-    """(exit code, stderr) of the run in its own session. Megatron's checkpoint writer starts a
-    multiprocessing Manager process that a SIGKILLed parent cannot stop: the session is killed after
-    the run so nothing is left behind (and no pipe is held open)."""
+    """(exit code, output) of the run in its own session. Megatron's checkpoint writer starts a
+    multiprocessing Manager process that a SIGKILLed parent cannot stop, and a SIGKILLed driver's Ray
+    processes outlive it: every process carrying this run's marker in its environment is killed after
+    the run, so nothing is left behind (and no pipe is held open)."""
     import signal
     import subprocess
     import sys
+    import uuid
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    import psutil
+
+    mark = uuid.uuid4().hex
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+               MEGATRON_GAD_TEST_RUN=mark)
     log = tmp_path / f"driver_{point}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-c", _DRIVER, json.dumps(overrides), point, str(at)], env=env,
@@ -286,10 +307,12 @@ def _driver(overrides, tmp_path, point="none", at=0):
         try:
             code = proc.wait(timeout=600)
         finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            for p in psutil.process_iter():
+                try:
+                    if p.pid != os.getpid() and p.environ().get("MEGATRON_GAD_TEST_RUN") == mark:
+                        p.send_signal(signal.SIGKILL)
+                except psutil.Error:
+                    pass
     return code, log.read_text()[-3000:]
 
 
@@ -329,3 +352,28 @@ def test_driver_sigkill_during_save(assets, tmp_path):
     assert _metrics(run) == want
     assert ckpt.read_latest(run) == 3 and ckpt.run_checkpoint_steps(run) == [2, 3]
     assert not [n for n in os.listdir(run) if n.endswith((ckpt.PARTIAL, ".old", ".tmp"))]
+
+
+def test_driver_sigkill_during_save_with_ray_workers(assets, tmp_path):
+    """The same with Ray workers (one rank per role): the driver dies while the critic's rank is writing."""
+    import signal
+
+    pytest.importorskip("ray")
+
+    def ov(run):
+        return [o for o in _overrides(assets, run) if not o.startswith(("trainer.workers=", "trainer.resume_mode="))] \
+            + ["trainer.workers=ray", "trainer.resume_mode=auto", "trainer.save_freq=2"]
+
+    straight = str(tmp_path / "straight")
+    code, out = _driver(ov(straight), tmp_path)
+    assert code == 0, out
+    run = str(tmp_path / "run")
+    code, out = _driver(ov(run), tmp_path, "ray_mid_save", 3)
+    assert code == -signal.SIGKILL, (code, out)
+    assert ckpt.read_latest(run) == 2 and ckpt.run_checkpoint_steps(run) == [2]
+    assert not os.path.exists(os.path.join(run, "global_step_3"))
+    assert [m["step"] for m in _metrics(run)] == [1, 2]
+    code, out = _driver(ov(run), tmp_path, "resume")
+    assert code == 0, out
+    assert _metrics(run) == _metrics(straight)
+    assert ckpt.read_latest(run) == 3 and not [n for n in os.listdir(run) if n.endswith(ckpt.PARTIAL)]
