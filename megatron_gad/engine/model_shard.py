@@ -14,7 +14,7 @@ import torch
 
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.algos.schedule import lr_at
-from megatron_gad.config import OptimConfig, padded_vocab_size
+from megatron_gad.config import MegatronConfig, OptimConfig, padded_vocab_size
 from megatron_gad.engine.forward_backward import LossFn, forward_backward
 from megatron_gad.models import hf as hfmap
 from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
@@ -36,6 +36,16 @@ def injected_nan_steps(role: str) -> set[int]:
     return out
 
 
+def megatron_kwargs(m: MegatronConfig) -> dict:
+    """A role's ``...megatron`` section as :class:`ModelShard` arguments (after ``role, path``), so a
+    worker passes every setting by construction instead of naming each one."""
+    o = m.override_transformer_config
+    return dict(tp=m.tensor_model_parallel_size, pp=m.pipeline_model_parallel_size, params_dtype=m.params_dtype,
+                seed=m.seed, fp8=m.fp8, fp8_recipe=m.fp8_recipe, use_distributed_optimizer=m.use_distributed_optimizer,
+                sequence_parallel=m.sequence_parallel, recompute_granularity=o.recompute_granularity,
+                recompute_method=o.recompute_method, recompute_num_layers=o.recompute_num_layers)
+
+
 class ModelShard:
     """This rank's shard of one model serving ``role`` "actor" (LM head) or "critic" (scalar head).
     Weights come from an HF directory or a megatron-gad checkpoint (a critic may start from an
@@ -45,7 +55,9 @@ class ModelShard:
     def __init__(self, role: str, model_path: str, tp: int, pp: int, *, params_dtype: str = "float32",
                  vocab_divisible_by: int = 128, seed: int = 42, optim: OptimConfig | None = None,
                  total_steps: int = 0, head_init_std: float = 0.0, trainable: bool = True, fp8: str | None = None,
-                 fp8_recipe: str = "delayed"):
+                 fp8_recipe: str = "delayed", use_distributed_optimizer: bool = False, sequence_parallel: bool = False,
+                 recompute_granularity: str | None = None, recompute_method: str | None = None,
+                 recompute_num_layers: int | None = None):
         self.role = role
         self.model_path = model_path
         self.hf_config = read_hf_config(model_path)
@@ -55,7 +67,10 @@ class ModelShard:
         self.layout = state.init_model_parallel(tp, pp, seed)
         torch.manual_seed(seed)
         self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std,
-                                  fp8, fp8_recipe)
+                                  fp8, fp8_recipe, sequence_parallel=sequence_parallel,
+                                  recompute_granularity=recompute_granularity, recompute_method=recompute_method,
+                                  recompute_num_layers=recompute_num_layers)
+        self.use_distributed_optimizer = use_distributed_optimizer
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
             self.module.cuda(torch.cuda.current_device())
         self.optim = optim or OptimConfig()
@@ -95,13 +110,15 @@ class ModelShard:
 
         cfg = self.module.config
         self.ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), self.module)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.use_distributed_optimizer), self.module)
         cfg.finalize_model_grads_func = finalize_model_grads
         o = self.optim
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad,
-            bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype, use_distributed_optimizer=False,
+            bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype,
+            use_distributed_optimizer=self.use_distributed_optimizer,
         ), [self.ddp], use_gloo_process_groups=state.uses_gloo_groups())
 
     def optimizer_state_bytes(self) -> int:
@@ -113,7 +130,26 @@ class ModelShard:
             inner = getattr(opt, "optimizer", opt)
             for s in inner.state.values():
                 total += sum(t.numel() * t.element_size() for t in s.values() if torch.is_tensor(t))
+            # half-precision params: the optimizer steps fp32 master copies (the whole tensor, or with
+            # the distributed optimizer this rank's shard); fp32 params are stepped in place (views)
+            for name in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
+                for group in getattr(opt, name, None) or []:
+                    total += sum(p.numel() * p.element_size() for p in group)
         return total
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the model: ``weights`` (parameter storage; with the distributed
+        optimizer the padded contiguous parameter buffer), ``grads`` (DDP's fp32 gradient buffers, 0
+        before the first update) and ``optimizer`` (:meth:`optimizer_state_bytes`)."""
+        storages = {}
+        for p in self.module.parameters():
+            st = p.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+        grads = 0
+        if self.ddp is not None:
+            for buf in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers):
+                grads += buf.grad_data.numel() * buf.grad_data.element_size()
+        return {"weights": sum(storages.values()), "grads": grads, "optimizer": self.optimizer_state_bytes()}
 
     # ---------------------------------------------------------------- steps
     def forward(self, micro_batches: list[dict], loss_fn: LossFn) -> list[dict]:

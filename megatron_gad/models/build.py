@@ -16,9 +16,12 @@ log = logging.getLogger("megatron_gad")
 
 
 def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32", fp8: str | None = None,
-                       fp8_recipe: str = "delayed"):
+                       fp8_recipe: str = "delayed", sequence_parallel: bool = False,
+                       recompute_granularity: str | None = None, recompute_method: str | None = None,
+                       recompute_num_layers: int | None = None):
     """``fp8`` ("e4m3" | "hybrid") runs the Transformer Engine GEMMs of the layers in FP8 with
-    ``fp8_recipe``; Megatron's transformer block enters TE's FP8 autocast itself."""
+    ``fp8_recipe``; Megatron's transformer block enters TE's FP8 autocast itself. ``sequence_parallel``
+    and the ``recompute_*`` settings are Megatron's own (``...megatron.override_transformer_config``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch_dtype(params_dtype)
@@ -58,6 +61,10 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
         deallocate_pipeline_outputs=False,
         fp8=fp8,
         fp8_recipe=fp8_recipe,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
@@ -122,8 +129,9 @@ class ValueHead(nn.Linear):
 
 def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "float32",
                 vocab_divisible_by: int = 128, head_init_std: float = 0.0, fp8: str | None = None,
-                fp8_recipe: str = "delayed"):
+                fp8_recipe: str = "delayed", **config_kw):
     """This rank's stage of the actor (``role="actor"``) or discriminator (``role="critic"``).
+    ``config_kw``: the further :func:`transformer_config` settings (sequence parallel, recompute).
 
     Call after ``parallel.state.init_model_parallel``.
     """
@@ -133,7 +141,7 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
 
     if role not in ("actor", "critic"):
         raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
-    config = transformer_config(arch, tp, pp, params_dtype, fp8, fp8_recipe)
+    config = transformer_config(arch, tp, pp, params_dtype, fp8, fp8_recipe, **config_kw)
     spec = layer_spec(arch)
     if fp8 and not is_te_spec(spec):
         # the local spec's linear layers have no FP8 path: running it would silently stay bf16
