@@ -157,6 +157,11 @@ def _train_parser(sub) -> None:
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override,
                    help="config overrides, e.g. trainer.total_training_steps=10")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved config, each role's TP x PP x DP layout, the Ray placement "
+                        "it would request and the memory plan's verdict; start nothing")
+    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+                   help="GPU kind the --dry-run memory plan checks against (default h100-80gb)")
 
 
 def _plan_parser(sub) -> None:

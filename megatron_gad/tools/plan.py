@@ -371,3 +371,45 @@ def main_plan(args) -> int:
     plan = plan_config(cfg, args.gpu)
     print(json.dumps(plan, indent=1) if args.json else render(plan))
     return 0
+
+
+def dry_run_report(cfg: GADConfig, gpu_name: str) -> str:
+    """``megatron-gad train --dry-run``: what the run would start, without starting it."""
+    import yaml
+
+    from megatron_gad.config import to_dict, world_size
+    from megatron_gad.controller.placement import BUNDLE, placement_request
+
+    t, gad = cfg.trainer, cfg.trainer.mode == "gad"
+    lines = ["# resolved config", yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip(), "", "# layout"]
+    worlds = {}
+    for role, dp in (("actor", actor_dp(cfg)), ("critic", critic_dp(cfg))) if gad else (("actor", actor_dp(cfg)),):
+        m = _megatron(cfg, role)
+        worlds[role] = m.tensor_model_parallel_size * m.pipeline_model_parallel_size * dp
+        extra = " (+ its frozen reference on the same ranks)" if role == "actor" and \
+            cfg.actor_rollout_ref.actor.use_kl_loss else ""
+        lines.append(f"{role}: TP {m.tensor_model_parallel_size} x PP {m.pipeline_model_parallel_size} x DP {dp} = "
+                     f"{worlds[role]} ranks{extra}")
+    lines += ["", "# placement"]
+    if t.workers == "local":
+        lines.append("trainer.workers=local: both roles run in the trainer's process; no Ray, no placement group")
+    else:
+        req = placement_request(worlds["actor"], worlds.get("critic", 0), t.placement == "colocate", gad)
+        if t.device == "cpu":
+            lines.append(f"trainer.device=cpu: {sum(worlds.values())} Ray CPU processes, no placement group")
+        else:
+            when = "" if t.device == "cuda" else " (trainer.device=auto: when GPUs are present)"
+            lines.append(f"Ray placement group{when}: {req.bundles} bundles of {BUNDLE}, strategy PACK, over "
+                         f"{t.nnodes} node(s) x {t.n_gpus_per_node} GPUs (world {world_size(cfg)})")
+            for role, start in (("actor", req.actor_start), ("critic", req.critic_start)):
+                if start is not None:
+                    lines.append(f"  {role}: bundles {start}..{start + worlds[role] - 1} (node by node), "
+                                 f"{req.gpu_fraction} GPU per rank")
+    plan = plan_config(cfg, gpu_name)
+    lines += ["", f"# memory plan on {gpu_name}", render(plan), "", "dry run: nothing started"]
+    return "\n".join(lines)
+
+
+def main_dry_run(cfg: GADConfig, gpu_name: str) -> int:
+    print(dry_run_report(cfg, gpu_name), flush=True)
+    return 0

@@ -123,3 +123,61 @@ def test_invalid_layout_is_reported_as_config_error(capsys):
     code, _, err = run_cli(["plan", GAD, f"actor_rollout_ref.model.path={ARCHS}/qwen2.5-7b",
                             "critic.megatron.tensor_model_parallel_size=8"], capsys)
     assert code == 2 and "num_attention_heads=28" in err
+
+
+# ---------------------------------------------------------------- train --dry-run
+def _dry_run_inputs(tmp_path) -> list[str]:
+    """configs/gad.yaml with the Qwen2.5-3B architecture, a tokenizer and tiny data files: every path
+    train checks exists, but there are no weights (a dry run must not need them)."""
+    import shutil
+
+    from megatron_gad.tools.tiny_models import make_tokenizer
+
+    model = tmp_path / "qwen3b"
+    model.mkdir()
+    shutil.copy(os.path.join(ARCHS, "qwen2.5-3b", "config.json"), model / "config.json")
+    make_tokenizer(str(model), 16)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"content": "w5", "teacher_response": "w6"}) + "\n")
+    return [f"actor_rollout_ref.model.path={model}", f"data.train_files=[{data}]", f"data.val_files=[{data}]"]
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Importing Ray or building the trainer fails the test."""
+    import sys
+
+    import megatron_gad.controller.trainer as trainer
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+
+    def refuse(*a, **k):
+        raise AssertionError("--dry-run started the trainer")
+
+    monkeypatch.setattr(trainer, "GADTrainer", refuse)
+
+
+def test_train_dry_run_reports_layout_placement_and_verdict(tmp_path, capsys, nothing_starts):
+    code, out, err = run_cli(["train", GAD, *_dry_run_inputs(tmp_path), "--dry-run"], capsys)
+    assert code == 0, err
+    assert "# resolved config" in out and "tensor_model_parallel_size: 2" in out
+    assert "actor: TP 2 x PP 1 x DP 4 = 8 ranks (+ its frozen reference on the same ranks)" in out
+    assert "critic: TP 2 x PP 1 x DP 4 = 8 ranks" in out
+    assert "8 bundles of {'GPU': 1, 'CPU': 1}" in out and "0.5 GPU per rank" in out
+    assert "verdict: DOES NOT FIT" in out and "dry run: nothing started" in out
+
+    split = tmp_path / "split"
+    split.mkdir()
+    code, out, err = run_cli(["train", GAD, *_dry_run_inputs(split), "trainer.placement=split",
+                              "--gpu", "h200-141gb", "--dry-run"], capsys)
+    assert code == 0, err
+    assert "actor: TP 2 x PP 1 x DP 2 = 4 ranks" in out
+    assert "critic: bundles 4..7 (node by node), 1.0 GPU per rank" in out
+    assert "on h200-141gb" in out
+
+
+def test_train_dry_run_refuses_an_invalid_config(tmp_path, capsys, nothing_starts):
+    code, out, err = run_cli(["train", GAD, *_dry_run_inputs(tmp_path),
+                              "critic.megatron.context_parallel_size=2", "--dry-run"], capsys)
+    assert code == 2 and out == ""
+    assert "context_parallel_size=2: context parallelism is not supported yet" in err
