@@ -99,6 +99,22 @@ def _check_megatron(key: str, m: MegatronConfig, bad: list[str]) -> None:
                    f"(got recompute_granularity={what}); unset them or set recompute_granularity=full")
 
 
+def _check_actor_megatron(m: MegatronConfig, bad: list[str]) -> None:
+    """Settings that the critic applies but the actor cannot use yet: refused instead of ignored."""
+    key = "actor_rollout_ref.actor.megatron"
+    if m.sequence_parallel:
+        bad.append(f"{key}.sequence_parallel=true is not supported yet for the actor: its native rollout decodes "
+                   f"one token per step, which sequence parallelism cannot split over the TP ranks; unset it "
+                   f"(critic.megatron.sequence_parallel works)")
+    o = m.override_transformer_config
+    pending = [k for k, on in (("use_distributed_optimizer", m.use_distributed_optimizer),
+                               ("override_transformer_config.recompute_granularity",
+                                o.recompute_granularity is not None)) if on]
+    for k in pending:
+        bad.append(f"{key}.{k} is not applied to the actor yet (the actor worker does not pass it to its model); "
+                   f"unset it — critic.megatron.{k} works")
+
+
 def _check_layout(cfg: GADConfig, bad: list[str]) -> None:
     world, placement = world_size(cfg), cfg.trainer.placement
     if cfg.trainer.workers == "local" and (world != 1 or placement != "colocate"):
@@ -239,6 +255,7 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     _check_optim("critic.optim", cfg.critic.optim, bad)
     for role in _ROLES:
         _check_megatron(f"{role}.megatron", _get(cfg, role).megatron, bad)
+    _check_actor_megatron(cfg.actor_rollout_ref.actor.megatron, bad)
     actor, rollout, trainer = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.trainer
 
     if rollout.n == 1 and cfg.algorithm.adv_estimator in ("grpo", "rloo"):

@@ -75,7 +75,7 @@ def test_gad_yaml_on_h100_does_not_fit_and_suggestions_fit(capsys):
 def test_text_output_names_verdict_and_assumptions(capsys):
     code, out, _ = run_cli(["plan", GAD, f"actor_rollout_ref.model.path={ARCHS}/qwen2.5-3b",
                             "critic.megatron.use_distributed_optimizer=true",
-                            "actor_rollout_ref.actor.megatron.use_distributed_optimizer=true",
+                            "actor_rollout_ref.actor.megatron.pipeline_model_parallel_size=2",
                             "critic.megatron.override_transformer_config={recompute_granularity: full, "
                             "recompute_method: uniform, recompute_num_layers: 1}"], capsys)
     assert code == 0
