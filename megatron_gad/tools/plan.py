@@ -251,14 +251,17 @@ def _candidates(cfg: GADConfig, gad: bool) -> list[tuple[str, ...]]:
     out += [(f"{k}={v // 2}",) for k, v in halve if v > 1]
     for role in ("actor", "critic") if gad else ("actor",):
         key, m = ROLE_KEYS[role], _megatron(cfg, role)
-        out.append((f"{key}.megatron.tensor_model_parallel_size={2 * m.tensor_model_parallel_size}",))
-        out.append((f"{key}.megatron.pipeline_model_parallel_size={2 * m.pipeline_model_parallel_size}",))
+        for k in (2, 4):  # same key: at most one of each per suggestion
+            out.append((f"{key}.megatron.tensor_model_parallel_size={k * m.tensor_model_parallel_size}",))
+            out.append((f"{key}.megatron.pipeline_model_parallel_size={k * m.pipeline_model_parallel_size}",))
+    if gad and cfg.trainer.placement == "colocate":
+        out.append(("trainer.placement=split",))  # each GPU then holds one role's models only
     return out
 
 
-def suggest(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu, max_changes: int = 3, limit: int = 5) -> list[dict]:
+def suggest(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu, max_changes: int = 4, limit: int = 5) -> list[dict]:
     """The smallest sets of candidate changes (fewest first; no superset of a set that already fits)
-    after which the re-planned config passes validation and fits."""
+    after which the re-planned config passes validation and fits; within a size, the fastest first."""
     cands = _candidates(cfg, cfg.trainer.mode == "gad")
     found: list[dict] = []
     chosen: list[set[int]] = []
@@ -282,7 +285,8 @@ def suggest(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu, max_changes: int =
                                   step_seconds=plan["time"]["step_seconds"]))
         if len(found) >= limit:
             break
-    found.sort(key=lambda x: (len(x["overrides"]), x["peak_bytes"]))
+    # fewest changes first, then the fastest estimated step (e.g. PP 2 before PP 4)
+    found.sort(key=lambda x: (len(x["overrides"]), x["step_seconds"], x["peak_bytes"]))
     return found[:limit]
 
 
@@ -352,7 +356,7 @@ def render(plan: dict) -> str:
                 lines.append(f"  - {' '.join(s['overrides'])}  -> peak {_gib(s['peak_bytes'])} GiB "
                              f"({s['peak_phase']}), step ~{s['step_seconds']:.0f} s")
         else:
-            lines.append("no combination of up to 3 candidate changes fits; use more GPUs (--nodes) or a larger GPU")
+            lines.append("no combination of up to 4 candidate changes fits; use more GPUs (--nodes) or a larger GPU")
     tm = plan["time"]
     a = tm["assumptions"]
     lines += ["", f"step time estimate (assumes {a['gemm_efficiency']:.0%} of peak {a['peak_flops'] / 1e12:.0f} "
