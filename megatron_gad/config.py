@@ -102,6 +102,11 @@ class MegatronConfig:
     context_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     override_transformer_config: OverrideTransformerConfig = field(default_factory=OverrideTransformerConfig)
+    # Between the phases that use them, keep these in host memory (verl's keys): the weights (back for
+    # every pass), the fp32 gradient buffers and the optimizer state (back for updates only).
+    param_offload: bool = False
+    grad_offload: bool = False
+    optimizer_offload: bool = False
 
 
 @dataclass(frozen=True)

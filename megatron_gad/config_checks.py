@@ -109,7 +109,8 @@ def _check_actor_megatron(m: MegatronConfig, bad: list[str]) -> None:
     o = m.override_transformer_config
     pending = [k for k, on in (("use_distributed_optimizer", m.use_distributed_optimizer),
                                ("override_transformer_config.recompute_granularity",
-                                o.recompute_granularity is not None)) if on]
+                                o.recompute_granularity is not None), ("param_offload", m.param_offload),
+                               ("grad_offload", m.grad_offload), ("optimizer_offload", m.optimizer_offload)) if on]
     for k in pending:
         bad.append(f"{key}.{k} is not applied to the actor yet (the actor worker does not pass it to its model); "
                    f"unset it — critic.megatron.{k} works")

@@ -71,6 +71,7 @@ class ModelShard:
                                   recompute_granularity=recompute_granularity, recompute_method=recompute_method,
                                   recompute_num_layers=recompute_num_layers)
         self.use_distributed_optimizer = use_distributed_optimizer
+        self._offloaded: dict[str, list] = {}  # kind -> [(storage, host copy or None)], see offload()
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
             self.module.cuda(torch.cuda.current_device())
         self.optim = optim or OptimConfig()
@@ -138,26 +139,79 @@ class ModelShard:
         return total
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds for the model: ``weights`` (parameter storage; with the distributed
-        optimizer the padded contiguous parameter buffer), ``grads`` (DDP's fp32 gradient buffers, 0
-        before the first update) and ``optimizer`` (:meth:`optimizer_state_bytes`)."""
-        storages = {}
-        for p in self.module.parameters():
-            st = p.untyped_storage()
-            storages[st.data_ptr()] = st.nbytes()
-        grads = 0
+        """Bytes this rank holds on its device for the model: ``weights`` (parameter storage; with the
+        distributed optimizer the padded contiguous parameter buffer), ``grads`` (DDP's fp32 gradient
+        buffers, 0 before the first update) and ``optimizer`` (Adam state and fp32 master copies);
+        offloaded state counts 0 (see :meth:`offload`)."""
+        names = {"params": "weights", "grads": "grads", "optimizer": "optimizer"}
+        return {names[k]: sum(st.nbytes() for st in sts) for k, sts in self._storages().items()}
+
+    # ---------------------------------------------------------------- offload
+    def _storages(self) -> dict[str, list]:
+        """The storages behind each kind of state, each storage once: ``params`` (the parameters, or
+        with the distributed optimizer DDP's parameter buffers, whose views they are), ``grads`` (DDP's
+        gradient buffers) and ``optimizer`` (Adam state and fp32 master copies, minus storages that
+        are parameters: the distributed optimizer's fp32 shards are views of them)."""
+        tensors = {"params": list(self.module.parameters()), "grads": [], "optimizer": []}
         if self.ddp is not None:
             for buf in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers):
-                grads += buf.grad_data.numel() * buf.grad_data.element_size()
-        return {"weights": sum(storages.values()), "grads": grads, "optimizer": self.optimizer_state_bytes()}
+                tensors["grads"].append(buf.grad_data)
+                if buf.param_data is not None:
+                    tensors["params"].append(buf.param_data)
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]) if self.optimizer else []:
+            inner = opt.optimizer
+            tensors["optimizer"] += [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
+            tensors["optimizer"] += [p for g in inner.param_groups for p in g["params"]]
+        out, seen = {}, set()
+        for kind in ("params", "grads", "optimizer"):
+            out[kind] = []
+            for t in tensors[kind]:
+                st = t.untyped_storage()
+                if st.data_ptr() not in seen and st.nbytes() > 0:
+                    seen.add(st.data_ptr())
+                    out[kind].append(st)
+        return out
+
+    def offload(self, params: bool = False, grads: bool = False, optimizer: bool = False) -> None:
+        """Free the chosen state's device memory, keeping a host copy (pinned on GPU); the storages
+        themselves stay, so every view (parameters in DDP's buffer, optimizer shards) is valid again
+        after :meth:`reload`. Gradients are dropped, not copied: every update zeroes them first.
+        Passes call :meth:`reload` themselves, so an offloaded shard is always safe to use."""
+        chosen = [k for k, on in (("params", params), ("grads", grads), ("optimizer", optimizer)) if on]
+        storages = self._storages()
+        pin = torch.cuda.is_available()
+        for kind in chosen:
+            if kind in self._offloaded:
+                continue
+            saved = []
+            for st in storages[kind]:
+                host = None
+                if kind != "grads":
+                    host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+                    host.copy_(st)
+                saved.append((st, host, st.nbytes()))
+                st.resize_(0)
+            self._offloaded[kind] = saved
+
+    def reload(self, *kinds: str) -> None:
+        """Bring offloaded state back to the device (all kinds when none is named)."""
+        for kind in kinds or tuple(self._offloaded):
+            for st, host, nbytes in self._offloaded.pop(kind, []):
+                st.resize_(nbytes)
+                if host is None:  # a dropped gradient buffer comes back zeroed
+                    torch.empty(0, dtype=torch.uint8, device=st.device).set_(st).zero_()
+                else:
+                    st.copy_(host)
 
     # ---------------------------------------------------------------- steps
     def forward(self, micro_batches: list[dict], loss_fn: LossFn) -> list[dict]:
+        self.reload("params")
         self.module.eval()
         return forward_backward(self.model, micro_batches, loss_fn, forward_only=True)
 
     def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> tuple[list[dict], dict]:
         """One optimizer step over the micro-batches (gradient accumulation)."""
+        self.reload()
         self.ensure_optimizer()
         self.module.train()
         o = self.optim
@@ -208,6 +262,7 @@ class ModelShard:
 
     # ---------------------------------------------------------------- checkpoints / export
     def save(self, path: str, extra: dict | None = None, with_optimizer: bool = True) -> None:
+        self.reload()
         extra = dict(extra or {}, opt_step=self.opt_step)
         ckpt.save_checkpoint(path, self.module, self.optimizer if with_optimizer else None,
                              hf_config=self.hf_config, role=self.role,
@@ -215,6 +270,7 @@ class ModelShard:
                              extra=extra)
 
     def load(self, path: str, with_optimizer: bool, load_rng: bool = True) -> dict:
+        self.reload()
         if with_optimizer and ckpt.read_meta(path).get("has_optimizer"):
             self.ensure_optimizer()
             extra = ckpt.load_checkpoint(path, self.module, self.optimizer, load_rng=load_rng)
@@ -227,6 +283,7 @@ class ModelShard:
         """Full Megatron state dict (global names) on global rank 0, None elsewhere (collective)."""
         import torch.distributed as dist
 
+        self.reload("params")
         stage = hfmap.gather_full_state_dict(self.module, state.tp_group(), self.layout.tp_size)
         if self.layout.tp_rank != 0 or self.layout.dp_rank != 0:
             stage = None
@@ -242,4 +299,5 @@ class ModelShard:
 
     def weights_sum(self) -> float:
         """A cheap fingerprint of this rank's shard (tests and frozen-weight checks use exact equality)."""
+        self.reload("params")
         return float(sum(p.detach().double().sum() for p in self.module.parameters()))

@@ -39,8 +39,17 @@ class CriticWorker(Worker):
                                 optim=config.optim, total_steps=total_steps, head_init_std=config.head_init_std)
         # sequence parallelism splits a packed row's tokens evenly over the TP ranks
         self.align = m.tensor_model_parallel_size if m.sequence_parallel else 1
+        # what goes to host memory after each pass (the shard reloads what a pass needs itself)
+        self.offload = dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload)
+        self.phase_bytes: dict[str, float] = {}  # device bytes in this step's passes (memory/critic/...)
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)
+
+    def _after(self, phase: str) -> None:
+        """Record the device bytes the pass held, then offload what the config says."""
+        self.phase_bytes[f"memory/critic/{phase}_bytes"] = float(sum(self.shard.held_bytes().values()))
+        self.shard.offload(**self.offload)
+        self.phase_bytes["memory/critic/idle_bytes"] = float(sum(self.shard.held_bytes().values()))
 
     def _head(self):
         head = self.shard.module.output_layer
@@ -63,6 +72,7 @@ class CriticWorker(Worker):
             return s.sum() * 0, {"scores": s.detach().float()}
 
         res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
+        self._after("reward")
         if not res:  # not the last pipeline stage
             return {"scores": None}
         return {"scores": restore_order([r["scores"] for r in res], groups, batch["prompt_ids"].shape[0]).cpu()}
@@ -101,8 +111,9 @@ class CriticWorker(Worker):
     @register(Dispatch.DP, collect="mean")
     def evaluate_pairs(self, batch: dict, n: int) -> dict:
         """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
-        return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n),
-                                                 self._pair_loss("val/")))
+        out = reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
+        self._after("evaluate")
+        return out
 
     @register(Dispatch.DP, collect="mean")
     def update_critic(self, batch: dict, n: int) -> dict:
@@ -118,4 +129,6 @@ class CriticWorker(Worker):
             metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
         out = reduce_metrics(metrics)
         out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
+        self._after("update_critic")
+        out.update(self.phase_bytes)  # this step's reward pass (scored before the update) included
         return out
