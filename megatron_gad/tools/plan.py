@@ -109,6 +109,7 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
         st = _worst_state(a, role, tp, pp, dp, m.params_dtype, m.use_distributed_optimizer, vocab, True)
         roles[role] = dict(tp=tp, pp=pp, dp=dp, params_dtype=m.params_dtype,
                            distributed_optimizer=m.use_distributed_optimizer, sequence_parallel=m.sequence_parallel,
+                           offload=[k for k in ("param", "grad", "optimizer") if getattr(m, f"{k}_offload")],
                            recompute=m.override_transformer_config.recompute_granularity, **st.as_dict(),
                            total=st.total)
     if arr.actor.use_kl_loss:
@@ -160,12 +161,23 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
         a_.ppo_micro_batch_size_per_gpu, a_.use_dynamic_bsz, a_.ppo_max_token_len_per_gpu, seq))))
 
     colocate = t.placement == "colocate"
+
+    def resident_bytes(model: str, phase: str, phase_model: str) -> int:
+        """What ``model`` keeps on the device during ``phase``: everything, except offloaded state
+        of a model the phase does not use (weights) or does not update (gradients, optimizer)."""
+        r, m = roles[model], _megatron(cfg, "critic" if model == "critic" else "actor")
+        uses = model == phase_model
+        updating = uses and phase.endswith("_update")
+        return ((r["weights"] if uses or not m.param_offload else 0)
+                + (r["grads"] if updating or not m.grad_offload else 0)
+                + (r["optimizer"] if updating or not m.optimizer_offload else 0))
+
     rows = []
     for name, role, transient in phases:
         # colocated: every GPU holds a rank of every model; split: the phase's role's GPUs hold its models
         on_gpu = list(roles) if colocate else (["critic"] if role == "critic" else
                                                [k for k in roles if k != "critic"])
-        resident = sum(roles[k]["total"] for k in on_gpu)
+        resident = sum(resident_bytes(k, name, role) for k in on_gpu)
         processes = 2 if colocate and gad else 1
         total = resident + transient + processes * RESERVE_PER_PROCESS
         rows.append(dict(phase=name, role=role, resident=resident, transient=int(transient),
@@ -240,6 +252,10 @@ def _candidates(cfg: GADConfig, gad: bool) -> list[tuple[str, ...]]:
                         f"recompute_method: uniform, recompute_num_layers: 1}}",))
         if m.tensor_model_parallel_size > 1 and not m.sequence_parallel:
             out.append((f"{key}.megatron.sequence_parallel=true",))
+        if not (m.grad_offload and m.optimizer_offload):
+            out.append((f"{key}.megatron.grad_offload=true", f"{key}.megatron.optimizer_offload=true"))
+        if not m.param_offload:
+            out.append((f"{key}.megatron.param_offload=true",))
     a, c = cfg.actor_rollout_ref, cfg.critic
     halve = [("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", a.actor.ppo_micro_batch_size_per_gpu),
              ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",

@@ -18,6 +18,8 @@ def _check(*overrides):
 
 @pytest.mark.parametrize("overrides", [
     ["critic.megatron.use_distributed_optimizer=true"],
+    ["critic.megatron.param_offload=true", "critic.megatron.grad_offload=true",
+     "critic.megatron.optimizer_offload=true"],
     ["critic.megatron.tensor_model_parallel_size=2", "critic.megatron.sequence_parallel=true"],
     [f"critic.megatron.override_transformer_config={FULL}"],
     ["critic.megatron.override_transformer_config={recompute_granularity: selective}"],
@@ -46,6 +48,8 @@ def test_supported_settings_validate(overrides):
     (["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
       "actor_rollout_ref.actor.megatron.sequence_parallel=true"],
      "its native rollout decodes one token per step"),
+    (["actor_rollout_ref.actor.megatron.optimizer_offload=true"],
+     "actor_rollout_ref.actor.megatron.optimizer_offload is not applied to the actor yet"),
     (["critic.megatron.override_transformer_config={recompute_granularity: partial}"],
      "recompute_granularity: expected one of 'full', 'selective'; got 'partial'"),
 ])

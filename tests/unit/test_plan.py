@@ -181,3 +181,20 @@ def test_train_dry_run_refuses_an_invalid_config(tmp_path, capsys, nothing_start
                               "critic.megatron.context_parallel_size=2", "--dry-run"], capsys)
     assert code == 2 and out == ""
     assert "context_parallel_size=2: context parallelism is not supported yet" in err
+
+
+def test_offload_frees_a_role_only_outside_its_phases():
+    from megatron_gad.tools.plan import GPUS, build_plan, load_archs
+
+    base_cfg = _cfg()
+    archs = load_archs(base_cfg)
+    base = {p["phase"]: p for p in build_plan(base_cfg, archs, GPUS["h100-80gb"])["phases"]}
+    plan = build_plan(_cfg("critic.megatron.param_offload=true", "critic.megatron.grad_offload=true",
+                           "critic.megatron.optimizer_offload=true"), archs, GPUS["h100-80gb"])
+    critic = plan["roles"]["critic"]
+    off = {p["phase"]: p for p in plan["phases"]}
+    for phase in ("rollout", "old_log_prob", "ref_log_prob", "actor_update"):  # the critic is all on the host
+        assert off[phase]["resident"] == base[phase]["resident"] - critic["total"]
+    # scoring needs the critic's weights only; its update needs everything
+    assert off["reward"]["resident"] == base["reward"]["resident"] - critic["grads"] - critic["optimizer"]
+    assert off["critic_update"]["resident"] == base["critic_update"]["resident"]
