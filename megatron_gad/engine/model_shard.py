@@ -85,6 +85,7 @@ class ModelShard:
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, path: str) -> None:
+        self.reload("params")  # no-op unless offloaded
         if ckpt.is_megatron_checkpoint(path):
             src_role = ckpt.read_meta(path)["role"]
             ckpt.load_checkpoint(path, self.module, skip_output_layer=src_role != self.role)
