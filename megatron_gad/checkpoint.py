@@ -68,7 +68,8 @@ def _model_sharded_state_dict(model, skip_output_layer: bool = False):
 # ("fully_sharded_model_space") needs ShardedTensor.flattened_range, which megatron-core 0.16's
 # dist_checkpointing refuses; "fully_reshardable" loses torch Adam's per-parameter ``step`` on load
 # without Apex / TE (KeyError: 'step'). "dp_reshardable" (Megatron-LM's default) round-trips and
-# reshards over DP; a changed TP or PP needs the same per-bucket sizes, which Megatron checks.
+# reshards over DP (tests/distributed/test_megatron_settings.py); a changed TP or PP changes the
+# per-bucket sizes, which Megatron checks and refuses.
 # The other optimizers ignore it.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
