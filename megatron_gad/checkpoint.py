@@ -64,6 +64,65 @@ def _model_sharded_state_dict(model, skip_output_layer: bool = False):
     return sd
 
 
+# Megatron's distributed optimizer writes its state in the format named here. Its default
+# ("fully_sharded_model_space") needs ShardedTensor.flattened_range, which megatron-core 0.16's
+# dist_checkpointing refuses; "fully_reshardable" loses torch Adam's per-parameter ``step`` on load
+# without Apex / TE (KeyError: 'step'). "dp_reshardable" (Megatron-LM's default) round-trips and
+# reshards over DP (tests/distributed/test_megatron_settings.py); a changed TP or PP changes the
+# per-bucket sizes, which Megatron checks and refuses.
+# The other optimizers ignore it.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _prime_torch_adam_state(optimizer) -> None:
+    """Without Apex / Transformer Engine (CPU), Megatron's distributed optimizer reads the torch Adam
+    ``step`` of every parameter while it prepares a load, which a fresh optimizer (no step taken yet)
+    lacks. Give each stepped tensor torch Adam's own initial state (zero moments, step 0) first; the
+    load then overwrites all of it."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE:
+        return
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(o, dopt.DistributedOptimizer):
+            continue
+        inner = o.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Without Apex / TE, Megatron's distributed optimizer keeps torch Adam's step count in its param
+    groups' ``step`` (what the checkpoint's common state restores) but leaves each parameter's own
+    ``step`` tensor wrong after a load: one tensor shared by every parameter (torch increments it in
+    place once per parameter) and, in the dp_reshardable format, overwritten with the fresh state's 0
+    (wrong bias correction from the first resumed step). Give every parameter its own, right count."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE:
+        return
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(o, dopt.DistributedOptimizer):
+            continue
+        inner = o.optimizer
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                st = inner.state.get(p)
+                if st and torch.is_tensor(st.get("step")):
+                    st["step"] = torch.tensor(float(group["step"]), dtype=st["step"].dtype)
+
+
 def save_checkpoint(path: str, model, optimizer=None, *, hf_config: dict, role: str,
                     vocab_divisible_by: int, tokenizer_src: str | None = None, extra: dict | None = None) -> None:
     """Collective: every rank of the role calls it with its own shard."""
@@ -81,7 +140,7 @@ def save_checkpoint(path: str, model, optimizer=None, *, hf_config: dict, role: 
     model_sd = _model_sharded_state_dict(model)
     state = {"model": model_sd}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, os.path.join(tmp, "dist"))
     torch.save({"rng": _rng_state(), "extra": extra or {}}, os.path.join(tmp, "rng", f"rank_{rank}.pt"))
     dist.barrier()
@@ -91,6 +150,7 @@ def save_checkpoint(path: str, model, optimizer=None, *, hf_config: dict, role: 
         with open(os.path.join(tmp, META), "w") as f:
             json.dump({"role": role, "vocab_divisible_by": vocab_divisible_by,
                        "has_optimizer": optimizer is not None, "world_size": dist.get_world_size(),
+                       "distributed_optimizer": optimizer is not None and _is_distributed_optimizer(optimizer),
                        "extra": extra or {}}, f, indent=2)
         if tokenizer_src:
             copy_tokenizer_files(tokenizer_src, tmp)
@@ -116,7 +176,18 @@ def load_checkpoint(path: str, model, optimizer=None, *, load_rng: bool = False,
     if optimizer is not None:
         if not meta.get("has_optimizer"):
             raise ValueError(f"{path} holds no optimizer state")
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        saved, now = bool(meta.get("distributed_optimizer")), _is_distributed_optimizer(optimizer)
+        if saved != now:  # the two optimizers store their state in different layouts
+            from megatron_gad.errors import InputError
+
+            def name(flag: bool) -> str:
+                return f"use_distributed_optimizer={str(flag).lower()}"
+
+            raise InputError(f"{path} holds optimizer state written with {name(saved)}, but this run has "
+                             f"{name(now)}; resume with ...megatron.{name(saved)} (the optimizer state cannot be "
+                             f"converted between the two)")
+        _prime_torch_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=_OPTIM_METADATA)
     # The local and the Transformer Engine specs write the same tensor keys (the local spec's
     # sharded_state_dict_keys_map stores its norms under TE's fused names, e.g.
     # ``linear_qkv.layer_norm_weight``), but TE modules may ask for ``_extra_state`` (FP8 metadata)
@@ -134,7 +205,11 @@ def load_checkpoint(path: str, model, optimizer=None, *, load_rng: bool = False,
     if bad:
         raise KeyError(f"{path}: checkpoint lacks {bad[:5]}{'...' if len(bad) > 5 else ''}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        # no_grad: the distributed optimizer's fp32 main params are views of the model's parameters,
+        # which its dp_reshardable load copies into in place (Megatron does not disable autograd there)
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_adam_steps(optimizer)
     extra = meta.get("extra", {})
     rng_file = os.path.join(path, "rng", f"rank_{dist.get_rank()}.pt")
     if load_rng and os.path.isfile(rng_file):

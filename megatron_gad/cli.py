@@ -7,6 +7,7 @@ without importing torch / Megatron:
   logprobs -> megatron_gad.tools.logprobs.main_logprobs
   score    -> megatron_gad.tools.score.main_score
   train    -> megatron_gad.controller.trainer.main_train
+  plan     -> megatron_gad.tools.plan.main_plan
   demo     -> megatron_gad.demo.run.main_demo
 
 Error contract (``megatron_gad.errors``): an input problem of any command (``UserError``: ``ConfigError``,
@@ -35,6 +36,7 @@ _COMMANDS = {
     "score": ("megatron_gad.tools.score", "main_score"),
     "train": ("megatron_gad.controller.trainer", "main_train"),
     "demo": ("megatron_gad.demo.run", "main_demo"),
+    "plan": ("megatron_gad.tools.plan", "main_plan"),
 }
 
 
@@ -157,6 +159,26 @@ def _train_parser(sub) -> None:
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override,
                    help="config overrides, e.g. trainer.total_training_steps=10")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, print the resolved config, each role's TP x PP x DP layout, the Ray placement "
+                        "it would request and the memory plan's verdict; start nothing")
+    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+                   help="GPU kind the --dry-run memory plan checks against (default h100-80gb)")
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="will a config fit? memory per role and phase, fixes, step time (no GPU)",
+                       description="Plan a training config on a GPU kind without starting anything: bytes per GPU "
+                                   "for each model and phase, whether it fits, the smallest changes that make it "
+                                   "fit, and an estimated step time and MFU. Reads the models' config.json only.")
+    p.add_argument("config", metavar="CONFIG", help="YAML config file")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override,
+                   help="config overrides, e.g. critic.megatron.use_distributed_optimizer=true")
+    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+                   help="GPU kind (default h100-80gb)")
+    p.add_argument("--nodes", type=_positive_int, default=None,
+                   help="number of nodes (default: the config's trainer.nnodes)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON document")
 
 
 def _demo_parser(sub) -> None:
@@ -180,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     _score_parser(sub)
     _train_parser(sub)
     _demo_parser(sub)
+    _plan_parser(sub)
     return parser
 
 

@@ -73,6 +73,17 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class OverrideTransformerConfig:
+    """Megatron ``TransformerConfig`` fields a role may set (verl's ``override_transformer_config``).
+    Activation recompute: null (keep every activation) | selective (recompute core attention only) |
+    full (keep each layer's input; ``recompute_method`` uniform / block and ``recompute_num_layers``
+    say which layers, as in Megatron)."""
+    recompute_granularity: Literal["full", "selective"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: int | None = None
+
+
+@dataclass(frozen=True)
 class MegatronConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -82,6 +93,20 @@ class MegatronConfig:
     # (e4m3 forward, e5m2 gradients), with Megatron's recipe names.
     fp8: Literal["e4m3", "hybrid"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    # Shard the Adam state and fp32 master weights over the data-parallel ranks (ZeRO-1, Megatron's
+    # distributed optimizer): optimizer bytes per rank drop by about DP.
+    use_distributed_optimizer: bool = False
+    # Split the norm/residual activations along the sequence over the TP ranks (needs TP > 1).
+    sequence_parallel: bool = False
+    # verl's keys, kept so their configs load; validation refuses values other than these defaults.
+    context_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    override_transformer_config: OverrideTransformerConfig = field(default_factory=OverrideTransformerConfig)
+    # Between the phases that use them, keep these in host memory (verl's keys): the weights (back for
+    # every pass), the fp32 gradient buffers and the optimizer state (back for updates only).
+    param_offload: bool = False
+    grad_offload: bool = False
+    optimizer_offload: bool = False
 
 
 @dataclass(frozen=True)

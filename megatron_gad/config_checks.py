@@ -73,6 +73,49 @@ def _check_optim(key: str, o: OptimConfig, bad: list[str]) -> None:
         bad.append(f"{key}.betas={list(o.betas)}: Adam betas must each be in [0, 1)")
 
 
+def _check_megatron(key: str, m: MegatronConfig, bad: list[str]) -> None:
+    """The per-role Megatron settings that this release runs, and how they combine."""
+    if m.context_parallel_size != 1:
+        bad.append(f"{key}.context_parallel_size={m.context_parallel_size}: context parallelism is not supported "
+                   f"yet (the packed passes and the KV-cache rollout do not split sequences across ranks); set it to "
+                   f"1 and use tensor_model_parallel_size / sequence_parallel for long sequences")
+    if m.virtual_pipeline_model_parallel_size is not None:
+        bad.append(f"{key}.virtual_pipeline_model_parallel_size={m.virtual_pipeline_model_parallel_size}: the "
+                   f"interleaved (virtual) pipeline schedule is not supported yet (each rank holds one model "
+                   f"chunk); unset it (null)")
+    if m.sequence_parallel and m.tensor_model_parallel_size < 2:
+        bad.append(f"{key}.sequence_parallel=true needs {key}.tensor_model_parallel_size > 1 (it splits "
+                   f"activations over the TP ranks); set sequence_parallel=false or raise TP")
+    o, okey = m.override_transformer_config, f"{key}.override_transformer_config"
+    if o.recompute_granularity == "full":
+        if o.recompute_method is None or o.recompute_num_layers is None:
+            bad.append(f"{okey}.recompute_granularity=full needs recompute_method (uniform | block) and "
+                       f"recompute_num_layers (e.g. recompute_method=uniform, recompute_num_layers=1)")
+        elif o.recompute_num_layers < 1:
+            bad.append(f"{okey}.recompute_num_layers={o.recompute_num_layers} must be >= 1")
+    elif o.recompute_method is not None or o.recompute_num_layers is not None:
+        what = o.recompute_granularity or "null"
+        bad.append(f"{okey}.recompute_method / recompute_num_layers apply only to recompute_granularity=full "
+                   f"(got recompute_granularity={what}); unset them or set recompute_granularity=full")
+
+
+def _check_actor_megatron(m: MegatronConfig, bad: list[str]) -> None:
+    """Settings that the critic applies but the actor cannot use yet: refused instead of ignored."""
+    key = "actor_rollout_ref.actor.megatron"
+    if m.sequence_parallel:
+        bad.append(f"{key}.sequence_parallel=true is not supported yet for the actor: its native rollout decodes "
+                   f"one token per step, which sequence parallelism cannot split over the TP ranks; unset it "
+                   f"(critic.megatron.sequence_parallel works)")
+    o = m.override_transformer_config
+    pending = [k for k, on in (("use_distributed_optimizer", m.use_distributed_optimizer),
+                               ("override_transformer_config.recompute_granularity",
+                                o.recompute_granularity is not None), ("param_offload", m.param_offload),
+                               ("grad_offload", m.grad_offload), ("optimizer_offload", m.optimizer_offload)) if on]
+    for k in pending:
+        bad.append(f"{key}.{k} is not applied to the actor yet (the actor worker does not pass it to its model); "
+                   f"unset it — critic.megatron.{k} works")
+
+
 def _check_layout(cfg: GADConfig, bad: list[str]) -> None:
     world, placement = world_size(cfg), cfg.trainer.placement
     if cfg.trainer.workers == "local" and (world != 1 or placement != "colocate"):
@@ -187,6 +230,13 @@ def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad
                            tp_key=f"{role}.megatron.tensor_model_parallel_size",
                            pp_key=f"{role}.megatron.pipeline_model_parallel_size",
                            vocab_key="actor_rollout_ref.model.make_vocab_size_divisible_by")
+    o, layers, pp = m.override_transformer_config, arch.get("num_hidden_layers"), m.pipeline_model_parallel_size
+    if o.recompute_granularity == "full" and o.recompute_num_layers and layers and pp >= 1 and layers % pp == 0:
+        per_stage = layers // pp
+        # Megatron: "block" recomputes the first N layers of a stage, "uniform" groups of N layers
+        if o.recompute_num_layers > per_stage:
+            bad.append(f"{role}.megatron.override_transformer_config.recompute_num_layers={o.recompute_num_layers} "
+                       f"exceeds the {per_stage} layers of a pipeline stage; use at most {per_stage}")
     max_pos = arch.get("max_position_embeddings")
     total = cfg.data.max_prompt_length + cfg.data.max_response_length
     if max_pos and total > max_pos:
@@ -204,6 +254,9 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
             bad.append(f"{key}={value} must be {op} {bound}{why}")
     _check_optim("actor_rollout_ref.actor.optim", cfg.actor_rollout_ref.actor.optim, bad)
     _check_optim("critic.optim", cfg.critic.optim, bad)
+    for role in _ROLES:
+        _check_megatron(f"{role}.megatron", _get(cfg, role).megatron, bad)
+    _check_actor_megatron(cfg.actor_rollout_ref.actor.megatron, bad)
     actor, rollout, trainer = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout, cfg.trainer
 
     if rollout.n == 1 and cfg.algorithm.adv_estimator in ("grpo", "rloo"):

@@ -10,6 +10,25 @@ node ids (``tests/unit/test_placement.py``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+BUNDLE = {"GPU": 1, "CPU": 1}  # one placement-group bundle per GPU; strategy PACK
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """What the trainer asks Ray for on GPUs (also printed by ``megatron-gad train --dry-run``)."""
+    bundles: int  # bundles of BUNDLE in one placement group
+    actor_start: int  # the actor's ranks take bundles actor_start .. actor_start + world_actor - 1
+    critic_start: int | None  # likewise the critic's (None: no critic, trainer.mode=sft)
+    gpu_fraction: float  # GPUs each rank's Ray process asks for
+
+
+def placement_request(world_actor: int, world_critic: int, colocate: bool, with_critic: bool) -> PlacementRequest:
+    """Colocated roles share each bundle's GPU (half each); split roles take their own bundles."""
+    bundles = max(world_actor, world_critic) if colocate else world_actor + world_critic
+    critic_start = (0 if colocate else world_actor) if with_critic else None
+    return PlacementRequest(bundles, 0, critic_start, 0.5 if colocate else 1.0)
 
 
 def bundles_by_node(bundle_nodes: Sequence[str] | Mapping[int, str]) -> list[int]:

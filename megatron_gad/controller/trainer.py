@@ -133,20 +133,20 @@ class GADTrainer:
         import ray
         from ray.util.placement_group import placement_group, placement_group_table
 
-        from megatron_gad.controller.placement import rank_bundles
+        from megatron_gad.controller.placement import BUNDLE, placement_request, rank_bundles
 
-        colocate = self.cfg.trainer.placement == "colocate"
-        bundles = max(world_actor, world_critic) if colocate else world_actor + world_critic
-        pg = placement_group([{"GPU": 1, "CPU": 1}] * bundles, strategy="PACK")
+        req = placement_request(world_actor, world_critic, self.cfg.trainer.placement == "colocate",
+                                self.cfg.trainer.mode == "gad")
+        pg = placement_group([dict(BUNDLE)] * req.bundles, strategy="PACK")
         ray.get(pg.ready())
         # PACK numbers bundles in no node order: map ranks node by node so TP groups stay on one node
         nodes = placement_group_table(pg)["bundles_to_node_id"]
         tp_actor = self.cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size
         tp_critic = self.cfg.critic.megatron.tensor_model_parallel_size
-        actor = rank_bundles(nodes, world_actor, tp_actor, 0, "actor")
-        critic = rank_bundles(nodes, world_critic, tp_critic, 0 if colocate else world_actor, "critic") \
-            if self.cfg.trainer.mode == "gad" else None
-        return pg, actor, critic, (0.5 if colocate else 1.0)
+        actor = rank_bundles(nodes, world_actor, tp_actor, req.actor_start, "actor")
+        critic = rank_bundles(nodes, world_critic, tp_critic, req.critic_start, "critic") \
+            if req.critic_start is not None else None
+        return pg, actor, critic, req.gpu_fraction
 
     # ------------------------------------------------------------------ one global step
     @contextlib.contextmanager
@@ -423,6 +423,11 @@ def main_train(args) -> int:
     validate(cfg)
     import yaml
 
+    if getattr(args, "dry_run", False):  # validate and report; starts no Ray and builds no model
+        from megatron_gad.tools.plan import main_dry_run
+
+        check_paths(cfg)
+        return main_dry_run(cfg, getattr(args, "gpu", "h100-80gb"))
     print_only = getattr(args, "print_config", False)
     if not print_only:
         check_paths(cfg)  # every path the driver sees, before any worker starts

@@ -14,7 +14,7 @@ import torch
 
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.algos.schedule import lr_at
-from megatron_gad.config import OptimConfig, padded_vocab_size
+from megatron_gad.config import MegatronConfig, OptimConfig, padded_vocab_size
 from megatron_gad.engine.forward_backward import LossFn, forward_backward
 from megatron_gad.models import hf as hfmap
 from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
@@ -36,6 +36,16 @@ def injected_nan_steps(role: str) -> set[int]:
     return out
 
 
+def megatron_kwargs(m: MegatronConfig) -> dict:
+    """A role's ``...megatron`` section as :class:`ModelShard` arguments (after ``role, path``), so a
+    worker passes every setting by construction instead of naming each one."""
+    o = m.override_transformer_config
+    return dict(tp=m.tensor_model_parallel_size, pp=m.pipeline_model_parallel_size, params_dtype=m.params_dtype,
+                seed=m.seed, fp8=m.fp8, fp8_recipe=m.fp8_recipe, use_distributed_optimizer=m.use_distributed_optimizer,
+                sequence_parallel=m.sequence_parallel, recompute_granularity=o.recompute_granularity,
+                recompute_method=o.recompute_method, recompute_num_layers=o.recompute_num_layers)
+
+
 class ModelShard:
     """This rank's shard of one model serving ``role`` "actor" (LM head) or "critic" (scalar head).
     Weights come from an HF directory or a megatron-gad checkpoint (a critic may start from an
@@ -45,7 +55,9 @@ class ModelShard:
     def __init__(self, role: str, model_path: str, tp: int, pp: int, *, params_dtype: str = "float32",
                  vocab_divisible_by: int = 128, seed: int = 42, optim: OptimConfig | None = None,
                  total_steps: int = 0, head_init_std: float = 0.0, trainable: bool = True, fp8: str | None = None,
-                 fp8_recipe: str = "delayed"):
+                 fp8_recipe: str = "delayed", use_distributed_optimizer: bool = False, sequence_parallel: bool = False,
+                 recompute_granularity: str | None = None, recompute_method: str | None = None,
+                 recompute_num_layers: int | None = None):
         self.role = role
         self.model_path = model_path
         self.hf_config = read_hf_config(model_path)
@@ -55,7 +67,11 @@ class ModelShard:
         self.layout = state.init_model_parallel(tp, pp, seed)
         torch.manual_seed(seed)
         self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std,
-                                  fp8, fp8_recipe)
+                                  fp8, fp8_recipe, sequence_parallel=sequence_parallel,
+                                  recompute_granularity=recompute_granularity, recompute_method=recompute_method,
+                                  recompute_num_layers=recompute_num_layers)
+        self.use_distributed_optimizer = use_distributed_optimizer
+        self._offloaded: dict[str, list] = {}  # kind -> [(storage, host copy or None)], see offload()
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
             self.module.cuda(torch.cuda.current_device())
         self.optim = optim or OptimConfig()
@@ -69,6 +85,7 @@ class ModelShard:
 
     # ---------------------------------------------------------------- weights
     def load_weights(self, path: str) -> None:
+        self.reload("params")  # no-op unless offloaded
         if ckpt.is_megatron_checkpoint(path):
             src_role = ckpt.read_meta(path)["role"]
             ckpt.load_checkpoint(path, self.module, skip_output_layer=src_role != self.role)
@@ -95,13 +112,15 @@ class ModelShard:
 
         cfg = self.module.config
         self.ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False), self.module)
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=self.use_distributed_optimizer), self.module)
         cfg.finalize_model_grads_func = finalize_model_grads
         o = self.optim
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
             adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad,
-            bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype, use_distributed_optimizer=False,
+            bf16=cfg.bf16, fp16=cfg.fp16, params_dtype=cfg.params_dtype,
+            use_distributed_optimizer=self.use_distributed_optimizer,
         ), [self.ddp], use_gloo_process_groups=state.uses_gloo_groups())
 
     def optimizer_state_bytes(self) -> int:
@@ -113,15 +132,87 @@ class ModelShard:
             inner = getattr(opt, "optimizer", opt)
             for s in inner.state.values():
                 total += sum(t.numel() * t.element_size() for t in s.values() if torch.is_tensor(t))
+            # half-precision params: the optimizer steps fp32 master copies (the whole tensor, or with
+            # the distributed optimizer this rank's shard); fp32 params are stepped in place (views)
+            for name in ("fp32_from_float16_groups", "shard_fp32_from_float16_groups"):
+                for group in getattr(opt, name, None) or []:
+                    total += sum(p.numel() * p.element_size() for p in group)
         return total
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds on its device for the model: ``weights`` (parameter storage; with the
+        distributed optimizer the padded contiguous parameter buffer), ``grads`` (DDP's fp32 gradient
+        buffers, 0 before the first update) and ``optimizer`` (Adam state and fp32 master copies);
+        offloaded state counts 0 (see :meth:`offload`)."""
+        names = {"params": "weights", "grads": "grads", "optimizer": "optimizer"}
+        return {names[k]: sum(st.nbytes() for st in sts) for k, sts in self._storages().items()}
+
+    # ---------------------------------------------------------------- offload
+    def _storages(self) -> dict[str, list]:
+        """The storages behind each kind of state, each storage once: ``params`` (the parameters, or
+        with the distributed optimizer DDP's parameter buffers, whose views they are), ``grads`` (DDP's
+        gradient buffers) and ``optimizer`` (Adam state and fp32 master copies, minus storages that
+        are parameters: the distributed optimizer's fp32 shards are views of them)."""
+        tensors = {"params": list(self.module.parameters()), "grads": [], "optimizer": []}
+        if self.ddp is not None:
+            for buf in list(self.ddp.buffers) + list(self.ddp.expert_parallel_buffers):
+                tensors["grads"].append(buf.grad_data)
+                if buf.param_data is not None:
+                    tensors["params"].append(buf.param_data)
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]) if self.optimizer else []:
+            inner = opt.optimizer
+            tensors["optimizer"] += [t for st in inner.state.values() for t in st.values() if torch.is_tensor(t)]
+            tensors["optimizer"] += [p for g in inner.param_groups for p in g["params"]]
+        out, seen = {}, set()
+        for kind in ("params", "grads", "optimizer"):
+            out[kind] = []
+            for t in tensors[kind]:
+                st = t.untyped_storage()
+                if st.data_ptr() not in seen and st.nbytes() > 0:
+                    seen.add(st.data_ptr())
+                    out[kind].append(st)
+        return out
+
+    def offload(self, params: bool = False, grads: bool = False, optimizer: bool = False) -> None:
+        """Free the chosen state's device memory, keeping a host copy (pinned on GPU); the storages
+        themselves stay, so every view (parameters in DDP's buffer, optimizer shards) is valid again
+        after :meth:`reload`. Gradients are dropped, not copied: every update zeroes them first.
+        Passes call :meth:`reload` themselves, so an offloaded shard is always safe to use."""
+        chosen = [k for k, on in (("params", params), ("grads", grads), ("optimizer", optimizer)) if on]
+        storages = self._storages()
+        pin = torch.cuda.is_available()
+        for kind in chosen:
+            if kind in self._offloaded:
+                continue
+            saved = []
+            for st in storages[kind]:
+                host = None
+                if kind != "grads":
+                    host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
+                    host.copy_(st)
+                saved.append((st, host, st.nbytes()))
+                st.resize_(0)
+            self._offloaded[kind] = saved
+
+    def reload(self, *kinds: str) -> None:
+        """Bring offloaded state back to the device (all kinds when none is named)."""
+        for kind in kinds or tuple(self._offloaded):
+            for st, host, nbytes in self._offloaded.pop(kind, []):
+                st.resize_(nbytes)
+                if host is None:  # a dropped gradient buffer comes back zeroed
+                    torch.empty(0, dtype=torch.uint8, device=st.device).set_(st).zero_()
+                else:
+                    st.copy_(host)
 
     # ---------------------------------------------------------------- steps
     def forward(self, micro_batches: list[dict], loss_fn: LossFn) -> list[dict]:
+        self.reload("params")
         self.module.eval()
         return forward_backward(self.model, micro_batches, loss_fn, forward_only=True)
 
     def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> tuple[list[dict], dict]:
         """One optimizer step over the micro-batches (gradient accumulation)."""
+        self.reload()
         self.ensure_optimizer()
         self.module.train()
         o = self.optim
@@ -172,6 +263,7 @@ class ModelShard:
 
     # ---------------------------------------------------------------- checkpoints / export
     def save(self, path: str, extra: dict | None = None, with_optimizer: bool = True) -> None:
+        self.reload()
         extra = dict(extra or {}, opt_step=self.opt_step)
         ckpt.save_checkpoint(path, self.module, self.optimizer if with_optimizer else None,
                              hf_config=self.hf_config, role=self.role,
@@ -179,6 +271,7 @@ class ModelShard:
                              extra=extra)
 
     def load(self, path: str, with_optimizer: bool, load_rng: bool = True) -> dict:
+        self.reload()
         if with_optimizer and ckpt.read_meta(path).get("has_optimizer"):
             self.ensure_optimizer()
             extra = ckpt.load_checkpoint(path, self.module, self.optimizer, load_rng=load_rng)
@@ -191,6 +284,7 @@ class ModelShard:
         """Full Megatron state dict (global names) on global rank 0, None elsewhere (collective)."""
         import torch.distributed as dist
 
+        self.reload("params")
         stage = hfmap.gather_full_state_dict(self.module, state.tp_group(), self.layout.tp_size)
         if self.layout.tp_rank != 0 or self.layout.dp_rank != 0:
             stage = None
@@ -206,4 +300,5 @@ class ModelShard:
 
     def weights_sum(self) -> float:
         """A cheap fingerprint of this rank's shard (tests and frozen-weight checks use exact equality)."""
+        self.reload("params")
         return float(sum(p.detach().double().sum() for p in self.module.parameters()))

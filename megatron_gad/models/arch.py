@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED = ("llama", "qwen2")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# torch is imported only where a dtype is needed: the memory planner reads architectures without it
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -82,4 +85,8 @@ def load_arch(path: str) -> Arch:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    import torch
+
+    if name not in _DTYPES:
+        raise KeyError(name)
+    return getattr(torch, name)

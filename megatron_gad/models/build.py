@@ -16,9 +16,12 @@ log = logging.getLogger("megatron_gad")
 
 
 def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float32", fp8: str | None = None,
-                       fp8_recipe: str = "delayed"):
+                       fp8_recipe: str = "delayed", sequence_parallel: bool = False,
+                       recompute_granularity: str | None = None, recompute_method: str | None = None,
+                       recompute_num_layers: int | None = None):
     """``fp8`` ("e4m3" | "hybrid") runs the Transformer Engine GEMMs of the layers in FP8 with
-    ``fp8_recipe``; Megatron's transformer block enters TE's FP8 autocast itself."""
+    ``fp8_recipe``; Megatron's transformer block enters TE's FP8 autocast itself. ``sequence_parallel``
+    and the ``recompute_*`` settings are Megatron's own (``...megatron.override_transformer_config``)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     dtype = torch_dtype(params_dtype)
@@ -58,6 +61,10 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
         deallocate_pipeline_outputs=False,
         fp8=fp8,
         fp8_recipe=fp8_recipe,
+        sequence_parallel=sequence_parallel,
+        recompute_granularity=recompute_granularity,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
     )
 
 
@@ -94,14 +101,40 @@ def is_te_spec(spec) -> bool:
     return getattr(core, "__module__", "").startswith("megatron.core.extensions.transformer_engine")
 
 
+class SequenceParallelRMSNorm(nn.RMSNorm):
+    """torch RMSNorm for the local (CPU) spec that also runs under sequence parallelism, which
+    Megatron's ``WrappedTorchNorm`` refuses: each TP rank then normalises only its own tokens, so its
+    weight gradient is partial; marking the weight ``sequence_parallel`` makes ``finalize_model_grads``
+    all-reduce it over TP, as Transformer Engine's norms are marked."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def sequence_parallel_local_spec(spec, config):
+    """The local layer spec with :class:`SequenceParallelRMSNorm` for every norm (the final one too),
+    as the block submodules Megatron would derive from the layer spec for this pipeline stage."""
+    import dataclasses
+
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    sub = dataclasses.replace(spec.submodules, input_layernorm=SequenceParallelRMSNorm,
+                              pre_mlp_layernorm=SequenceParallelRMSNorm)
+    layer = dataclasses.replace(spec, submodules=sub)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelRMSNorm)
+
+
 class ValueHead(nn.Linear):
     """hidden -> 1 head stored as the GPT ``output_layer`` (so dist-checkpointing sees
     ``output_layer.weight``), but its forward passes the normed hidden states through: the
     discriminator loss gathers each sequence's last valid token first and applies this weight only
     there (``kernels.disc_loss``), never over every token."""
 
-    def __init__(self, hidden: int, init_std: float = 0.0, dtype=torch.float32):
+    def __init__(self, hidden: int, init_std: float = 0.0, dtype=torch.float32, sequence_parallel: bool = False):
         super().__init__(hidden, 1, bias=True, dtype=dtype)
+        self.sequence_parallel = sequence_parallel
         with torch.no_grad():
             if init_std > 0:
                 self.weight.normal_(0.0, init_std)
@@ -110,6 +143,12 @@ class ValueHead(nn.Linear):
             self.bias.zero_()
 
     def forward(self, x, weight=None, runtime_gather_output=None):
+        if self.sequence_parallel:
+            # each TP rank holds a slice of the tokens; the loss reads any token, on every TP rank. The
+            # gather's backward keeps this rank's slice of the (replicated) gradient, no reduction.
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         return x, None
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -122,8 +161,9 @@ class ValueHead(nn.Linear):
 
 def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "float32",
                 vocab_divisible_by: int = 128, head_init_std: float = 0.0, fp8: str | None = None,
-                fp8_recipe: str = "delayed"):
+                fp8_recipe: str = "delayed", **config_kw):
     """This rank's stage of the actor (``role="actor"``) or discriminator (``role="critic"``).
+    ``config_kw``: the further :func:`transformer_config` settings (sequence parallel, recompute).
 
     Call after ``parallel.state.init_model_parallel``.
     """
@@ -133,9 +173,11 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
 
     if role not in ("actor", "critic"):
         raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
-    config = transformer_config(arch, tp, pp, params_dtype, fp8, fp8_recipe)
+    config = transformer_config(arch, tp, pp, params_dtype, fp8, fp8_recipe, **config_kw)
     spec = layer_spec(arch)
-    if fp8 and not is_te_spec(spec):
+    if config.sequence_parallel and not is_te_spec(spec):
+        spec = sequence_parallel_local_spec(spec, config)
+    elif fp8 and not is_te_spec(spec):
         # the local spec's linear layers have no FP8 path: running it would silently stay bf16
         raise RuntimeError(f"megatron.fp8={fp8!r} needs the Transformer Engine layer spec (a GPU with TE); "
                            "this process built the local spec. Unset ...megatron.fp8 or install TE")
@@ -154,7 +196,8 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
         rotary_base=arch.rope_theta,
     )
     if role == "critic" and post:
-        model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype)
+        model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype,
+                                       sequence_parallel=config.sequence_parallel)
     # Without Apex, the local spec's norms are torch RMSNorms created in fp32 whatever params_dtype is.
     # Megatron's bf16/fp16 optimizer then holds them as fp32 params beside the fp32 copies of the
     # half-precision ones, which its checkpoint code does not expect (the optimizer state maps onto the

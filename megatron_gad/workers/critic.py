@@ -4,7 +4,7 @@ and trains on teacher-vs-student pairs with the fused head + Bradley-Terry loss.
 from __future__ import annotations
 
 from megatron_gad.config import CriticConfig
-from megatron_gad.engine.model_shard import ModelShard
+from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
 from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED, disc_bt_loss_packed, disc_head_scores, resolve_impl
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
@@ -35,12 +35,21 @@ class CriticWorker(Worker):
         # fails early for an explicit "triton" that cannot run; "auto" resolves per call on the
         # hidden states' device, so it never picks a kernel that cannot run there
         self.impl = resolve_impl(config.fused_loss)
-        self.shard = ModelShard("critic", model_path, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                                params_dtype=m.params_dtype, vocab_divisible_by=vocab_divisible_by, seed=m.seed,
-                                fp8=m.fp8, fp8_recipe=m.fp8_recipe,
+        self.shard = ModelShard("critic", model_path, **megatron_kwargs(m), vocab_divisible_by=vocab_divisible_by,
                                 optim=config.optim, total_steps=total_steps, head_init_std=config.head_init_std)
+        # sequence parallelism splits a packed row's tokens evenly over the TP ranks
+        self.align = m.tensor_model_parallel_size if m.sequence_parallel else 1
+        # what goes to host memory after each pass (the shard reloads what a pass needs itself)
+        self.offload = dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload)
+        self.phase_bytes: dict[str, float] = {}  # device bytes in this step's passes (memory/critic/...)
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)
+
+    def _after(self, phase: str) -> None:
+        """Record the device bytes the pass held, then offload what the config says."""
+        self.phase_bytes[f"memory/critic/{phase}_bytes"] = float(sum(self.shard.held_bytes().values()))
+        self.shard.offload(**self.offload)
+        self.phase_bytes["memory/critic/idle_bytes"] = float(sum(self.shard.held_bytes().values()))
 
     def _head(self):
         head = self.shard.module.output_layer
@@ -53,7 +62,8 @@ class CriticWorker(Worker):
         score is the reward the actor maximises. Packed: each row's score is read at its own last
         token, whatever else shares the micro-batch."""
         c = self.config
-        b = Batching(c.forward_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.forward_max_token_len_per_gpu)
+        b = Batching(c.forward_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.forward_max_token_len_per_gpu,
+                     self.align)
         groups = group_rows(row_lengths(batch["prompt_mask"], batch["response_mask"]), b)
 
         def loss_fn(hidden, mb):
@@ -61,7 +71,8 @@ class CriticWorker(Worker):
             s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
             return s.sum() * 0, {"scores": s.detach().float()}
 
-        res = self.shard.forward(scoring_micro_batches(batch, groups), loss_fn)
+        res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
+        self._after("reward")
         if not res:  # not the last pipeline stage
             return {"scores": None}
         return {"scores": restore_order([r["scores"] for r in res], groups, batch["prompt_ids"].shape[0]).cpu()}
@@ -72,9 +83,9 @@ class CriticWorker(Worker):
         Bradley-Terry pair is scored in one forward pass; each carries ``share_scale`` and
         ``pairs_total`` so its loss is its exact share of the mini-batch loss (see actor ``_train``)."""
         c = self.config
-        b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu)
+        b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu, self.align)
         groups = self._equal_count(lambda k: pair_groups(batch, n, b, min_count=k), b.dynamic)
-        mbs = [pair_micro_batch(batch, parts) for parts in groups]
+        mbs = [pair_micro_batch(batch, parts, align=self.align) for parts in groups]
         pairs_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n)])[0]
         for mb in mbs:
             mb["share_scale"] = float(len(mbs) * self.layout.dp_size)
@@ -100,8 +111,9 @@ class CriticWorker(Worker):
     @register(Dispatch.DP, collect="mean")
     def evaluate_pairs(self, batch: dict, n: int) -> dict:
         """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
-        return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n),
-                                                 self._pair_loss("val/")))
+        out = reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
+        self._after("evaluate")
+        return out
 
     @register(Dispatch.DP, collect="mean")
     def update_critic(self, batch: dict, n: int) -> dict:
@@ -117,4 +129,6 @@ class CriticWorker(Worker):
             metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
         out = reduce_metrics(metrics)
         out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
+        self._after("update_critic")
+        out.update(self.phase_bytes)  # this step's reward pass (scored before the update) included
         return out
