@@ -85,9 +85,10 @@ def _convert_parser(sub) -> None:
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate a continuation with the native Megatron engine at TP x PP",
-                       description="Generate from an HF directory or megatron-gad actor checkpoint on TP*PP "
-                                   "local ranks; prints the continuation (or one JSON line with --json).")
+    p = sub.add_parser("generate", help="generate a continuation (native Megatron engine at TP x PP, or vLLM)",
+                       description="Generate from an HF directory or megatron-gad actor checkpoint, with the native "
+                                   "engine on TP*PP local ranks or with vLLM (--engine vllm; a checkpoint is "
+                                   "exported to HF first); prints the continuation (or one JSON line with --json).")
     p.add_argument("model", metavar="MODEL", help="Hugging Face directory or megatron-gad checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text, tokenized with the model's tokenizer")
@@ -103,6 +104,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--eos-id", type=int, default=None, help="stop token id (default: the tokenizer's EOS)")
     p.add_argument("--vocab-divisible-by", type=_positive_int, default=128,
                    help="vocabulary padding for HF directories (checkpoints record their own)")
+    p.add_argument("--engine", choices=["megatron", "vllm"], default="megatron",
+                   help="megatron: the native engine at --tp x --pp (default); vllm: vLLM in this process")
     _add_layout(p)
     p.add_argument("--json", action="store_true",
                    help='print exactly one JSON line {"token_ids": [...], "text": "..."} on stdout')

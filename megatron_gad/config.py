@@ -122,7 +122,11 @@ class ActorConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    name: Literal["megatron", "vllm"] = "megatron"
+    # the sampling engine: vllm (its own Ray workers, weights synced from the actor after each update) or
+    # megatron (the actor's own model, the reference path); auto: vllm where the trainer runs on GPUs and
+    # vLLM imports, else megatron
+    name: Literal["auto", "megatron", "vllm"] = "auto"
+    tensor_model_parallel_size: int = 1  # vLLM engine TP (independent of the actor's); 1 is supported
     n: int = 8
     temperature: float = 0.8
     top_p: float = 1.0
@@ -131,6 +135,9 @@ class RolloutConfig:
     log_prob_use_dynamic_bsz: bool = False
     log_prob_max_token_len_per_gpu: int = 16384
     gpu_memory_utilization: float = 0.5
+    free_cache_engine: bool = True  # vLLM sleep mode between rollouts (GPU): weights and KV cache leave the GPU
+    enforce_eager: bool = False  # vLLM without CUDA graphs (always eager on CPU)
+    weight_sync_bucket_mb: int = 512  # Megatron -> vLLM weights travel in buckets of about this size
 
 
 @dataclass(frozen=True)
@@ -180,6 +187,10 @@ class CriticConfig:
 class AlgorithmConfig:
     adv_estimator: Literal["grpo", "rloo"] = "grpo"
     norm_adv_by_std_in_grpo: bool = True
+    # truncated importance sampling against the rollout engine's own log-probs (training-inference
+    # mismatch, as verl): null (off) | token | sequence; weights min(ratio, threshold)
+    rollout_is: Literal["token", "sequence"] | None = None
+    rollout_is_threshold: float = 2.0
 
 
 @dataclass(frozen=True)

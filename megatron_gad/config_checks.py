@@ -219,10 +219,18 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if trainer.save_freq != -1 and trainer.save_freq < 1:
         bad.append(f"trainer.save_freq={trainer.save_freq} must be -1 (never) or >= 1 (every N steps)")
 
-    if rollout.name == "vllm":
-        bad.append("actor_rollout_ref.rollout.name=vllm: the vLLM rollout engine is not part of this release; use "
-                   "actor_rollout_ref.rollout.name=megatron (native Megatron sampling with a KV cache, on the "
-                   "actor's own weights, so nothing needs syncing)")
+    if rollout.name == "vllm" and trainer.workers == "local":
+        bad.append("actor_rollout_ref.rollout.name=vllm needs trainer.workers=ray (vLLM engines run in their own Ray "
+                   "workers); use actor_rollout_ref.rollout.name=megatron with trainer.workers=local")
+    if rollout.tensor_model_parallel_size != 1:
+        bad.append(f"actor_rollout_ref.rollout.tensor_model_parallel_size={rollout.tensor_model_parallel_size}: only "
+                   "1 is supported yet (one vLLM engine per actor GPU, data-parallel; the weight sync already sends "
+                   "full tensors, so the actor's TP may differ); set it to 1")
+    if rollout.weight_sync_bucket_mb < 1:
+        bad.append(f"actor_rollout_ref.rollout.weight_sync_bucket_mb={rollout.weight_sync_bucket_mb} must be >= 1")
+    if cfg.algorithm.rollout_is is not None and cfg.algorithm.rollout_is_threshold <= 1.0:
+        bad.append(f"algorithm.rollout_is_threshold={cfg.algorithm.rollout_is_threshold} must be > 1 (importance "
+                   "weights are truncated from above at this value; 2.0 is verl's default)")
     if cfg.critic.fused_loss == "te":
         from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED  # the one wording, shared with the worker
 

@@ -17,7 +17,11 @@ def worker_class(role: str) -> type:
         from megatron_gad.workers.critic import CriticWorker
 
         return CriticWorker
-    raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
+    if role == "rollout":
+        from megatron_gad.workers.rollout import RolloutWorker
+
+        return RolloutWorker
+    raise ValueError(f"role must be 'actor', 'critic' or 'rollout', got {role!r}")
 
 
 class DeclaredGroup:
