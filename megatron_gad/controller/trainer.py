@@ -67,7 +67,7 @@ class GADTrainer:
 
         self.cfg = cfg
         t, d = cfg.trainer, cfg.data
-        self.engine = rollout_engine(cfg)
+        self.rollout_name = rollout_engine(cfg)
         self.run_dir = t.default_local_dir
         os.makedirs(self.run_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
@@ -95,7 +95,7 @@ class GADTrainer:
         world_critic = critic_dp(cfg) * cfg.critic.megatron.tensor_model_parallel_size \
             * cfg.critic.megatron.pipeline_model_parallel_size
         log.info("starting %d actor ranks and %d critic ranks (%s, %s workers; %s rollout)", world_actor,
-                 world_critic, t.placement, t.workers, self.engine)
+                 world_critic, t.placement, t.workers, self.rollout_name)
         group = self._local_group if t.workers == "local" else self._ray_group_factory(world_actor, world_critic)
         # Each worker gets its own role's section plus the few shared values, named explicitly.
         arr = cfg.actor_rollout_ref
@@ -107,13 +107,13 @@ class GADTrainer:
             self.critic = group("critic", world_critic, dict(
                 config=cfg.critic, model_path=critic_model_path(cfg), total_steps=self.total_steps,
                 vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from))
-        self.rollout = None
-        self.rollout_stale = False  # the engines' weights differ from the actor's (a sync is due)
-        if self.engine == "vllm" and t.mode == "gad":
-            self.rollout, self.rollout_stale = self._start_rollout(group, world_actor)
+        self.vllm = None  # the vLLM engines' worker group (rollout.name=vllm)
+        self.vllm_stale = False  # the engines' weights differ from the actor's (a sync is due)
+        if self.rollout_name == "vllm" and t.mode == "gad":
+            self.vllm, self.vllm_stale = self._start_vllm(group, world_actor)
         self.logger = None
 
-    def _start_rollout(self, group, world_actor: int):
+    def _start_vllm(self, group, world_actor: int):
         """One vLLM engine per ``rollout.tensor_model_parallel_size`` actor ranks. They load an HF
         model path themselves; from a Megatron checkpoint (or with ``init_actor_from``) they start with
         placeholder weights and take the actor's by the initial sync."""
@@ -124,11 +124,11 @@ class GADTrainer:
         own_weights = not ckpt_mod.is_megatron_checkpoint(path) and not cfg.trainer.init_actor_from
         d = cfg.data
         engines = max(1, world_actor // arr.rollout.tensor_model_parallel_size)
-        rollout = group("rollout", engines, dict(
+        engines_group = group("rollout", engines, dict(
             config=arr.rollout, model_dir=path, load_weights=own_weights,
             max_model_len=d.max_prompt_length + d.max_response_length, max_response_length=d.max_response_length,
             eos_id=self.eos_id, pad_id=self.pad_id, dtype=arr.actor.megatron.params_dtype, seed=cfg.trainer.seed))
-        return rollout, not own_weights
+        return engines_group, not own_weights
 
     @staticmethod
     def _local_group(role: str, world: int, worker_kwargs: dict):
@@ -185,7 +185,7 @@ class GADTrainer:
             if self.cfg.trainer.mode == "gad" else None
         # roles time-sharing one GPU split its Ray accounting: actor + critic (+ vLLM engine) when
         # colocated; actor (+ engine) when split
-        sharing = (2 if colocate else 1) + (self.engine == "vllm")
+        sharing = (2 if colocate else 1) + (self.rollout_name == "vllm")
         return pg, actor, critic, 1.0 / sharing
 
     # ------------------------------------------------------------------ one global step
@@ -246,7 +246,7 @@ class GADTrainer:
         elif cfg.trainer.warmup.mode == "sft":
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
-        if self.rollout is not None and (gad_step or cfg.trainer.warmup.mode == "sft"):
+        if self.vllm is not None and (gad_step or cfg.trainer.warmup.mode == "sft"):
             with self._phase(timer, "weight_sync"):  # the actor changed: the engines follow now
                 metrics.update(self.sync_rollout())
         metrics.update({f"rollout/{k}": float(v) for k, v in self.syncs.items()})
@@ -263,11 +263,11 @@ class GADTrainer:
         Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it."""
         gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                   "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
-        if self.rollout is not None:
-            if self.rollout_stale:
+        if self.vllm is not None:
+            if self.vllm_stale:
                 self.sync_rollout(initial=True)
             rows = gen_in["prompt_ids"].shape[0]
-            out = self.rollout.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed, **sampling)
+            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed, **sampling)
         else:
             out = self.actor.generate(gen_in, seed=seed, **sampling)
         # replicas' responses are merged right-padded with 0; padding carries pad_id everywhere
@@ -281,8 +281,8 @@ class GADTrainer:
         parts = self.actor.export_weights(self.cfg.actor_rollout_ref.rollout.weight_sync_bucket_mb)
         manifest = [info for rank in parts for info, _ in rank]
         payloads = [p for rank in parts for _, p in rank]
-        results = self.rollout.update_weights(manifest, payloads)
-        self.rollout_stale = False
+        results = self.vllm.update_weights(manifest, payloads)
+        self.vllm_stale = False
         self.syncs["initial_syncs" if initial else "weight_syncs"] += 1
         return {"rollout/weight_sync_bytes": float(results[0]["bytes"]),
                 "rollout/weight_sync_load_s": max(r["seconds"] for r in results)}
@@ -423,7 +423,7 @@ class GADTrainer:
         self.nonfinite.update(st.get("nonfinite", {}))
         self.nonfinite_run.update(st.get("nonfinite_run", {}))
         self.syncs.update(st.get("syncs", {}))
-        self.rollout_stale = self.rollout is not None  # the engines hold the starting weights, not these
+        self.vllm_stale = self.vllm is not None  # the engines hold the starting weights, not these
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -471,6 +471,8 @@ class GADTrainer:
         self.actor.shutdown()
         if self.critic is not None:
             self.critic.shutdown()
+        if self.vllm is not None:
+            self.vllm.shutdown()
 
 
 def _loggers(names) -> tuple[str, ...]:
