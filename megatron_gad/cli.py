@@ -130,6 +130,9 @@ def _logprobs_parser(sub) -> None:
                                    "sum and mean; then NLL per token and perplexity over all rows.")
     p.add_argument("model", metavar="MODEL", help="Hugging Face directory or megatron-gad actor checkpoint")
     _add_data(p, "response column scored (default: teacher_response)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="log-probs of softmax(logits / T) (default 1.0; the rollout temperature gives the "
+                        "distribution training samples from)")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per row (row: 0-based index, prompt_ids, response_ids, logprobs, sum, "
                         "mean), then one summary line; nothing else on stdout")
