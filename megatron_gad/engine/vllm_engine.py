@@ -93,7 +93,8 @@ class VLLMEngine:
         def params(seed: int) -> SamplingParams:
             return SamplingParams(
                 n=1, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                top_k=0 if greedy or top_k <= 0 else top_k, top_p=1.0 if greedy else top_p, seed=seed,
+                top_k=0 if greedy or top_k <= 0 else top_k, top_p=1.0 if greedy else top_p,
+                seed=None if greedy else seed,  # a seeded request takes vLLM's slower per-request RNG path
                 stop_token_ids=[eos_id], ignore_eos=True, logprobs=0, detokenize=False)
 
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
