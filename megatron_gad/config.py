@@ -181,6 +181,17 @@ class CriticConfig:
     fused_loss: Literal["auto", "triton", "torch", "te"] = "auto"
     score_reg_coef: float = 0.0
     head_init_std: float = 0.0  # 0.0 = zero-init scalar head
+    # How a response's end is scored, the same rule for teacher and student (docs/discriminator.md):
+    # append: the teacher text gets one EOS (the data pipeline's) and a student keeps the EOS it sampled, so
+    # equal texts are equal token ids; strip: a final EOS is dropped from both; none: the teacher's EOS is
+    # dropped but the student's kept -- the users' failure (D learns "has EOS"), for comparison only.
+    eos_policy: Literal["append", "strip", "none"] = "append"
+    # Saturation controls of the pair loss (algos.discriminator.pair_loss), all off by default:
+    loss_type: Literal["bt", "hinge"] = "bt"
+    bt_temperature: float = 1.0  # z = (gap - margin) / temperature
+    label_smoothing: float = 0.0  # bt target 1 - eps
+    margin: float = 0.0
+    swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
 
 
 @dataclass(frozen=True)

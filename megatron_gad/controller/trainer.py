@@ -106,7 +106,8 @@ class GADTrainer:
         if t.mode == "gad":
             self.critic = group("critic", world_critic, dict(
                 config=cfg.critic, model_path=critic_model_path(cfg), total_steps=self.total_steps,
-                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from))
+                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from,
+                eos_id=self.eos_id))
         self.vllm = None  # the vLLM engines' worker group (rollout.name=vllm)
         self.vllm_stale = False  # the engines' weights differ from the actor's (a sync is due)
         if self.rollout_name == "vllm" and t.mode == "gad":
@@ -460,7 +461,7 @@ class GADTrainer:
         teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                    "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
         s_scores = self.critic.compute_scores(student)["scores"]
-        t_scores = self.critic.compute_scores(teacher)["scores"]
+        t_scores = self.critic.compute_scores(teacher, side="teacher")["scores"]
         _, m = algos.discriminator_loss(s_scores, t_scores, n)
         texts = [self.decode(ids, msk) for ids, msk in zip(student["responses"], student["response_mask"])]
         return {"student_texts": [texts[i * n:(i + 1) * n] for i in range(len(items))],

@@ -71,7 +71,8 @@ def _actor(cfg):
 def _critic(cfg, head: torch.Tensor):
     from megatron_gad.workers.critic import CriticWorker
 
-    w = CriticWorker(cfg.critic, model_path=cfg.actor_rollout_ref.model.path, vocab_divisible_by=8, total_steps=1)
+    w = CriticWorker(cfg.critic, model_path=cfg.actor_rollout_ref.model.path, vocab_divisible_by=8, total_steps=1,
+                     eos_id=2)
     if w.layout.is_last_stage:  # a fixed head (it starts at zero): scores then test the backbone
         w.shard.module.output_layer.weight.data.copy_(head[None])
     return w
