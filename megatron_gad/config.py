@@ -147,7 +147,11 @@ class ActorConfig:
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    name: Literal["megatron", "vllm"] = "megatron"
+    # the sampling engine: vllm (its own Ray workers, weights synced from the actor after each update) or
+    # megatron (the actor's own model, the reference path); auto: vllm where the trainer runs on GPUs and
+    # vLLM imports, else megatron
+    name: Literal["auto", "megatron", "vllm"] = "auto"
+    tensor_model_parallel_size: int = 1  # vLLM engine TP (independent of the actor's); 1 is supported
     n: int = 8
     temperature: float = 0.8
     top_p: float = 1.0
@@ -156,6 +160,9 @@ class RolloutConfig:
     log_prob_use_dynamic_bsz: bool = False
     log_prob_max_token_len_per_gpu: int = 16384
     gpu_memory_utilization: float = 0.5
+    free_cache_engine: bool = True  # vLLM sleep mode between rollouts (GPU): weights and KV cache leave the GPU
+    enforce_eager: bool = False  # vLLM without CUDA graphs (always eager on CPU)
+    weight_sync_bucket_mb: int = 512  # Megatron -> vLLM weights travel in buckets of about this size
 
 
 @dataclass(frozen=True)
@@ -199,12 +206,27 @@ class CriticConfig:
     fused_loss: Literal["auto", "triton", "torch", "te"] = "auto"
     score_reg_coef: float = 0.0
     head_init_std: float = 0.0  # 0.0 = zero-init scalar head
+    # How a response's end is scored, the same rule for teacher and student (docs/discriminator.md):
+    # append: the teacher text gets one EOS (the data pipeline's) and a student keeps the EOS it sampled, so
+    # equal texts are equal token ids; strip: a final EOS is dropped from both; none: the teacher's EOS is
+    # dropped but the student's kept -- the users' failure (D learns "has EOS"), for comparison only.
+    eos_policy: Literal["append", "strip", "none"] = "append"
+    # Saturation controls of the pair loss (algos.discriminator.pair_loss), all off by default:
+    loss_type: Literal["bt", "hinge"] = "bt"
+    bt_temperature: float = 1.0  # z = (gap - margin) / temperature
+    label_smoothing: float = 0.0  # bt target 1 - eps
+    margin: float = 0.0
+    swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
 
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
     adv_estimator: Literal["grpo", "rloo"] = "grpo"
     norm_adv_by_std_in_grpo: bool = True
+    # truncated importance sampling against the rollout engine's own log-probs (training-inference
+    # mismatch, as verl): null (off) | token | sequence; weights min(ratio, threshold)
+    rollout_is: Literal["token", "sequence"] | None = None
+    rollout_is_threshold: float = 2.0
 
 
 @dataclass(frozen=True)

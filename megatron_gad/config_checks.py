@@ -272,10 +272,31 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if trainer.save_freq != -1 and trainer.save_freq < 1:
         bad.append(f"trainer.save_freq={trainer.save_freq} must be -1 (never) or >= 1 (every N steps)")
 
-    if rollout.name == "vllm":
-        bad.append("actor_rollout_ref.rollout.name=vllm: the vLLM rollout engine is not part of this release; use "
-                   "actor_rollout_ref.rollout.name=megatron (native Megatron sampling with a KV cache, on the "
-                   "actor's own weights, so nothing needs syncing)")
+    if rollout.name == "vllm" and trainer.workers == "local":
+        bad.append("actor_rollout_ref.rollout.name=vllm needs trainer.workers=ray (vLLM engines run in their own Ray "
+                   "workers); use actor_rollout_ref.rollout.name=megatron with trainer.workers=local")
+    if rollout.tensor_model_parallel_size != 1:
+        bad.append(f"actor_rollout_ref.rollout.tensor_model_parallel_size={rollout.tensor_model_parallel_size}: only "
+                   "1 is supported yet (one vLLM engine per actor GPU, data-parallel; the weight sync already sends "
+                   "full tensors, so the actor's TP may differ); set it to 1")
+    if rollout.weight_sync_bucket_mb < 1:
+        bad.append(f"actor_rollout_ref.rollout.weight_sync_bucket_mb={rollout.weight_sync_bucket_mb} must be >= 1")
+    if cfg.algorithm.rollout_is is not None and cfg.algorithm.rollout_is_threshold <= 1.0:
+        bad.append(f"algorithm.rollout_is_threshold={cfg.algorithm.rollout_is_threshold} must be > 1 (importance "
+                   "weights are truncated from above at this value; 2.0 is verl's default)")
+    c = cfg.critic
+    if c.bt_temperature <= 0:
+        bad.append(f"critic.bt_temperature={c.bt_temperature} must be > 0 (1.0: plain Bradley-Terry)")
+    if not 0 <= c.label_smoothing < 0.5:
+        bad.append(f"critic.label_smoothing={c.label_smoothing} must be in [0, 0.5) (0.5 would make the target 1/2: "
+                   "nothing to learn)")
+    if not 0 <= c.swap_prob < 0.5:
+        bad.append(f"critic.swap_prob={c.swap_prob} must be in [0, 0.5) (at 0.5 half the labels are flipped: "
+                   "nothing to learn)")
+    if c.fused_loss == "triton" and critic_controls_on(c):
+        bad.append("critic.fused_loss=triton: the fused kernel computes plain Bradley-Terry (+ score_reg_coef) only; "
+                   "with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob set use "
+                   "critic.fused_loss=auto (it then runs the torch path) or torch")
     if cfg.critic.fused_loss == "te":
         from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED  # the one wording, shared with the worker
 
@@ -320,3 +341,9 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
         if len(bad) == 1:  # one problem: one line
             raise ConfigError(f"invalid config: {bad[0]}")
         raise ConfigError(f"invalid config ({len(bad)} problems):\n  - " + "\n  - ".join(bad))
+
+
+def critic_controls_on(c) -> bool:
+    """Whether any pair-loss control beyond plain Bradley-Terry is on (the fused kernel has none)."""
+    return (c.loss_type != "bt" or c.bt_temperature != 1.0 or c.label_smoothing != 0.0 or c.margin != 0.0
+            or c.swap_prob != 0.0)

@@ -6,7 +6,7 @@ from torch import Tensor
 
 
 def discriminator_loss(
-    student_scores: Tensor, teacher_scores: Tensor, n: int, score_reg_coef: float = 0.0
+    student_scores: Tensor, teacher_scores: Tensor, n: int, score_reg_coef: float = 0.0, **controls
 ) -> tuple[Tensor, dict]:
     """-logsigmoid(D(teacher) - D(student)), averaged over the N*n pairs.
 
@@ -20,18 +20,45 @@ def discriminator_loss(
         f"expected {teacher_scores.numel()} * {n} student scores, got {student_scores.numel()}"
     )
     teacher_of = torch.arange(teacher_scores.numel(), device=teacher_scores.device).repeat_interleave(n)
-    return discriminator_loss_paired(student_scores, teacher_scores, teacher_of, score_reg_coef)
+    return discriminator_loss_paired(student_scores, teacher_scores, teacher_of, score_reg_coef, **controls)
+
+
+def pair_loss(diff: Tensor, temperature: float = 1.0, label_smoothing: float = 0.0, margin: float = 0.0,
+              loss_type: str = "bt", swap: Tensor | None = None) -> Tensor:
+    """Per-pair loss of the score gap ``diff`` = D(teacher) - D(student), the saturation controls
+    included (all off by default, which is plain Bradley-Terry ``-logsigmoid(diff)``):
+
+    * ``swap`` [pairs] bool: teacher and student exchanged, label flipped (augmentation): the pair's
+      gap enters as ``-diff``, so D is asked to rank the "teacher" (really the student) first;
+    * ``margin`` m: the gap must exceed m (``diff - m``);
+    * ``temperature`` tau: ``(diff - m) / tau`` (tau > 1 softens a saturated D's gradients' collapse);
+    * ``loss_type``: ``bt`` = ``-logsigmoid(z)``, with ``label_smoothing`` eps =
+      ``-(1-eps) logsigmoid(z) - eps logsigmoid(-z)`` (the target probability is 1-eps, not 1);
+      ``hinge`` = ``relu(1 - z)`` (no gradient once a pair is separated by the margin).
+    """
+    if loss_type not in ("bt", "hinge"):
+        raise ValueError(f"loss_type must be 'bt' or 'hinge', got {loss_type!r}")
+    d = torch.where(swap, -diff, diff) if swap is not None else diff
+    z = (d - margin) / temperature
+    if loss_type == "hinge":
+        return F.relu(1.0 - z)
+    loss = -F.logsigmoid(z)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
 
 
 def discriminator_loss_paired(
-    student_scores: Tensor, teacher_scores: Tensor, teacher_of: Tensor, score_reg_coef: float = 0.0
+    student_scores: Tensor, teacher_scores: Tensor, teacher_of: Tensor, score_reg_coef: float = 0.0,
+    **controls,
 ) -> tuple[Tensor, dict]:
     """`discriminator_loss` with any pairing: student j is paired with teacher ``teacher_of[j]``.
 
     A critic micro-batch may hold parts of groups split by the token budget, so its teachers have
     different numbers of students. Every scored sequence counts once in the regulariser and in
     ``teacher_value_mean`` (a teacher is not repeated per pair), which is `discriminator_loss`'s
-    definition when every teacher has n students.
+    definition when every teacher has n students. ``controls``: see :func:`pair_loss`; ``d_loss``
+    is the loss with them, ``d_acc`` always the plain share of pairs ranked teacher-first.
     """
     assert student_scores.dim() == 1 and teacher_scores.dim() == 1, "scores must be 1-D"
     assert teacher_of.shape == student_scores.shape, (
@@ -42,7 +69,7 @@ def discriminator_loss_paired(
     s, t0 = student_scores.to(dtype), teacher_scores.to(dtype)
     t = t0.index_select(0, teacher_of.to(t0.device).long())  # [pairs], paired with s
     diff = t - s
-    bt_loss = -F.logsigmoid(diff).mean()
+    bt_loss = pair_loss(diff, **controls).mean()
     score_reg = score_reg_coef * torch.cat([t0, s]).pow(2).mean()
     loss = bt_loss + score_reg if score_reg_coef else bt_loss
     with torch.no_grad():
@@ -54,5 +81,9 @@ def discriminator_loss_paired(
             "teacher_value_mean": t0.mean(),
             "score_gap": t0.mean() - s.mean(),
             "score_reg": score_reg.detach(),
+            "score_diff_mean": diff.mean(),
+            "teacher_value_std": t0.std(unbiased=False),
+            "student_value_std": s.std(unbiased=False),
+            "overlap": (s > t0.mean()).float().mean(),  # students scored above the mean teacher
         }
     return loss, metrics

@@ -24,9 +24,11 @@ def ppo_policy_loss(
     loss_agg_mode: str = "token-mean",
     denominator: float | None = None,
     horizon: float | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Clipped surrogate; all inputs [B, T]. ``denominator``/``horizon``: see ``agg_loss`` (a
-    micro-batch's share of a mini-batch loss).
+    micro-batch's share of a mini-batch loss). ``is_weights`` [B, T]: truncated importance weights for
+    the rollout engine's mismatch (``algos.rollout_is``), multiplied into each token's loss.
 
     Dual clip: for A < 0 the loss is capped at -A * clip_ratio_c, so a huge ratio on a
     bad token cannot blow up the update.
@@ -41,6 +43,8 @@ def ppo_policy_loss(
     loss_dual = torch.minimum(loss_ppo, loss_cap)
     neg = advantages < 0
     pg_losses = torch.where(neg, loss_dual, loss_ppo)
+    if is_weights is not None:
+        pg_losses = pg_losses * is_weights
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode, denominator, horizon)
     with torch.no_grad():
         metrics = {

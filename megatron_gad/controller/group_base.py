@@ -11,6 +11,8 @@ from megatron_gad.workers.dispatch import collect, dispatch_spec, rank_args
 def worker_paths(role: str, worker_kwargs: dict) -> list[tuple[str, str, str]]:
     """(config key, path, "model" | "checkpoint") of every path the role's worker reads itself."""
     cfg = worker_kwargs["config"]
+    if role == "rollout":  # a vLLM engine reads the model's config.json (and its weights unless synced)
+        return [("actor_rollout_ref.model.path", worker_kwargs["model_dir"], "model")]
     if role == "actor":
         out = [("actor_rollout_ref.model.path", cfg.model.path, "model")]
         key = "trainer.init_actor_from"
@@ -49,7 +51,11 @@ def worker_class(role: str) -> type:
         from megatron_gad.workers.critic import CriticWorker
 
         return CriticWorker
-    raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
+    if role == "rollout":
+        from megatron_gad.workers.rollout import RolloutWorker
+
+        return RolloutWorker
+    raise ValueError(f"role must be 'actor', 'critic' or 'rollout', got {role!r}")
 
 
 class DeclaredGroup:

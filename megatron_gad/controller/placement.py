@@ -24,11 +24,15 @@ class PlacementRequest:
     gpu_fraction: float  # GPUs each rank's Ray process asks for
 
 
-def placement_request(world_actor: int, world_critic: int, colocate: bool, with_critic: bool) -> PlacementRequest:
-    """Colocated roles share each bundle's GPU (half each); split roles take their own bundles."""
+def placement_request(world_actor: int, world_critic: int, colocate: bool, with_critic: bool,
+                      with_vllm: bool = False) -> PlacementRequest:
+    """Colocated roles share each bundle's GPU (half each); split roles take their own bundles. vLLM
+    engines sit on the actor's bundles, so the roles sharing a GPU split its Ray accounting: actor +
+    critic (+ engine) when colocated, actor (+ engine) when split."""
     bundles = max(world_actor, world_critic) if colocate else world_actor + world_critic
     critic_start = (0 if colocate else world_actor) if with_critic else None
-    return PlacementRequest(bundles, 0, critic_start, 0.5 if colocate else 1.0)
+    sharing = (2 if colocate else 1) + int(with_vllm)
+    return PlacementRequest(bundles, 0, critic_start, 1.0 / sharing)
 
 
 def bundles_by_node(bundle_nodes: Sequence[str] | Mapping[int, str]) -> list[int]:

@@ -5,8 +5,12 @@ old log-probs -> reference log-probs (KL on) -> GRPO advantages -> update critic
 step) -> update actor (GAD steps only). During a *frozen* warmup the actor only samples: no
 reward pass, no old/ref log-prob passes, no backward and no optimizer state (allocated lazily at
 the first real update). A *sft* warmup trains the actor on the teacher responses instead.
-The rollout engine is the actor's own Megatron model, so there are no weights to sync after an
-update.
+
+Rollout engine (``actor_rollout_ref.rollout.name``): the actor's own Megatron model (nothing to
+sync), or vLLM engines in their own workers (``workers/rollout.py``), whose weights are synced
+from the actor (``engine/weight_sync.py``) right after every step that changed them — so a frozen
+warmup syncs nothing — plus once at start when the engines cannot load the starting weights
+themselves (a Megatron checkpoint, ``init_actor_from``, a resumed run).
 """
 
 from __future__ import annotations
@@ -40,15 +44,31 @@ def _use_gpu(cfg: GADConfig) -> bool:
     return cfg.trainer.device == "cuda"
 
 
+def rollout_engine(cfg: GADConfig) -> str:
+    """"vllm" or "megatron": ``rollout.name``, with ``auto`` = vLLM on GPUs where it imports (a clear
+    error when vllm is asked for and cannot run here)."""
+    from megatron_gad.engine.vllm_engine import vllm_unavailable_reason
+    from megatron_gad.errors import InputError
+
+    name = cfg.actor_rollout_ref.rollout.name
+    if name == "megatron" or (name == "auto" and (not _use_gpu(cfg) or cfg.trainer.workers == "local")):
+        return "megatron"
+    reason = vllm_unavailable_reason()
+    if reason is None:
+        return "vllm"
+    if name == "auto":
+        log.warning("rollout.name=auto: sampling with the native Megatron engine (%s)", reason)
+        return "megatron"
+    raise InputError(f"actor_rollout_ref.rollout.name=vllm: {reason}; or set actor_rollout_ref.rollout.name=megatron")
+
+
 class GADTrainer:
     def __init__(self, cfg: GADConfig):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
         t, d = cfg.trainer, cfg.data
-        if cfg.actor_rollout_ref.rollout.name != "megatron":
-            raise NotImplementedError("actor_rollout_ref.rollout.name=vllm is not wired into the trainer yet; "
-                                      "use the native Megatron rollout (rollout.name=megatron)")
+        self.rollout_name = rollout_engine(cfg)
         self.run_dir = t.default_local_dir
         os.makedirs(self.run_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
@@ -69,13 +89,14 @@ class GADTrainer:
         self.phases: list[str] = []
         self.nonfinite = {"actor": 0, "critic": 0}  # steps with a skipped (non-finite) update, per role
         self.nonfinite_run = {"actor": 0, "critic": 0}  # ... of them in a row, up to this step
+        self.syncs = {"weight_syncs": 0, "initial_syncs": 0}  # Megatron -> vLLM weight syncs so far
 
         world_actor = actor_dp(cfg) * cfg.actor_rollout_ref.actor.megatron.tensor_model_parallel_size \
             * cfg.actor_rollout_ref.actor.megatron.pipeline_model_parallel_size
         world_critic = critic_dp(cfg) * cfg.critic.megatron.tensor_model_parallel_size \
             * cfg.critic.megatron.pipeline_model_parallel_size
-        log.info("starting %d actor ranks and %d critic ranks (%s, %s workers)", world_actor, world_critic,
-                 t.placement, t.workers)
+        log.info("starting %d actor ranks and %d critic ranks (%s, %s workers; %s rollout)", world_actor,
+                 world_critic, t.placement, t.workers, self.rollout_name)
         group = self._local_group if t.workers == "local" else self._ray_group_factory(world_actor, world_critic)
         # Each worker gets its own role's section plus the few shared values, named explicitly.
         arr = cfg.actor_rollout_ref
@@ -86,8 +107,30 @@ class GADTrainer:
         if t.mode == "gad":
             self.critic = group("critic", world_critic, dict(
                 config=cfg.critic, model_path=critic_model_path(cfg), total_steps=self.total_steps,
-                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from))
+                vocab_divisible_by=arr.model.make_vocab_size_divisible_by, init_from=t.init_critic_from,
+                eos_id=self.eos_id))
+        self.vllm = None  # the vLLM engines' worker group (rollout.name=vllm)
+        self.vllm_stale = False  # the engines' weights differ from the actor's (a sync is due)
+        if self.rollout_name == "vllm" and t.mode == "gad":
+            self.vllm, self.vllm_stale = self._start_vllm(group, world_actor)
         self.logger = None
+
+    def _start_vllm(self, group, world_actor: int):
+        """One vLLM engine per ``rollout.tensor_model_parallel_size`` actor ranks. They load an HF
+        model path themselves; from a Megatron checkpoint (or with ``init_actor_from``) they start with
+        placeholder weights and take the actor's by the initial sync."""
+        from megatron_gad import checkpoint as ckpt_mod
+
+        cfg, arr = self.cfg, self.cfg.actor_rollout_ref
+        path = arr.model.path
+        own_weights = not ckpt_mod.is_megatron_checkpoint(path) and not cfg.trainer.init_actor_from
+        d = cfg.data
+        engines = max(1, world_actor // arr.rollout.tensor_model_parallel_size)
+        engines_group = group("rollout", engines, dict(
+            config=arr.rollout, model_dir=path, load_weights=own_weights,
+            max_model_len=d.max_prompt_length + d.max_response_length, max_response_length=d.max_response_length,
+            eos_id=self.eos_id, pad_id=self.pad_id, dtype=arr.actor.megatron.params_dtype, seed=cfg.trainer.seed))
+        return engines_group, not own_weights
 
     @staticmethod
     def _local_group(role: str, world: int, worker_kwargs: dict):
@@ -114,6 +157,10 @@ class GADTrainer:
         started: list[WorkerGroup] = []
 
         def group(role: str, world: int, worker_kwargs: dict):
+            if role == "rollout":  # engines share the actor's bundles (one engine per actor GPU)
+                from megatron_gad.engine.vllm_engine import worker_env as vllm_env
+
+                return WorkerGroup(role, world, worker_kwargs, gpu, pg, actor_bundles, frac, extra_env=vllm_env())
             bundles = actor_bundles if role == "actor" else critic_bundles
             try:
                 started.append(WorkerGroup(role, world, worker_kwargs, gpu, pg, bundles, frac))
@@ -136,7 +183,7 @@ class GADTrainer:
         from megatron_gad.controller.placement import BUNDLE, placement_request, rank_bundles
 
         req = placement_request(world_actor, world_critic, self.cfg.trainer.placement == "colocate",
-                                self.cfg.trainer.mode == "gad")
+                                self.cfg.trainer.mode == "gad", self.rollout_name == "vllm")
         pg = placement_group([dict(BUNDLE)] * req.bundles, strategy="PACK")
         ray.get(pg.ready())
         # PACK numbers bundles in no node order: map ranks node by node so TP groups stay on one node
@@ -178,6 +225,13 @@ class GADTrainer:
                 rewards = self.critic.compute_scores(student)["scores"]
             with self._phase(timer, "old_log_prob"):
                 student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
+            metrics.update(algos.logprob_mismatch(student["old_log_prob"], student["rollout_log_prob"],
+                                                  student["response_mask"]))
+            if cfg.algorithm.rollout_is is not None:
+                student["rollout_is_weights"], m = algos.rollout_is_weights(
+                    student["old_log_prob"], student["rollout_log_prob"], student["response_mask"],
+                    cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_threshold)
+                metrics.update(m)
             if cfg.actor_rollout_ref.actor.use_kl_loss:
                 with self._phase(timer, "ref"):
                     student["ref_log_prob"] = self.actor.compute_ref_log_prob(student)["log_prob"]
@@ -194,10 +248,15 @@ class GADTrainer:
         if gad_step:
             with self._phase(timer, "update_actor"):
                 num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+                student.pop("rollout_log_prob")
                 metrics.update(self.actor.update_actor(student, num_mini))
         elif cfg.trainer.warmup.mode == "sft":
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
+        if self.vllm is not None and (gad_step or cfg.trainer.warmup.mode == "sft"):
+            with self._phase(timer, "weight_sync"):  # the actor changed: the engines follow now
+                metrics.update(self.sync_rollout())
+        metrics.update({f"rollout/{k}": float(v) for k, v in self.syncs.items()})
 
         if warm:
             self.warmup.observe(metrics["critic/d_acc"])
@@ -207,13 +266,33 @@ class GADTrainer:
         return metrics
 
     def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
-        """n samples per prompt from the actor; rows i*n .. i*n+n-1 belong to prompt i."""
+        """n samples per prompt from the rollout engine; rows i*n .. i*n+n-1 belong to prompt i.
+        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it."""
         gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                   "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
-        out = self.actor.generate(gen_in, seed=seed, **sampling)
+        if self.vllm is not None:
+            if self.vllm_stale:
+                self.sync_rollout(initial=True)
+            rows = gen_in["prompt_ids"].shape[0]
+            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed, **sampling)
+        else:
+            out = self.actor.generate(gen_in, seed=seed, **sampling)
         # replicas' responses are merged right-padded with 0; padding carries pad_id everywhere
         responses = out["responses"].masked_fill(out["response_mask"] == 0, self.pad_id)
-        return dict(gen_in, responses=responses, response_mask=out["response_mask"])
+        return dict(gen_in, responses=responses, response_mask=out["response_mask"],
+                    rollout_log_prob=out["rollout_log_prob"])
+
+    def sync_rollout(self, initial: bool = False) -> dict:
+        """Send the actor's weights to every vLLM engine (``engine/weight_sync.py``). ``initial``: the
+        engines never had the actor's weights (counted apart from syncs after updates)."""
+        parts = self.actor.export_weights(self.cfg.actor_rollout_ref.rollout.weight_sync_bucket_mb)
+        manifest = [info for rank in parts for info, _ in rank]
+        payloads = [p for rank in parts for _, p in rank]
+        results = self.vllm.update_weights(manifest, payloads)
+        self.vllm_stale = False
+        self.syncs["initial_syncs" if initial else "weight_syncs"] += 1
+        return {"rollout/weight_sync_bytes": float(results[0]["bytes"]),
+                "rollout/weight_sync_load_s": max(r["seconds"] for r in results)}
 
     def _length_metrics(self, student: dict, prefix: str) -> dict:
         lengths = student["response_mask"].sum(-1).float()
@@ -321,7 +400,8 @@ class GADTrainer:
         path = os.path.join(self.run_dir, f"global_step_{self.step}")
         extra = {"step": self.step}
         state = {"step": self.step, "loader": self.loader.state_dict(), "warmup": self.warmup.state_dict(),
-                 "nonfinite": dict(self.nonfinite), "nonfinite_run": dict(self.nonfinite_run)}
+                 "nonfinite": dict(self.nonfinite), "nonfinite_run": dict(self.nonfinite_run),
+                 "syncs": dict(self.syncs)}
 
         def write(tmp: str) -> None:
             self.actor.save(os.path.join(tmp, "actor"), extra)
@@ -355,6 +435,8 @@ class GADTrainer:
         self.step = int(st["step"])
         self.nonfinite.update(st.get("nonfinite", {}))
         self.nonfinite_run.update(st.get("nonfinite_run", {}))
+        self.syncs.update(st.get("syncs", {}))
+        self.vllm_stale = self.vllm is not None  # the engines hold the starting weights, not these
         log.info("resumed from %s at step %d", path, self.step)
         return True
 
@@ -391,7 +473,7 @@ class GADTrainer:
         teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                    "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
         s_scores = self.critic.compute_scores(student)["scores"]
-        t_scores = self.critic.compute_scores(teacher)["scores"]
+        t_scores = self.critic.compute_scores(teacher, side="teacher")["scores"]
         _, m = algos.discriminator_loss(s_scores, t_scores, n)
         texts = [self.decode(ids, msk) for ids, msk in zip(student["responses"], student["response_mask"])]
         return {"student_texts": [texts[i * n:(i + 1) * n] for i in range(len(items))],
@@ -402,6 +484,8 @@ class GADTrainer:
         self.actor.shutdown()
         if self.critic is not None:
             self.critic.shutdown()
+        if self.vllm is not None:
+            self.vllm.shutdown()
 
 
 def _loggers(names) -> tuple[str, ...]:

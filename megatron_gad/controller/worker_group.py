@@ -64,6 +64,11 @@ class WorkerProcess:
 
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron").setLevel(logging.ERROR)
+        cls = worker_class(role)
+        if not getattr(cls, "joins_process_group", True):  # e.g. a vLLM engine: it sets up its own
+            self._kill, self._calls = [], {}
+            self.worker = cls(rank=rank, world=world, **kwargs)
+            return self.worker.layout
         self._kill = faults.kill_points(os.environ.get(faults.KILL_ENV), role, rank)
         self._calls: dict[str, int] = {}
         # the paths this worker reads, checked here: on a cluster they may exist only on the workers' nodes
@@ -72,13 +77,15 @@ class WorkerProcess:
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         state.init_distributed(rank, world, addr, port)
         with cpu_device_mode():
-            self.worker = worker_class(role)(**kwargs)
+            self.worker = cls(**kwargs)
         return self.worker.layout
 
     def execute(self, method: str, *args, **kwargs):
         from megatron_gad.parallel.cpu_compat import cpu_device_mode
 
         faults.maybe_kill(self._kill, self._calls, method)
+        if not getattr(self.worker, "joins_process_group", True):
+            return getattr(self.worker, method)(*args, **kwargs)  # not a Megatron rank: no device mode
         torch.set_num_threads(1)
         with cpu_device_mode():
             return getattr(self.worker, method)(*args, **kwargs)
@@ -89,14 +96,15 @@ class WorkerGroup(DeclaredGroup):
     that name on every rank as its declaration says."""
 
     def __init__(self, role: str, world: int, worker_kwargs: dict, use_gpu: bool,
-                 placement_group=None, bundles: list[int] | None = None, gpu_fraction: float = 1.0):
+                 placement_group=None, bundles: list[int] | None = None, gpu_fraction: float = 1.0,
+                 extra_env: dict[str, str] | None = None):
         """``bundles``: the placement-group bundle of each rank (``controller/placement.py``
         keeps each TP group on one node)."""
         # CPU: no reservation (gloo ranks share the cores). GPU: colocated roles split each bundle's
         # GPU and CPU in half.
         single_node = len([n for n in ray.nodes() if n.get("Alive")]) <= 1
         opts = {"num_cpus": gpu_fraction if use_gpu else 0.01, "num_gpus": gpu_fraction if use_gpu else 0,
-                "runtime_env": {"env_vars": worker_env(use_gpu, single_node)}}
+                "runtime_env": {"env_vars": {**worker_env(use_gpu, single_node), **(extra_env or {})}}}
         procs = []
         for r in range(world):
             o = dict(opts)

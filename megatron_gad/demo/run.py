@@ -60,6 +60,7 @@ class DemoSettings:
     clip_grad: float = 1.0           # the actor's PPO updates
     warmup_target_d_acc: float = 0.6
     d_acc_window: int = 10           # warmup's final d_acc = mean of the last window steps
+    rollout: str = "megatron"        # the sampling engine of the GAD stages: megatron | vllm
 
 
 FULL = DemoSettings()
@@ -87,7 +88,7 @@ def stage_config(s: DemoSettings, *, mode: str, run_dir: str, model_path: str, t
                                                   "clip_grad": s.sft_clip_grad if mode == "sft" else s.clip_grad},
                       "ppo_mini_batch_size": s.batch, "ppo_micro_batch_size_per_gpu": s.batch * s.n,
                       "ppo_epochs": 1, "use_kl_loss": False, "loss_agg_mode": "token-mean"},
-            "rollout": {"name": "megatron", "n": s.n, "temperature": s.temperature,
+            "rollout": {"name": s.rollout, "n": s.n, "temperature": s.temperature,
                         "log_prob_micro_batch_size_per_gpu": 256},
         },
         "critic": {"megatron": fp32, "optim": {"lr": s.critic_lr if critic_lr is None else critic_lr,
@@ -351,5 +352,17 @@ def main_demo(args) -> int:
     from megatron_gad.controller.preflight import check_output_dir
 
     check_output_dir("--out", out)  # an InputError (exit 2) before anything is built
-    run_demo(out, seeds, QUICK if quick else FULL, quick)
+    settings = QUICK if quick else FULL
+    if getattr(args, "rollout", "megatron") == "vllm":
+        from megatron_gad.engine.vllm_engine import vllm_unavailable_reason
+        from megatron_gad.errors import InputError
+
+        reason = vllm_unavailable_reason()
+        if reason:
+            raise InputError(f"--rollout vllm: {reason}; or use --rollout megatron")
+        # vLLM's CPU attention needs head_dim >= 32: the same student with 2 heads of 32 instead of 4 of 16
+        settings = dataclasses.replace(settings, rollout="vllm", heads=2, kv_heads=2)
+        _log("--rollout vllm: GAD stages sample with vLLM; the student has 2 attention heads of 32 (vLLM's CPU "
+             "attention refuses head_dim 16), so its numbers are not those of the default demo")
+    run_demo(out, seeds, settings, quick)
     return 0

@@ -47,12 +47,15 @@ from megatron_gad.parallel import state
 
 
 def sample_next(logits: torch.Tensor, vocab_size: int, temperature: float, top_k: int, top_p: float,
-                greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V_padded] (full vocabulary) -> next token ids [B]; padded ids are never chosen."""
+                greedy: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V_padded] (full vocabulary) -> next token ids [B] and their log-probabilities [B]
+    under the distribution sampled from (after temperature, top-k and top-p; greedy: the plain
+    softmax); padded ids are never chosen."""
     logits = logits.float().clone()
     logits[:, vocab_size:] = float("-inf")
     if greedy:
-        return logits.argmax(-1)
+        nxt = logits.argmax(-1)
+        return nxt, logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
     logits = logits / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, vocab_size), dim=-1).values[:, -1:]
@@ -63,8 +66,8 @@ def sample_next(logits: torch.Tensor, vocab_size: int, temperature: float, top_k
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return nxt, logits.log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
 
 
 @dataclass
@@ -117,8 +120,10 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     "response_mask": [B, R]}, rows in the input's order.
 
     A response ends with its EOS token (kept, mask 1) or at ``max_new_tokens``; after that it is
-    right-padded with ``pad_id`` (mask 0). ``R`` is the number of steps run: generation stops when
-    every row is done. See the module docstring for bucketing, masking and seeding.
+    right-padded with ``pad_id`` (mask 0). On the last pipeline stage also ``rollout_log_prob``
+    [B, R]: each sampled token's log-probability under the sampling distribution (0 at padding).
+    ``R`` is the number of steps run: generation stops when every row is done. See the module
+    docstring for bucketing, masking and seeding.
     """
     B = prompt_ids.shape[0]
     dev = state.device()  # NCCL broadcasts need device tensors
@@ -131,7 +136,7 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
         ctx = _new_context(len(rows), seq.shape[1] + max_new_tokens) if use_kv_cache else None
         groups.append(_Group(rows, seq, ctx))
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    out_tokens, out_mask = [], []
+    out_tokens, out_mask, out_logp = [], [], []  # log-probs: last stage only
     lay = role.layout
 
     def last_logits(output, batch):
@@ -150,7 +155,8 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
             logits = results[0]["logits"].new_zeros(B, results[0]["logits"].shape[-1])
             for g, r in zip(active, results):
                 logits[g.rows] = r["logits"].to(logits.dtype)
-            nxt = sample_next(logits, role.arch.vocab_size, temperature, top_k, top_p, greedy, gen)
+            nxt, nxt_logp = sample_next(logits, role.arch.vocab_size, temperature, top_k, top_p, greedy, gen)
+            out_logp.append(nxt_logp.masked_fill(done, 0.0))
         if lay.tp_size > 1:  # identical already; make it explicit and robust
             dist.broadcast(nxt, src=state.tp_src_global_rank(), group=state.tp_group())
         nxt = state.broadcast_from_last_stage(nxt)
@@ -164,8 +170,11 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
             break
     if not out_tokens:
         empty = torch.zeros(B, 0, dtype=torch.long)
-        return {"responses": empty, "response_mask": empty.clone()}
-    return {"responses": torch.stack(out_tokens, 1).cpu(), "response_mask": torch.stack(out_mask, 1).cpu()}
+        return {"responses": empty, "response_mask": empty.clone(), "rollout_log_prob": torch.zeros(B, 0)}
+    out = {"responses": torch.stack(out_tokens, 1).cpu(), "response_mask": torch.stack(out_mask, 1).cpu()}
+    if out_logp:
+        out["rollout_log_prob"] = torch.stack(out_logp, 1).cpu()
+    return out
 
 
 def _new_context(batch: int, max_len: int):

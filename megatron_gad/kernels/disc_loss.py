@@ -138,6 +138,7 @@ def disc_bt_loss_packed(
     bias: Tensor | None,
     impl: str = "auto",
     score_reg_coef: float = 0.0,
+    **controls,
 ) -> tuple[Tensor, dict, Tensor, Tensor]:
     """Head + Bradley-Terry loss read from packed (THD) hidden states.
 
@@ -146,6 +147,8 @@ def disc_bt_loss_packed(
     P students; teacher_of [P]: the teacher (0..k-1) of each student; weight [1, H], bias [1] | None.
     Returns loss, metrics (0-d tensors, see `algos.discriminator_loss_paired`), teacher scores [k]
     and student scores [P] (detached, fp32). The hidden gradient is zero except at ``rows``.
+    ``controls``: the pair-loss controls of ``algos.discriminator.pair_loss`` (torch path only: the
+    fused kernel computes plain Bradley-Terry, and refuses rather than silently ignore them).
     """
     k = int(num_teachers)
     assert rows.dim() == 1 and teacher_of.dim() == 1 and rows.numel() == k + teacher_of.numel(), (
@@ -157,6 +160,9 @@ def disc_bt_loss_packed(
     if impl == "triton":
         from .triton_disc import FusedDiscBT
 
+        plain = {"temperature": 1.0, "label_smoothing": 0.0, "margin": 0.0, "loss_type": "bt", "swap": None}
+        if any(controls.get(key, v) is not v and controls.get(key, v) != v for key, v in plain.items()):
+            raise ValueError(f"the fused Triton disc loss computes plain Bradley-Terry; got controls {controls}")
         loss, t, s = FusedDiscBT.apply(hidden, weight, bias, rows, teacher_of, k, float(score_reg_coef))
         with torch.no_grad():  # metrics from the scores: O(P), the reference's definitions
             _, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef)
@@ -164,7 +170,7 @@ def disc_bt_loss_packed(
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
     scores = disc_head_scores(h, weight, bias)  # one GEMV: dw is accumulated in fp32 before any cast
     t, s = scores[:k], scores[k:]
-    loss, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef)
+    loss, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef, **controls)
     return loss, metrics, t.detach(), s.detach()
 
 

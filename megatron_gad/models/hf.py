@@ -36,7 +36,7 @@ _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------- step 1: HF <-> full Megatron
@@ -87,30 +87,71 @@ def hf_to_mcore(hf: dict[str, torch.Tensor], arch: Arch, vocab_divisible_by: int
     return out
 
 
-def mcore_to_hf(mc: dict[str, torch.Tensor], arch: Arch) -> dict:
-    """HF state dict from a full Megatron actor state dict (vocab padding removed)."""
-    V = arch.vocab_size
-    hf = {"model.embed_tokens.weight": mc["embedding.word_embeddings.weight"][:V],
-          "model.norm.weight": mc["decoder.final_layernorm.weight"]}
-    if not arch.tie_word_embeddings:
-        hf["lm_head.weight"] = mc["output_layer.weight"][:V]
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        for mcn, h in _LAYER_TABLE.items():
-            hf[h.format(i=i)] = mc[f"decoder.layers.{i}.{mcn}"]
-        qkv = _qkv_from_mcore(mc[f"decoder.layers.{i}.self_attention.linear_qkv.weight"], arch)
-        hf.update({f"{p}self_attn.{x}_proj.weight": t for x, t in zip("qkv", qkv)})
-        if arch.qkv_bias:
-            qkv_b = _qkv_from_mcore(mc[f"decoder.layers.{i}.self_attention.linear_qkv.bias"], arch)
-            hf.update({f"{p}self_attn.{x}_proj.bias": t for x, t in zip("qkv", qkv_b)})
-        gate, up = torch.chunk(mc[f"decoder.layers.{i}.mlp.linear_fc1.weight"], 2, dim=0)
-        hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
+def mcore_layer_to_hf(i: int, layer: dict[str, torch.Tensor], arch: Arch) -> dict[str, torch.Tensor]:
+    """HF tensors of global layer ``i`` from its full Megatron tensors (``layer``: names after
+    ``decoder.layers.{i}.``). QKV is split per query group, fc1 into gate and up."""
+    p = f"model.layers.{i}."
+    hf = {h.format(i=i): layer[mcn] for mcn, h in _LAYER_TABLE.items()}
+    qkv = _qkv_from_mcore(layer["self_attention.linear_qkv.weight"], arch)
+    hf.update({f"{p}self_attn.{x}_proj.weight": t for x, t in zip("qkv", qkv)})
+    if arch.qkv_bias:
+        qkv_b = _qkv_from_mcore(layer["self_attention.linear_qkv.bias"], arch)
+        hf.update({f"{p}self_attn.{x}_proj.bias": t for x, t in zip("qkv", qkv_b)})
+    gate, up = torch.chunk(layer["mlp.linear_fc1.weight"], 2, dim=0)
+    hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"] = gate, up
     return {k: v.contiguous() for k, v in hf.items()}
 
 
+def mcore_global_to_hf(name: str, t: torch.Tensor, arch: Arch) -> dict[str, torch.Tensor]:
+    """HF tensor(s) of a Megatron tensor outside the decoder layers (vocab padding removed). A
+    tied model's output layer is the embedding: it maps to nothing."""
+    V = arch.vocab_size
+    if name == "embedding.word_embeddings.weight":
+        return {"model.embed_tokens.weight": t[:V].contiguous()}
+    if name == "decoder.final_layernorm.weight":
+        return {"model.norm.weight": t.contiguous()}
+    if name == "output_layer.weight":
+        return {} if arch.tie_word_embeddings else {"lm_head.weight": t[:V].contiguous()}
+    raise KeyError(f"no Hugging Face name for Megatron tensor {name}")
+
+
+def mcore_to_hf(mc: dict[str, torch.Tensor], arch: Arch) -> dict:
+    """HF state dict from a full Megatron actor state dict (vocab padding removed)."""
+    names = ["embedding.word_embeddings.weight", "decoder.final_layernorm.weight"]
+    names += [] if arch.tie_word_embeddings else ["output_layer.weight"]
+    hf = {}
+    for name in names:
+        hf.update(mcore_global_to_hf(name, mc[name], arch))
+    for i in range(arch.num_layers):
+        prefix = f"decoder.layers.{i}."
+        hf.update(mcore_layer_to_hf(i, {k[len(prefix):]: v for k, v in mc.items() if k.startswith(prefix)}, arch))
+    return hf
+
+
+def hf_param_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the architecture's HF state dict and its shape, from the architecture alone
+    (what a weight sync must deliver; independent of how the sender built its tensors)."""
+    H, d, V, F = arch.hidden_size, arch.head_dim, arch.vocab_size, arch.ffn_hidden_size
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    out = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,)}
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = (V, H)
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        out.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                    p + "self_attn.q_proj.weight": (q, H), p + "self_attn.k_proj.weight": (kv, H),
+                    p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.o_proj.weight": (H, q),
+                    p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
+                    p + "mlp.down_proj.weight": (H, F)})
+        if arch.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                        p + "self_attn.v_proj.bias": (kv,)})
+    return out
+
+
 # ---------------------------------------------------------------- step 2: full <-> this rank's shard
-def _global_name(model, local_name: str) -> str:
-    m = _LAYER_RE.match(local_name)
+def global_name(model, local_name: str) -> str:
+    m = LAYER_RE.match(local_name)
     if not m:
         return local_name
     idx, rest = int(m.group(1)), m.group(2)
@@ -144,7 +185,7 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], tp_rank: int, tp_
         if name.startswith(skip_prefixes):
             untouched.append(name)
             continue
-        gname = _global_name(model, name)
+        gname = global_name(model, name)
         if gname not in full:
             raise KeyError(f"checkpoint has no tensor for {gname} (local {name})")
         shard = _tp_slice(full[gname], param, name, tp_rank, tp_size)
@@ -155,19 +196,25 @@ def load_full_state_dict(model, full: dict[str, torch.Tensor], tp_rank: int, tp_
 
 
 @torch.no_grad()
-def gather_full_state_dict(model, tp_group, tp_size: int) -> dict[str, torch.Tensor]:
-    """This stage's parameters as full tensors with global names (an all-gather over TP)."""
+def iter_full_params(model, tp_group, tp_size: int):
+    """(global name, full tensor) for each parameter of this stage, one at a time: a TP all-gather
+    per parameter (collective: every TP rank of the stage iterates in step), so at most one full
+    tensor is held beyond the shard. The tensor stays on the parameter's device."""
     import torch.distributed as dist
 
-    out = {}
     for name, param in model.named_parameters():
         t = param.detach()
         if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
             parts = [torch.empty_like(t) for _ in range(tp_size)]
             dist.all_gather(parts, t.contiguous(), group=tp_group)
             t = _tp_unslice(parts, param, name)
-        out[_global_name(model, name)] = t.clone().cpu()  # export-bound: host memory
-    return out
+        yield global_name(model, name), t
+
+
+def gather_full_state_dict(model, tp_group, tp_size: int) -> dict[str, torch.Tensor]:
+    """This stage's parameters as full tensors with global names (an all-gather over TP)."""
+    # export-bound: host memory
+    return {name: t.clone().cpu() for name, t in iter_full_params(model, tp_group, tp_size)}
 
 
 # ---------------------------------------------------------------- files

@@ -55,6 +55,34 @@ def generate_on_rank(spec: GenerateSpec) -> list[list[int]]:
     return [row[m.bool()].tolist() for row, m in zip(out["responses"], out["response_mask"])]
 
 
+def generate_vllm(spec: GenerateSpec) -> list[int]:
+    """The first prompt's new tokens from vLLM in this process (same stop rule as the native engine:
+    ``spec.eos_id`` kept). A megatron-gad checkpoint is exported to HF in a temporary directory."""
+    import tempfile
+
+    from megatron_gad.engine.vllm_engine import VLLMEngine, vllm_unavailable_reason
+
+    reason = vllm_unavailable_reason()
+    if reason:
+        raise ToolError(f"--engine vllm: {reason}; or use --engine megatron")
+    from megatron_gad.models.arch import read_hf_config
+
+    with tempfile.TemporaryDirectory(prefix="megatron_gad_vllm_") as tmp:
+        model_dir = spec.model
+        if ckpt.is_megatron_checkpoint(spec.model):
+            from megatron_gad.tools.convert import mcore_to_hf
+
+            model_dir = os.path.join(tmp, "hf")
+            mcore_to_hf(spec.model, model_dir)
+        limit = read_hf_config(model_dir).get("max_position_embeddings", 4096)
+        engine = VLLMEngine(model_dir, dtype=spec.params_dtype, seed=spec.seed,
+                            max_model_len=min(limit, len(spec.prompts[0]) + spec.max_new_tokens))
+        ((tokens, _),) = engine.generate(spec.prompts[:1], max_new_tokens=spec.max_new_tokens, eos_id=spec.eos_id,
+                                         seeds=[spec.seed], temperature=spec.temperature, top_k=spec.top_k,
+                                         top_p=spec.top_p, greedy=spec.greedy)
+    return tokens
+
+
 def _rank_main(rank: int, world: int, specs: list[GenerateSpec]) -> list[list[list[int]]]:
     stdout_to_stderr()
     return [generate_on_rank(s) for s in specs]
@@ -176,9 +204,13 @@ def main_generate(args) -> int:
                         vocab_divisible_by=vdb, params_dtype=dtype)
     mode = "greedy" if args.greedy else f"sampling (T={spec.temperature}, top-k={args.top_k}, top-p={args.top_p}, " \
                                          f"seed={args.seed})"
-    log(f"generate: {len(prompt)} prompt tokens, up to {args.max_new_tokens} new, {mode}, "
-        f"TP={args.tp} PP={args.pp}; launching {args.tp * args.pp} rank(s)")
-    ((tokens,),) = run_specs([spec])  # one spec, one prompt
+    if getattr(args, "engine", "megatron") == "vllm":
+        log(f"generate: {len(prompt)} prompt tokens, up to {args.max_new_tokens} new, {mode}, vLLM")
+        tokens = generate_vllm(spec)
+    else:
+        log(f"generate: {len(prompt)} prompt tokens, up to {args.max_new_tokens} new, {mode}, "
+            f"TP={args.tp} PP={args.pp}; launching {args.tp * args.pp} rank(s)")
+        ((tokens,),) = run_specs([spec])  # one spec, one prompt
     text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else ""
     if args.json:
         print(json.dumps({"token_ids": tokens, "text": text}), flush=True)

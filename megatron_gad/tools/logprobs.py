@@ -34,6 +34,7 @@ class PassJob:
     vocab_divisible_by: int = 128
     params_dtype: str = "float32"
     batch_size: int = 8  # rows per worker call (one packed micro-batch)
+    temperature: float = 1.0  # log-probs of softmax(logits / T)
 
 
 # ---------------------------------------------------------------- per-rank bodies
@@ -51,7 +52,8 @@ def actor_config(job: PassJob):
     base = ActorRolloutRefConfig()
     return replace(base, model=replace(base.model, path=job.model, make_vocab_size_divisible_by=job.vocab_divisible_by),
                    actor=replace(base.actor, megatron=_megatron_config(job)),
-                   rollout=replace(base.rollout, log_prob_micro_batch_size_per_gpu=job.batch_size))
+                   rollout=replace(base.rollout, log_prob_micro_batch_size_per_gpu=job.batch_size,
+                                   temperature=job.temperature))
 
 
 def critic_config(job: PassJob):
@@ -212,7 +214,10 @@ def logprobs_table(records: list[dict], summary: dict) -> list[str]:
 
 def main_logprobs(args) -> int:
     _, rows, settings = prepare(args, "logprobs")
-    job = PassJob(prompts=rows.prompts, responses=rows.responses[args.response_key], **settings)
+    if args.temperature <= 0:
+        raise ToolError(f"--temperature must be > 0, got {args.temperature}")
+    job = PassJob(prompts=rows.prompts, responses=rows.responses[args.response_key], temperature=args.temperature,
+                  **settings)
     log(f"logprobs: {len(job.prompts)} rows ({sum(map(len, job.responses))} response tokens) from {args.data}, "
         f"TP={args.tp} PP={args.pp}; launching {args.tp * args.pp} rank(s)")
     records, summary = logprobs_records(rows, args.response_key, launch(_logprobs_rank, job))

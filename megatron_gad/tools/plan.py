@@ -414,7 +414,12 @@ def dry_run_report(cfg: GADConfig, gpu_name: str) -> str:
     if t.workers == "local":
         lines.append("trainer.workers=local: both roles run in the trainer's process; no Ray, no placement group")
     else:
-        req = placement_request(worlds["actor"], worlds.get("critic", 0), t.placement == "colocate", gad)
+        r = cfg.actor_rollout_ref.rollout
+        vllm = gad and (r.name == "vllm" or (r.name == "auto" and t.device == "cuda"))
+        req = placement_request(worlds["actor"], worlds.get("critic", 0), t.placement == "colocate", gad, vllm)
+        if vllm:
+            lines.append(f"rollout: {worlds['actor'] // r.tensor_model_parallel_size} vLLM engine(s) (TP "
+                         f"{r.tensor_model_parallel_size}) on the actor's bundles, weights synced after each update")
         if t.device == "cpu":
             lines.append(f"trainer.device=cpu: {sum(worlds.values())} Ray CPU processes, no placement group")
         else:

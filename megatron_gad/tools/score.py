@@ -19,7 +19,7 @@ def scores_on_rank(job: PassJob) -> list[float] | None:
     from megatron_gad.workers.critic import CriticWorker
 
     worker = CriticWorker(critic_config(job), model_path=job.model, vocab_divisible_by=job.vocab_divisible_by,
-                          total_steps=0)
+                          total_steps=0, eos_id=job.eos_id)
     return run_batches(job, worker.compute_scores, "scores")
 
 

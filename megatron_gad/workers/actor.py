@@ -1,4 +1,10 @@
-"""Actor worker: rollout (native Megatron sampling), log-probs, PPO update, SFT, reference model.
+"""Actor worker: rollout (native Megatron sampling), log-probs, PPO update, SFT, reference model,
+and the weight export a separate rollout engine (vLLM) syncs from.
+
+The policy's probabilities are those of the distribution the rollout samples from: old, reference
+and current log-probs, the PPO ratio, KL and entropy all use ``logits / rollout.temperature`` (as
+verl does), so a sampled token's old log-prob equals what the engine reports for it. SFT on the
+teacher text is plain cross-entropy (T = 1).
 
 One instance per rank of the actor role; it reads only the ``actor_rollout_ref`` section of the
 config (plus the shared values passed to it). Methods take this replica's share of a batch (see
@@ -13,6 +19,7 @@ from megatron_gad import algos
 from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.engine.model_shard import ModelShard
+from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights, to_transport
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
@@ -50,14 +57,17 @@ class ActorWorker(Worker):
 
     # ---------------------------------------------------------------- helpers
     def _token_logprob(self, shard: ModelShard, logits: torch.Tensor, mb: dict, compute_entropy: bool,
-                       training: bool = False):
+                       training: bool = False, temperature: float = 1.0):
         """Log-probs (and entropy) [b, R] of the response tokens of a packed micro-batch, from this
         rank's vocab shard of the logits [1, T, V/TP]. Only the positions that predict a response
         token are gathered (no prompt or padding position reaches the vocab kernel); padding is 0.
-        In training the kernel's backward writes into the gathered buffer (nothing reads it later)."""
+        In training the kernel's backward writes into the gathered buffer (nothing reads it later).
+        ``temperature``: log-probs of softmax(logits / T), the distribution the rollout samples."""
         idx = mb["resp_index"]
         valid = idx >= 0
         sel = logits[0].index_select(0, idx[valid])  # [N, V/TP]
+        if temperature != 1.0:
+            sel = sel / temperature
         v_local = sel.shape[-1]
         lp, ent = vocab_parallel_logprob(
             sel, mb["responses"][valid], state.tp_group() if self.layout.tp_size > 1 else None,
@@ -80,7 +90,8 @@ class ActorWorker(Worker):
     @register(Dispatch.DP, collect="concat")
     def generate(self, batch: dict, seed: int, temperature: float | None = None, greedy: bool = False) -> dict:
         """batch: prompt_ids/prompt_mask [B, P] (one row per sample) -> responses/response_mask [B, R]
-        (R: this replica's longest response; the controller pads replicas to one width)."""
+        and the sampled tokens' ``rollout_log_prob`` (R: this replica's longest response; the
+        controller pads replicas to one width)."""
         r = self.config.rollout
         return generate(self.shard, batch["prompt_ids"], batch["prompt_mask"],
                         max_new_tokens=self.max_response_length, eos_id=self.eos_id,
@@ -88,10 +99,29 @@ class ActorWorker(Worker):
                         top_p=r.top_p, greedy=greedy, seed=seed + 7919 * self.layout.dp_rank,
                         micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
 
+    @register(Dispatch.ALL)
+    def export_weights(self, bucket_mb: int) -> list[tuple]:
+        """The policy's weights for a rollout engine, as (BucketInfo, payload) per bucket: HF-named
+        full tensors from each pipeline stage's leader (TP rank 0 of replica 0; other ranks return
+        nothing after taking part in their stage's TP gathers). Inside Ray a payload is an object
+        reference (the engine fetches it directly), else the bucket itself (``engine.weight_sync``)."""
+        lay = self.layout
+        if lay.dp_rank != 0:  # every replica holds the same weights: replica 0 sends them
+            return []
+        items = stream_hf_weights(self.shard.module, self.shard.arch, state.tp_group() if lay.tp_size > 1 else None,
+                                  lay.tp_size, emit=lay.tp_rank == 0)
+        buckets = list(make_buckets(items, bucket_mb << 20))
+        out = []
+        for k, bucket in enumerate(buckets):
+            out.append((describe(bucket, lay.pp_rank, k, len(buckets)), to_transport(bucket)))
+        return out
+
     # ---------------------------------------------------------------- log-probs
     def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:
+        temperature = self.config.rollout.temperature
+
         def loss_fn(logits, mb):
-            lp, _ = self._token_logprob(shard, logits, mb, compute_entropy=False)
+            lp, _ = self._token_logprob(shard, logits, mb, compute_entropy=False, temperature=temperature)
             return lp.sum() * 0, {"log_prob": lp}
 
         groups = self._groups(batch, b, sync_count=False)
@@ -124,12 +154,16 @@ class ActorWorker(Worker):
         policy_loss = algos.get_policy_loss(a.policy_loss)
         kl_fn = algos.get_kl_penalty(a.kl_loss_type) if a.use_kl_loss else None
 
+        temperature = self.config.rollout.temperature
+
         def loss_fn(logits, mb):
-            lp, ent = self._token_logprob(self.shard, logits, mb, compute_entropy=a.entropy_coeff > 0, training=True)
+            lp, ent = self._token_logprob(self.shard, logits, mb, compute_entropy=a.entropy_coeff > 0, training=True,
+                                          temperature=temperature)
             mask, agg = mb["response_mask"], mb["agg"]  # agg: this mini-batch's global denominators
             loss, m = policy_loss(mb["old_log_prob"], lp, mb["advantages"], mask,
                                   clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
-                                  clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode, **agg)
+                                  clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
+                                  is_weights=mb.get("rollout_is_weights"), **agg)
             out = {f"actor/{k}": float(v) for k, v in m.items()}
             out["actor/pg_loss"] = float(loss) * mb["share_scale"]
             if kl_fn is not None:
@@ -143,6 +177,7 @@ class ActorWorker(Worker):
             return loss * mb["share_scale"], out
 
         extra = ["old_log_prob", "advantages"] + (["ref_log_prob"] if kl_fn else [])
+        extra += ["rollout_is_weights"] if "rollout_is_weights" in batch else []
         return self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
 
     @register(Dispatch.DP, collect="mean")

@@ -1,9 +1,17 @@
 """Critic worker (GAD's discriminator): scores sequences (a student's score is the actor's reward)
-and trains on teacher-vs-student pairs with the fused head + Bradley-Terry loss."""
+and trains on teacher-vs-student pairs with the fused head + Bradley-Terry loss.
+
+Both sides are scored under one end-of-response rule (``critic.eos_policy``, applied here to every
+sequence the critic sees), so a student whose response ids equal the teacher's gets the teacher's
+score. The pair loss takes the saturation controls of ``algos.discriminator.pair_loss``; with any
+of them on, ``fused_loss: auto`` runs the torch path (the fused kernel computes plain BT)."""
 
 from __future__ import annotations
 
+import torch
+
 from megatron_gad.config import CriticConfig
+from megatron_gad.config_checks import critic_controls_on
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
 from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED, disc_bt_loss_packed, disc_head_scores, resolve_impl
 from megatron_gad.metrics import reduce_metrics
@@ -12,6 +20,8 @@ from megatron_gad.workers.base import Worker
 from megatron_gad.workers.dispatch import Dispatch, register
 from megatron_gad.workers.micro_batches import (
     Batching,
+    apply_eos_policy,
+    ends_with_eos,
     group_rows,
     pair_groups,
     pair_micro_batch,
@@ -27,14 +37,23 @@ class CriticWorker(Worker):
     in. ``init_from``: a checkpoint whose weights replace the path's (trainer.init_critic_from)."""
 
     def __init__(self, config: CriticConfig, *, model_path: str, vocab_divisible_by: int, total_steps: int,
-                 init_from: str | None = None):
+                 eos_id: int, init_from: str | None = None):
         self.config = config
+        self.eos_id = eos_id
         m = config.megatron
         if config.fused_loss == "te":  # config validation refuses it too; workers may be built directly
             raise ValueError(TE_HEAD_NOT_USED)
+        self.controls = {"temperature": config.bt_temperature, "label_smoothing": config.label_smoothing,
+                         "margin": config.margin, "loss_type": config.loss_type}
+        self.loss_impl = config.fused_loss
+        if critic_controls_on(config):
+            if config.fused_loss == "triton":
+                raise ValueError("critic.fused_loss=triton computes plain Bradley-Terry only; use auto or torch "
+                                 "with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob")
+            self.loss_impl = "torch"
         # fails early for an explicit "triton" that cannot run; "auto" resolves per call on the
         # hidden states' device, so it never picks a kernel that cannot run there
-        self.impl = resolve_impl(config.fused_loss)
+        self.impl = resolve_impl(self.loss_impl)
         self.shard = ModelShard("critic", model_path, **megatron_kwargs(m), vocab_divisible_by=vocab_divisible_by,
                                 optim=config.optim, total_steps=total_steps, head_init_std=config.head_init_std)
         # sequence parallelism splits a packed row's tokens evenly over the TP ranks
@@ -57,11 +76,14 @@ class CriticWorker(Worker):
 
     # ---------------------------------------------------------------- reward
     @register(Dispatch.DP, collect="concat")
-    def compute_scores(self, batch: dict) -> dict:
+    def compute_scores(self, batch: dict, side: str = "student") -> dict:
         """D(sequence) for each row (prompt ids/mask + responses/response mask): a student sample's
         score is the reward the actor maximises. Packed: each row's score is read at its own last
-        token, whatever else shares the micro-batch."""
+        token, whatever else shares the micro-batch. ``side``: whose responses these are (the
+        EOS policy treats teacher and student texts alike but may need to know which is which)."""
         c = self.config
+        batch = dict(batch, response_mask=apply_eos_policy(batch["responses"], batch["response_mask"], self.eos_id,
+                                                           c.eos_policy, side))
         b = Batching(c.forward_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.forward_max_token_len_per_gpu,
                      self.align)
         groups = group_rows(row_lengths(batch["prompt_mask"], batch["response_mask"]), b)
@@ -83,27 +105,60 @@ class CriticWorker(Worker):
         Bradley-Terry pair is scored in one forward pass; each carries ``share_scale`` and
         ``pairs_total`` so its loss is its exact share of the mini-batch loss (see actor ``_train``)."""
         c = self.config
+        eos = self.eos_id
+        t_mask = apply_eos_policy(batch["teacher_response"], batch["teacher_response_mask"], eos, c.eos_policy,
+                                  "teacher")
+        s_mask = apply_eos_policy(batch["responses"], batch["response_mask"], eos, c.eos_policy, "student")
+        batch = dict(batch, teacher_response_mask=t_mask, response_mask=s_mask)
         b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu, self.align)
         groups = self._equal_count(lambda k: pair_groups(batch, n, b, min_count=k), b.dynamic)
         mbs = [pair_micro_batch(batch, parts, align=self.align) for parts in groups]
         pairs_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n)])[0]
-        for mb in mbs:
+        t_eos = ends_with_eos(batch["teacher_response"], t_mask, eos)  # [B]
+        s_eos = ends_with_eos(batch["responses"], s_mask, eos)  # [B, n]
+        for mb, parts in zip(mbs, groups):
             mb["share_scale"] = float(len(mbs) * self.layout.dp_size)
             mb["pairs_total"] = pairs_total
+            # per pair (teacher_of order): identical scored token ids, and EOS on one side only
+            ident, mismatch = [], []
+            for part in parts:
+                g = part.group
+                t_ids = batch["teacher_response"][g][t_mask[g].bool()]
+                for j in part.students:
+                    s_ids = batch["responses"][g, j][s_mask[g, j].bool()]
+                    ident.append(bool(t_ids.shape == s_ids.shape and torch.equal(t_ids, s_ids)))
+                    mismatch.append(bool(t_eos[g] != s_eos[g, j]))
+            mb["identical"] = torch.tensor(ident, dtype=torch.bool)
+            mb["eos_mismatch"] = torch.tensor(mismatch, dtype=torch.bool)
         return mbs
 
-    def _pair_loss(self, prefix: str):
+    def _pair_loss(self, prefix: str, swap: bool = False):
+        """``swap``: draw this step's swapped pairs (training only; ``critic.swap_prob``)."""
+        gen = None
+        if swap and self.config.swap_prob > 0:  # reproducible: seed, update count, replica
+            gen = torch.Generator().manual_seed(self.config.megatron.seed * 1_000_003
+                                                + self.shard.train_calls * 101 + self.layout.dp_rank)
+
         def loss_fn(hidden, mb):
             # the fused loss reads each sequence's last token straight from the packed [1, T, H]
             # output; teacher_of pairs each student with its teacher (whole or split groups alike)
             w, b = self._head()
             k = mb["num_teachers"]
-            loss, m, _, _ = disc_bt_loss_packed(hidden, mb["last"], k, mb["teacher_of"], w, b,
-                                                impl=self.config.fused_loss,
-                                                score_reg_coef=self.config.score_reg_coef)
             pairs = mb["teacher_of"].numel()
+            controls = dict(self.controls)
+            if gen is not None:
+                controls["swap"] = (torch.rand(pairs, generator=gen) < self.config.swap_prob).to(hidden.device)
+            loss, m, t, s = disc_bt_loss_packed(hidden, mb["last"], k, mb["teacher_of"], w, b,
+                                                impl=self.loss_impl, score_reg_coef=self.config.score_reg_coef,
+                                                **(controls if self.loss_impl == "torch" else {}))
+            gap = (t.index_select(0, mb["teacher_of"].to(t.device)) - s).abs().cpu()
+            ident = mb["identical"]
+            m = dict(m, identical_pairs=ident.float().mean(), eos_mismatch=mb["eos_mismatch"].float().mean(),
+                     identical_pair_gap=gap[ident].max() if bool(ident.any()) else torch.zeros(()))
             share = pairs / mb["pairs_total"] * mb["share_scale"]  # mean over this micro-batch's pairs -> share
             out = {f"{prefix}{key}": float(v) * share for key, v in m.items()}
+            if "swap" in controls:
+                out[f"{prefix}swapped_pairs"] = float(controls["swap"].float().mean()) * share
             return loss * share, out
 
         return loss_fn
@@ -118,7 +173,7 @@ class CriticWorker(Worker):
     @register(Dispatch.DP, collect="mean")
     def update_critic(self, batch: dict, n: int) -> dict:
         """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R]."""
-        loss_fn = self._pair_loss("critic/")
+        loss_fn = self._pair_loss("critic/", swap=True)
         metrics = []
         skipped = 0
         for epoch in range(self.config.ppo_epochs):

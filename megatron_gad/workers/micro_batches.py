@@ -135,3 +135,26 @@ def pair_micro_batch(batch: dict, parts: list[GroupPart], align: int = 1, pad_id
     packed = pack_sequences(seqs + students, align=align, pad_id=pad_id)
     return {"packed": packed, "last": last_token_indices(packed), "num_teachers": len(parts),
             "teacher_of": torch.tensor(teacher_of, dtype=torch.long)}
+
+
+def apply_eos_policy(responses: torch.Tensor, mask: torch.Tensor, eos_id: int, policy: str, side: str) -> torch.Tensor:
+    """The response mask the critic scores with (``critic.eos_policy``; valid tokens left-aligned,
+    [..., R]): ``append`` keeps both sides as they are (the teacher's one EOS from the data pipeline,
+    the student's sampled EOS), ``strip`` drops a final EOS on both sides, ``none`` drops the
+    teacher's only. A truncated student (no EOS) is unchanged by every policy."""
+    if policy not in ("append", "strip", "none"):
+        raise ValueError(f"eos_policy must be append, strip or none, got {policy!r}")
+    if side not in ("teacher", "student"):
+        raise ValueError(f"side must be 'teacher' or 'student', got {side!r}")
+    if policy == "append" or (policy == "none" and side == "student"):
+        return mask
+    last = mask.sum(-1, keepdim=True) - 1  # [..., 1]
+    ends = (last >= 0) & (responses.gather(-1, last.clamp(min=0)) == eos_id)
+    out = mask.clone()
+    out.scatter_(-1, last.clamp(min=0), torch.where(ends, torch.zeros_like(last), out.gather(-1, last.clamp(min=0))))
+    return out
+
+
+def ends_with_eos(responses: torch.Tensor, mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    last = mask.sum(-1, keepdim=True) - 1
+    return ((last >= 0) & (responses.gather(-1, last.clamp(min=0)) == eos_id)).squeeze(-1)

@@ -15,6 +15,9 @@ pytestmark = pytest.mark.distributed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+T = 0.7  # rollout temperature of the PPO part
+
+
 def _batch():
     g = torch.Generator().manual_seed(0)
     B, P, R = 4, 5, 6
@@ -37,7 +40,8 @@ def _worker(path, tp, pp):
                              f"actor_rollout_ref.actor.megatron.tensor_model_parallel_size={tp}",
                              f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}",
                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",  # 2 micro-batches
-                             "actor_rollout_ref.actor.logprob_chunk_size=5"])
+                             "actor_rollout_ref.actor.logprob_chunk_size=5",
+                             f"actor_rollout_ref.rollout.temperature={T}"])
     return ActorWorker(cfg.actor_rollout_ref, max_response_length=cfg.data.max_response_length, total_steps=1,
                        eos_id=2, pad_id=0)
 
@@ -48,23 +52,24 @@ def _sft_and_ppo_grad_norms(rank, world, path, tp, pp, batch, ppo_batch):
     return None if sft is None else (sft["actor/grad_norm"], ppo["actor/grad_norm"], ppo["actor/pg_clipfrac"])
 
 
-def _hf_log_probs(model, batch):
+def _hf_log_probs(model, batch, temperature: float = 1.0):
     from megatron_gad.data import build_sequences
 
     ids, mask, pos = build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["teacher_response"],
                                      batch["teacher_response_mask"])
     P = batch["prompt_ids"].shape[1]
     logits = model(ids, attention_mask=mask, position_ids=pos).logits
-    return torch.log_softmax(logits[:, P - 1:-1], -1).gather(-1, batch["teacher_response"][..., None])[..., 0]
+    lp = torch.log_softmax(logits[:, P - 1:-1] / temperature, -1)
+    return lp.gather(-1, batch["teacher_response"][..., None])[..., 0]
 
 
-def _hf_grad_norm(path, batch, per_token_loss):
+def _hf_grad_norm(path, batch, per_token_loss, temperature: float = 1.0):
     """Norm of the gradient of the token-mean of per_token_loss(lp) over the whole batch (every valid
     token weighs the same, whatever micro-batch it falls in)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    lp = _hf_log_probs(model, batch)
+    lp = _hf_log_probs(model, batch, temperature)
     m = batch["teacher_response_mask"].float()
     everything = slice(None)
     loss = (per_token_loss(lp, everything) * m).sum() / m.sum()
@@ -82,9 +87,10 @@ def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp):
     path = make_hf_model(str(tmp_path / "m"), "llama", seed=2)
     batch = _batch()
     # PPO at ratio 1 (old log-probs = the current policy's): the clipped surrogate's gradient is
-    # -A * grad(log p); per-token advantages exercise the token-mean aggregation.
+    # -A * grad(log p); per-token advantages exercise the token-mean aggregation. The policy is the
+    # sampling distribution softmax(logits / T) (rollout temperature T); SFT is plain cross-entropy.
     with torch.no_grad():
-        old = _hf_log_probs(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), batch)
+        old = _hf_log_probs(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), batch, T)
     adv = torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
     ppo_batch = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                  "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"],
@@ -95,5 +101,5 @@ def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp):
     sft_norm, ppo_norm, clipfrac = results[0]
     assert sft_norm == pytest.approx(_hf_grad_norm(path, batch, lambda lp, h: -lp), rel=1e-5)
     assert clipfrac == 0.0
-    assert ppo_norm == pytest.approx(_hf_grad_norm(path, batch, lambda lp, h: -adv[h] * torch.exp(lp - old[h])),
+    assert ppo_norm == pytest.approx(_hf_grad_norm(path, batch, lambda lp, h: -adv[h] * torch.exp(lp - old[h]), T),
                                      rel=1e-5)

@@ -54,7 +54,7 @@ def _gathered_grads(role) -> dict[str, torch.Tensor] | None:
             parts = [torch.empty_like(g) for _ in range(lay.tp_size)]
             dist.all_gather(parts, g.contiguous(), group=state.tp_group())
             g = hfmap._tp_unslice(parts, p, name)
-        out[hfmap._global_name(role.module, name)] = g.clone()
+        out[hfmap.global_name(role.module, name)] = g.clone()
     return out if lay.tp_rank == 0 else None
 
 

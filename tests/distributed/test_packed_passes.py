@@ -44,6 +44,9 @@ def _rows(n_groups: int = 3, n: int = 2, seed: int = 0):
     return rows, pairs
 
 
+T = 0.7  # rollout temperature: the actor's log-probs are those of softmax(logits / T)
+
+
 def _cfg(path, tp, pp, *extra):
     from megatron_gad.config import load_config
 
@@ -55,7 +58,8 @@ def _cfg(path, tp, pp, *extra):
                               f"critic.megatron.pipeline_model_parallel_size={pp}",
                               "actor_rollout_ref.actor.optim.lr=0.0", "actor_rollout_ref.actor.optim.clip_grad=0.0",
                               "critic.optim.lr=0.0", "critic.optim.clip_grad=0.0", "critic.fused_loss=torch",
-                              "actor_rollout_ref.actor.logprob_chunk_size=7", *extra])
+                              "actor_rollout_ref.actor.logprob_chunk_size=7",
+                              f"actor_rollout_ref.rollout.temperature={T}", *extra])
 
 
 def _actor(cfg):
@@ -67,7 +71,8 @@ def _actor(cfg):
 def _critic(cfg, head: torch.Tensor):
     from megatron_gad.workers.critic import CriticWorker
 
-    w = CriticWorker(cfg.critic, model_path=cfg.actor_rollout_ref.model.path, vocab_divisible_by=8, total_steps=1)
+    w = CriticWorker(cfg.critic, model_path=cfg.actor_rollout_ref.model.path, vocab_divisible_by=8, total_steps=1,
+                     eos_id=2)
     if w.layout.is_last_stage:  # a fixed head (it starts at zero): scores then test the backbone
         w.shard.module.output_layer.weight.data.copy_(head[None])
     return w
@@ -104,7 +109,7 @@ def _hf_reference(path, rows, head):
         ids = torch.cat([p, r])[None]
         with torch.no_grad():
             out = model(ids, output_hidden_states=True)
-        logp = torch.log_softmax(out.logits[0].double(), -1)
+        logp = torch.log_softmax(out.logits[0].double() / T, -1)  # the policy: the sampling distribution
         pos = torch.arange(len(p) - 1, len(p) + len(r) - 1)
         lps.append(logp[pos, r].float())
         scores.append(float(out.hidden_states[-1][0, -1].double() @ head.double()))

@@ -102,7 +102,9 @@ class _FakeShard:  # just the critic's value head: the loss function needs nothi
 def _critic_mb(T=30, k=2, teacher_of=(0, 0, 0, 1, 1)):
     last = torch.tensor([4, 9, 13, 18, 22, 26, 29])[: k + len(teacher_of)]
     return {"last": last, "num_teachers": k, "teacher_of": torch.tensor(teacher_of),
-            "pairs_total": float(len(teacher_of)), "share_scale": 1.0}
+            "pairs_total": float(len(teacher_of)), "share_scale": 1.0,
+            "identical": torch.zeros(len(teacher_of), dtype=torch.bool),
+            "eos_mismatch": torch.zeros(len(teacher_of), dtype=torch.bool)}
 
 
 def test_critic_loss_with_te_installed(monkeypatch):
@@ -114,7 +116,7 @@ def test_critic_loss_with_te_installed(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(critic_mod, "ModelShard", _FakeShard)
     worker = critic_mod.CriticWorker(CriticConfig(score_reg_coef=0.1), model_path="unused", vocab_divisible_by=1,
-                                     total_steps=1)
+                                     total_steps=1, eos_id=2)
     mb = _critic_mb()
     hidden = torch.randn(1, 30, 8, requires_grad=True)
     loss, metrics = worker._pair_loss("critic/")(hidden, mb)
@@ -131,7 +133,8 @@ def test_critic_refuses_te():
     from megatron_gad.workers.critic import CriticWorker
 
     with pytest.raises(ValueError, match="not used in training"):
-        CriticWorker(CriticConfig(fused_loss="te"), model_path="unused", vocab_divisible_by=1, total_steps=1)
+        CriticWorker(CriticConfig(fused_loss="te"), model_path="unused", vocab_divisible_by=1, total_steps=1,
+                    eos_id=2)
     hidden, w = torch.randn(1, 30, 8), torch.randn(1, 8)
     mb = _critic_mb()
     with pytest.raises(ValueError, match="not used in training"):

@@ -1,0 +1,242 @@
+"""Rollout throughput and Megatron -> vLLM weight-sync cost, measured side by side on this machine.
+
+Part 1, tokens/s on the same random Qwen2 and the same prompts (greedy, ``--new`` tokens each):
+  * megatron-gad native engine (``engine.generate``, KV cache, TP1 on one gloo rank);
+  * ``transformers`` ``generate`` (left-padded batch);
+  * vLLM through our wrapper (``engine.vllm_engine.VLLMEngine.generate``: per-row seeds, sampled
+    log-probs, our stop rule) and plain vLLM (``LLM.generate`` with one ``SamplingParams``) on the *same*
+    engine, alternated, best of ``--repeats``: the wrapper's overhead.
+Part 2, weight sync vs model size and bucket size: the actor-side export (TP all-gathers, HF re-layout,
+bucketing: ``engine.weight_sync``) on one gloo rank, and the engine-side load (manifest check,
+per-bucket verification, vLLM's in-place layer-wise reload) in a vLLM process; seconds per GB moved.
+
+Writes benchmarks/results/bench_rollout.{json,md}. ``--quick`` shrinks everything for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+EOS = 2
+
+
+def make_model(path: str, hidden: int, layers: int, vocab: int, heads: int, kv_heads: int, ffn: int) -> str:
+    from megatron_gad.tools.tiny_models import make_hf_model
+
+    return make_hf_model(path, "qwen2", seed=0, hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
+                         max_position_embeddings=512)
+
+
+def prompts(n: int, lo: int, hi: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+    return [torch.randint(3, vocab, (k,), generator=g).tolist() for k in lengths]
+
+
+# ---------------------------------------------------------------- part 1: engines
+def _native(rank, world, path, ps, new):
+    from megatron_gad.data import pad_sequences
+    from megatron_gad.engine.generate import generate
+    from megatron_gad.engine.model_shard import ModelShard
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    shard = ModelShard("actor", path, 1, 1, vocab_divisible_by=128, trainable=False)
+    ids, mask = pad_sequences(ps, 0, left=True)
+    generate(shard, ids[:2], mask[:2], max_new_tokens=4, eos_id=EOS, pad_id=0, greedy=True)  # warm-up
+    t = time.perf_counter()
+    out = generate(shard, ids, mask, max_new_tokens=new, eos_id=EOS, pad_id=0, greedy=True,
+                   micro_batch_size=len(ps))
+    return {"seconds": time.perf_counter() - t, "tokens": int(out["response_mask"].sum())}
+
+
+def _transformers(path, ps, new):
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gad.data import pad_sequences
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, mask = pad_sequences(ps, 0, left=True)
+    with torch.no_grad():
+        hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        t = time.perf_counter()
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=EOS,
+                          pad_token_id=0)
+    seconds = time.perf_counter() - t
+    gen = out[:, ids.shape[1]:]
+    # tokens up to and including the first EOS of each row
+    tokens = 0
+    for row in gen.tolist():
+        tokens += (row.index(EOS) + 1) if EOS in row else len(row)
+    return {"seconds": seconds, "tokens": tokens}
+
+
+def _vllm(path, ps, new, repeats):
+    from megatron_gad.engine.vllm_engine import VLLMEngine
+
+    t0 = time.perf_counter()
+    eng = VLLMEngine(path, dtype="float32", max_model_len=max(map(len, ps)) + new, seed=0)
+    start_s = time.perf_counter() - t0
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    def ours():
+        out = eng.generate(ps, max_new_tokens=new, eos_id=EOS, seeds=list(range(len(ps))), greedy=True)
+        return sum(len(ids) for ids, _ in out)
+
+    def plain(logprobs):
+        sp = SamplingParams(max_tokens=new, temperature=0.0, stop_token_ids=[EOS], ignore_eos=True, logprobs=logprobs,
+                            detokenize=False)
+        out = eng.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in out)
+
+    fns = {"ours": ours, "plain_same": lambda: plain(0), "plain_minimal": lambda: plain(None)}
+    for fn in fns.values():
+        fn()  # warm-up
+    best = dict.fromkeys(fns)
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            tokens = fn()
+            s = time.perf_counter() - t
+            if best[name] is None or s < best[name]["seconds"]:
+                best[name] = {"seconds": s, "tokens": tokens}
+    return {"start_s": start_s, **best}
+
+
+def bench_engines(args, root: str) -> dict:
+    from megatron_gad.parallel.launch import run_local
+    from tests.rollout.helpers import in_fresh_process
+
+    path = make_model(os.path.join(root, "engines"), args.hidden, args.layers, args.vocab, args.heads,
+                      args.kv_heads, args.ffn)
+    ps = prompts(args.prompts, 15, 48, args.vocab)
+    res = {"native": run_local(_native, 1, path, ps, args.new)[0],
+           "transformers": in_fresh_process(_transformers, path, ps, args.new)}
+    v = in_fresh_process(_vllm, path, ps, args.new, args.repeats)
+    res["vllm (megatron-gad wrapper)"] = v["ours"]
+    res["vllm (plain LLM.generate, same outputs)"] = v["plain_same"]  # token ids + sampled log-probs
+    res["vllm (plain LLM.generate, ids only)"] = v["plain_minimal"]
+    for r in res.values():
+        r["tok_per_s"] = r["tokens"] / r["seconds"]
+    params = sum(t.numel() for t in __import__("megatron_gad.models.hf", fromlist=["x"]).read_hf_state_dict(
+        path).values())
+    return {"model_params": params, "prompts": len(ps), "new_tokens": args.new, "vllm_start_s": v["start_s"],
+            "engines": res,
+            "wrapper_overhead": res["vllm (plain LLM.generate, same outputs)"]["tok_per_s"]
+            / res["vllm (megatron-gad wrapper)"]["tok_per_s"] - 1,
+            "logprob_cost": res["vllm (plain LLM.generate, ids only)"]["tok_per_s"]
+            / res["vllm (plain LLM.generate, same outputs)"]["tok_per_s"] - 1}
+
+
+# ---------------------------------------------------------------- part 2: weight sync
+def _export(rank, world, path, bucket_bytes):
+    from megatron_gad.engine.model_shard import ModelShard
+    from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    shard = ModelShard("actor", path, 1, 1, vocab_divisible_by=128, trainable=False)
+    t = time.perf_counter()
+    buckets = list(make_buckets(stream_hf_weights(shard.module, shard.arch, None, 1, emit=True), bucket_bytes))
+    manifest = [describe(b, 0, k, len(buckets)) for k, b in enumerate(buckets)]
+    return {"seconds": time.perf_counter() - t, "manifest": manifest, "buckets": buckets}
+
+
+def _load(path, syncs):
+    from megatron_gad.engine.vllm_engine import VLLMEngine
+    from megatron_gad.engine.weight_sync import check_manifest, verified_items
+    from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
+    from megatron_gad.models.hf import hf_param_shapes
+
+    eng = VLLMEngine(path, dtype="float32", max_model_len=64, seed=0, load_format="dummy")
+    expected = hf_param_shapes(arch_from_hf_config(read_hf_config(path)))
+    out = []
+    for sync in syncs:
+        t = time.perf_counter()
+        check_manifest(sync["manifest"], expected)
+        eng.load_weights(verified_items(sync["manifest"], lambda k, b=sync["buckets"]: b[k]))
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def bench_sync(args, root: str) -> list[dict]:
+    from megatron_gad.parallel.launch import run_local
+    from tests.rollout.helpers import in_fresh_process
+
+    rows = []
+    for name, (hidden, layers, vocab, heads, kv, ffn) in args.sizes.items():
+        path = make_model(os.path.join(root, f"sync_{name}"), hidden, layers, vocab, heads, kv, ffn)
+        syncs = [run_local(_export, 1, path, mb << 20)[0] for mb in args.buckets_mb]
+        loads = in_fresh_process(_load, path, syncs)
+        for mb, sync, load_s in zip(args.buckets_mb, syncs, loads):
+            gb = sum(i.nbytes for i in sync["manifest"]) / 1e9
+            rows.append({"model": name, "params": int(gb * 1e9 / 4), "gb": gb, "bucket_mb": mb,
+                         "buckets": len(sync["manifest"]), "export_s": sync["seconds"], "load_s": load_s,
+                         "s_per_gb": (sync["seconds"] + load_s) / gb})
+    return rows
+
+
+def write(report: dict, out_dir: str) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_rollout.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    e = report["engines"]
+    native = e["engines"]["native"]["tok_per_s"]
+    lines = ["# Rollout engines and weight sync (2-core CPU, fp32)", "",
+             f"Random Qwen2, {e['model_params'] / 1e6:.1f}M parameters; {e['prompts']} prompts of 15–48 tokens; "
+             f"greedy, up to {e['new_tokens']} new tokens each. vLLM start-up: {e['vllm_start_s']:.1f} s.", "",
+             "| engine | tokens | seconds | tok/s | vs native |", "|---|---|---|---|---|"]
+    for name, r in e["engines"].items():
+        lines.append(f"| {name} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_per_s']:.0f} | "
+                     f"{r['tok_per_s'] / native:.2f}x |")
+    lines += ["", f"Wrapper overhead over plain vLLM asked for the same outputs (same engine, best of "
+                  f"{report['args']['repeats']}): {100 * e['wrapper_overhead']:+.1f} %; the sampled log-probs "
+                  f"themselves cost {100 * e['logprob_cost']:+.1f} % over ids only.", "",
+              "## Weight sync (export on the actor rank + verified in-place load into vLLM)", "",
+              "| model | params | GB | bucket MB | buckets | export s | load s | s/GB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in report["sync"]:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['gb']:.3f} | {r['bucket_mb']} | "
+                     f"{r['buckets']} | {r['export_s']:.2f} | {r['load_s']:.2f} | {r['s_per_gb']:.1f} |")
+    with open(os.path.join(out_dir, "bench_rollout.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small model, few prompts (smoke run)")
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.vocab, args.heads, args.kv_heads, args.ffn = 128, 2, 1024, 2, 1, 256
+        args.prompts, args.new, args.repeats = 16, 16, 1
+        args.sizes = {"tiny": (128, 2, 1024, 2, 1, 256)}
+        args.buckets_mb = [1, 64]
+    else:
+        # the issue's model: hidden 512, 8 layers, vocab 32k (56M parameters)
+        args.hidden, args.layers, args.vocab, args.heads, args.kv_heads, args.ffn = 512, 8, 32000, 8, 2, 1408
+        args.prompts, args.new, args.repeats = 128, 128, 2
+        args.sizes = {"4M": (256, 4, 8000, 4, 2, 688), "56M": (512, 8, 32000, 8, 2, 1408),
+                      "113M": (768, 10, 32000, 12, 4, 2048)}
+        args.buckets_mb = [16, 128, 512]
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    with tempfile.TemporaryDirectory(prefix="bench_rollout_") as root:
+        report = {"args": {k: v for k, v in vars(args).items() if k != "out"},
+                  "engines": bench_engines(args, root), "sync": bench_sync(args, root)}
+    write(report, args.out)
+
+
+if __name__ == "__main__":
+    main()
