@@ -248,7 +248,7 @@ def _bench(rank, world, args, model_dir, pairs, rows):
         f"critic.ppo_micro_batch_size_per_gpu={args.critic_mbs}", "actor_rollout_ref.actor.loss_agg_mode=token-mean"])
     actor = ActorWorker(cfg.actor_rollout_ref, max_response_length=args.response_range[1], total_steps=1,
                         eos_id=2, pad_id=0)
-    critic = CriticWorker(cfg.critic, model_path=model_dir, vocab_divisible_by=8, total_steps=1)
+    critic = CriticWorker(cfg.critic, model_path=model_dir, vocab_divisible_by=8, total_steps=1, eos_id=2)
     hidden = critic.shard.arch.hidden_size
     head = torch.randn(hidden, generator=torch.Generator().manual_seed(5)) * 0.3  # the head starts at 0
     critic.shard.module.output_layer.weight.data.copy_(head[None])

@@ -100,19 +100,17 @@ def _check_megatron(key: str, m: MegatronConfig, bad: list[str]) -> None:
 
 
 def _check_actor_megatron(m: MegatronConfig, bad: list[str]) -> None:
-    """Settings that the critic applies but the actor cannot use yet: refused instead of ignored."""
+    """Settings that the critic applies but the actor cannot use yet: refused instead of ignored
+    (the distributed optimizer and recompute apply to both roles)."""
     key = "actor_rollout_ref.actor.megatron"
     if m.sequence_parallel:
         bad.append(f"{key}.sequence_parallel=true is not supported yet for the actor: its native rollout decodes "
                    f"one token per step, which sequence parallelism cannot split over the TP ranks; unset it "
                    f"(critic.megatron.sequence_parallel works)")
-    o = m.override_transformer_config
-    pending = [k for k, on in (("use_distributed_optimizer", m.use_distributed_optimizer),
-                               ("override_transformer_config.recompute_granularity",
-                                o.recompute_granularity is not None), ("param_offload", m.param_offload),
-                               ("grad_offload", m.grad_offload), ("optimizer_offload", m.optimizer_offload)) if on]
+    pending = [k for k, on in (("param_offload", m.param_offload), ("grad_offload", m.grad_offload),
+                               ("optimizer_offload", m.optimizer_offload)) if on]
     for k in pending:
-        bad.append(f"{key}.{k} is not applied to the actor yet (the actor worker does not pass it to its model); "
+        bad.append(f"{key}.{k} is not applied to the actor yet (its worker does not offload between passes); "
                    f"unset it — critic.megatron.{k} works")
 
 

@@ -18,7 +18,7 @@ import torch
 from megatron_gad import algos
 from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
-from megatron_gad.engine.model_shard import ModelShard
+from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
 from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights, to_transport
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.metrics import reduce_metrics
@@ -46,9 +46,8 @@ class ActorWorker(Worker):
         self.eos_id, self.pad_id = eos_id, pad_id
 
         def shard(path: str, **kw) -> ModelShard:
-            return ModelShard("actor", path, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
-                              params_dtype=m.params_dtype, fp8=m.fp8, fp8_recipe=m.fp8_recipe,
-                              vocab_divisible_by=config.model.make_vocab_size_divisible_by, seed=m.seed, **kw)
+            return ModelShard("actor", path, **megatron_kwargs(m),
+                              vocab_divisible_by=config.model.make_vocab_size_divisible_by, **kw)
 
         self.shard = shard(config.model.path, optim=config.actor.optim, total_steps=total_steps)
         if init_from:

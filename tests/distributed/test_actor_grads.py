@@ -31,7 +31,7 @@ def _batch():
             "teacher_response_mask": resp_mask}
 
 
-def _worker(path, tp, pp):
+def _worker(path, tp, pp, extra=()):
     from megatron_gad.config import load_config
     from megatron_gad.workers.actor import ActorWorker
 
@@ -41,14 +41,14 @@ def _worker(path, tp, pp):
                              f"actor_rollout_ref.actor.megatron.pipeline_model_parallel_size={pp}",
                              "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",  # 2 micro-batches
                              "actor_rollout_ref.actor.logprob_chunk_size=5",
-                             f"actor_rollout_ref.rollout.temperature={T}"])
+                             f"actor_rollout_ref.rollout.temperature={T}", *extra])
     return ActorWorker(cfg.actor_rollout_ref, max_response_length=cfg.data.max_response_length, total_steps=1,
                        eos_id=2, pad_id=0)
 
 
-def _sft_and_ppo_grad_norms(rank, world, path, tp, pp, batch, ppo_batch):
-    sft = _worker(path, tp, pp).sft_step(batch)  # a fresh worker each: same initial weights
-    ppo = _worker(path, tp, pp).update_actor(ppo_batch, num_mini_batches=1)
+def _sft_and_ppo_grad_norms(rank, world, path, tp, pp, batch, ppo_batch, extra=()):
+    sft = _worker(path, tp, pp, extra).sft_step(batch)  # a fresh worker each: same initial weights
+    ppo = _worker(path, tp, pp, extra).update_actor(ppo_batch, num_mini_batches=1)
     return None if sft is None else (sft["actor/grad_norm"], ppo["actor/grad_norm"], ppo["actor/pg_clipfrac"])
 
 
@@ -77,8 +77,14 @@ def _hf_grad_norm(path, batch, per_token_loss, temperature: float = 1.0):
     return float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())))
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp):
+# memory settings change memory, not gradients: the same reference with them on
+MEMORY = ("actor_rollout_ref.actor.megatron.use_distributed_optimizer=true",
+          "actor_rollout_ref.actor.megatron.override_transformer_config="
+          "{recompute_granularity: full, recompute_method: uniform, recompute_num_layers: 1}")
+
+
+@pytest.mark.parametrize("tp,pp,extra", [(1, 1, ()), (2, 2, ()), (2, 1, MEMORY)])
+def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp, extra):
     from transformers import AutoModelForCausalLM
 
     from megatron_gad.parallel.launch import run_local
@@ -95,7 +101,7 @@ def test_sft_and_ppo_grad_norms_match_transformers(tmp_path, tp, pp):
     ppo_batch = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
                  "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"],
                  "old_log_prob": old, "advantages": adv}
-    results = [r for r in run_local(_sft_and_ppo_grad_norms, tp * pp, path, tp, pp, batch, ppo_batch)
+    results = [r for r in run_local(_sft_and_ppo_grad_norms, tp * pp, path, tp, pp, batch, ppo_batch, extra)
                if r is not None]
     assert len(results) == 1
     sft_norm, ppo_norm, clipfrac = results[0]

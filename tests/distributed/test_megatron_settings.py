@@ -38,7 +38,8 @@ def _cfg(path, tp, *extra):
 def _critic(cfg):
     from megatron_gad.workers.critic import CriticWorker
 
-    w = CriticWorker(cfg.critic, model_path=cfg.actor_rollout_ref.model.path, vocab_divisible_by=8, total_steps=4)
+    w = CriticWorker(cfg.critic, model_path=cfg.actor_rollout_ref.model.path, vocab_divisible_by=8, total_steps=4,
+                     eos_id=2)
     if w.layout.is_last_stage:  # a non-zero head, so the backbone's gradient is not zero
         w.shard.module.output_layer.weight.data.copy_(torch.linspace(-0.5, 0.5, 32)[None])
     return w

@@ -29,7 +29,7 @@ def _run(rank, world, path, rows, pairs, tmp):
                                  "actor_rollout_ref.model.make_vocab_size_divisible_by=8", "critic.fused_loss=torch",
                                  "critic.optim.lr=0.01", "critic.megatron.params_dtype=bfloat16",
                                  "critic.megatron.use_distributed_optimizer=true", *extra])
-        w = CriticWorker(cfg.critic, model_path=path, vocab_divisible_by=8, total_steps=4)
+        w = CriticWorker(cfg.critic, model_path=path, vocab_divisible_by=8, total_steps=4, eos_id=2)
         w.shard.module.output_layer.weight.data.copy_(torch.linspace(-0.5, 0.5, 32)[None])
         trace = []
         for _ in range(2):
@@ -38,7 +38,7 @@ def _run(rank, world, path, rows, pairs, tmp):
             metrics = w.update_critic(pairs, 2)
             trace.append((scores, held_after_scores, w.shard.held_bytes(), metrics))
         w.save(os.path.join(tmp, name), {})
-        fresh = CriticWorker(cfg.critic, model_path=path, vocab_divisible_by=8, total_steps=4)
+        fresh = CriticWorker(cfg.critic, model_path=path, vocab_divisible_by=8, total_steps=4, eos_id=2)
         fresh.load(os.path.join(tmp, name))
         resumed = (fresh.update_critic(pairs, 2)["critic/d_loss"], w.update_critic(pairs, 2)["critic/d_loss"])
         w.shard.reload("params")  # reading parameters directly (not through a pass) needs them back

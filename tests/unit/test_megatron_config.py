@@ -22,6 +22,8 @@ def _check(*overrides):
      "critic.megatron.optimizer_offload=true"],
     ["critic.megatron.tensor_model_parallel_size=2", "critic.megatron.sequence_parallel=true"],
     [f"critic.megatron.override_transformer_config={FULL}"],
+    ["actor_rollout_ref.actor.megatron.use_distributed_optimizer=true",
+     f"actor_rollout_ref.actor.megatron.override_transformer_config={FULL}"],
     ["critic.megatron.override_transformer_config={recompute_granularity: selective}"],
     ["critic.megatron.override_transformer_config={recompute_granularity: full, recompute_method: block, "
      "recompute_num_layers: 4}"],
@@ -43,8 +45,6 @@ def test_supported_settings_validate(overrides):
     (["critic.megatron.pipeline_model_parallel_size=2", "critic.megatron.override_transformer_config="
       "{recompute_granularity: full, recompute_method: block, recompute_num_layers: 3}"],
      "recompute_num_layers=3 exceeds the 2 layers of a pipeline stage"),
-    (["actor_rollout_ref.actor.megatron.use_distributed_optimizer=true"],
-     "actor_rollout_ref.actor.megatron.use_distributed_optimizer is not applied to the actor yet"),
     (["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
       "actor_rollout_ref.actor.megatron.sequence_parallel=true"],
      "its native rollout decodes one token per step"),
