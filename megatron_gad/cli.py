@@ -37,6 +37,7 @@ _COMMANDS = {
     "train": ("megatron_gad.controller.trainer", "main_train"),
     "demo": ("megatron_gad.demo.run", "main_demo"),
     "plan": ("megatron_gad.tools.plan", "main_plan"),
+    "inspect": ("megatron_gad.tools.inspect_run", "main_inspect"),
 }
 
 
@@ -142,6 +143,16 @@ def _logprobs_parser(sub) -> None:
                         "mean), then one summary line; nothing else on stdout")
 
 
+def _inspect_parser(sub) -> None:
+    p = sub.add_parser("inspect", help="summarise a run's discriminator health from its files, with advice",
+                       description="Read RUN_DIR/metrics.jsonl (and samples.jsonl, config.resolved.yaml): d_acc over "
+                                   "time against the warmup band, reward and score drift, lengths, mismatch, the "
+                                   "warnings that fire (saturation, EOS, drift, reward hacking) and what to change.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's trainer.default_local_dir")
+    p.add_argument("--png", action="store_true", help="also write RUN_DIR/inspect.png (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+
+
 def _score_parser(sub) -> None:
     p = sub.add_parser("score", help="discriminator scores of teacher (and student) responses, at TP x PP",
                        description="Score each row's teacher response, and its student response where present, "
@@ -211,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _demo_parser(sub)
     _plan_parser(sub)
+    _inspect_parser(sub)
     return parser
 
 

@@ -265,6 +265,9 @@ class TrainerConfig:
     # process (no Ray; one device, TP = PP = DP = 1 — the GPU check machine, quick single-device runs).
     workers: Literal["ray", "local"] = "ray"
     log_every: int = 1
+    # every N steps, samples.jsonl gets a per-sample view (prompt, a student sample, the teacher response, both
+    # critic scores, lengths, EOS) of up to 4 prompts; 0 = off
+    sample_log_freq: int = 10
     # a role whose loss or gradient is non-finite skips that optimizer update; this many such steps of
     # one role in a row stop the run (see ModelShard.train_step)
     max_nonfinite_steps: int = 3

@@ -151,6 +151,9 @@ class MetricsLogger:
         self.total_steps = total_steps
         os.makedirs(self.out_dir, exist_ok=True)
         self.jsonl_path = os.path.join(self.out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(self.out_dir, "samples.jsonl")
+        self._resume_step = resume_step
+        self._samples = None
         self._jsonl = None
         self._bar = None
         self._wandb = None
@@ -190,10 +193,11 @@ class MetricsLogger:
                         os.path.join(self.out_dir, "wandb", "offline-run-*"))
             return wandb.init(mode="offline", **kwargs)
 
-    def _prepare_jsonl(self, resume_step: int | None) -> None:
+    def _prepare_jsonl(self, resume_step: int | None, path: str | None = None) -> None:
+        path = path or self.jsonl_path
         kept: list[str] = []
-        if resume_step is not None and os.path.exists(self.jsonl_path):
-            with open(self.jsonl_path, encoding="utf-8") as f:
+        if resume_step is not None and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
                 for line in f:
                     try:
                         record = json.loads(line)
@@ -203,10 +207,26 @@ class MetricsLogger:
                             and record["step"] <= resume_step:
                         kept.append(json.dumps(record) + "\n")
         # Rewrite via a temp file so a crash here cannot lose the kept history.
-        tmp = self.jsonl_path + ".tmp"
+        tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)
+        os.replace(tmp, path)
+
+    def log_samples(self, step: int, rows: Sequence[Mapping[str, Any]]) -> None:
+        """The per-sample view: one ``samples.jsonl`` line per row (with the step), and a wandb Table
+        when wandb is on. Like metrics.jsonl, a resumed run keeps the lines up to its checkpoint."""
+        if self._samples is None:
+            self._prepare_jsonl(self._resume_step, self.samples_path)
+            self._samples = open(self.samples_path, "a", encoding="utf-8")
+        for row in rows:
+            self._samples.write(json.dumps({"step": int(step), **{k: _json_value(v) for k, v in row.items()}}) + "\n")
+        self._samples.flush()
+        if self._wandb is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            self._wandb.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                            step=int(step))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if self._jsonl is not None:
@@ -227,6 +247,9 @@ class MetricsLogger:
             self._wandb.log(numeric, step=int(step))
 
     def close(self) -> None:
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

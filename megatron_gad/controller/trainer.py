@@ -242,6 +242,8 @@ class GADTrainer:
                 student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
+        if self._sample_step():  # the per-sample view, scored by the critic before its update
+            self._log_samples(batch, student, rewards if gad_step else None)
         with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
             metrics.update(self.critic.update_critic(self._pairs(batch, student), n))
 
@@ -293,6 +295,31 @@ class GADTrainer:
         self.syncs["initial_syncs" if initial else "weight_syncs"] += 1
         return {"rollout/weight_sync_bytes": float(results[0]["bytes"]),
                 "rollout/weight_sync_load_s": max(r["seconds"] for r in results)}
+
+    def _sample_step(self) -> bool:
+        f = self.cfg.trainer.sample_log_freq
+        return f > 0 and getattr(self, "logger", None) is not None and (self.step + 1) % f == 0
+
+    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None, prompts: int = 4) -> None:
+        """``samples.jsonl``: for up to ``prompts`` prompts, its first student sample beside the teacher
+        response, with the critic's scores of both (the same critic state: before this step's update)."""
+        n = self.n
+        teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
+                   "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
+        t_scores = self.critic.compute_scores(teacher, side="teacher")["scores"]
+        s_scores = rewards if rewards is not None else self.critic.compute_scores(student)["scores"]
+        rows = []
+        for i in range(min(prompts, batch["prompt_ids"].shape[0])):
+            s_ids, s_mask = student["responses"][i * n], student["response_mask"][i * n]
+            t_ids, t_mask = batch["teacher_response"][i], batch["teacher_response_mask"][i]
+            p = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+            rows.append({"prompt": self.tokenizer.decode(p, skip_special_tokens=True),
+                         "student": self.decode(s_ids, s_mask), "teacher": self.decode(t_ids, t_mask),
+                         "student_score": float(s_scores[i * n]), "teacher_score": float(t_scores[i]),
+                         "student_len": int(s_mask.sum()), "teacher_len": int(t_mask.sum()),
+                         "student_eos": bool((s_ids[s_mask.bool()] == self.eos_id).any()),
+                         "teacher_eos": bool((t_ids[t_mask.bool()] == self.eos_id).any())})
+        self.logger.log_samples(self.step + 1, rows)
 
     def _length_metrics(self, student: dict, prefix: str) -> dict:
         lengths = student["response_mask"].sum(-1).float()
