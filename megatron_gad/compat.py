@@ -32,7 +32,7 @@ class Rule:
     kind: str  # "same" | "map" | "accept" | "refuse"
     note: str  # the meaning here; for a refusal, the megatron-gad setting that does the job
     target: tuple[str, ...] = ()  # "map": our key(s)
-    convert: Callable[[Any], Any] | None = None  # "map": value -> our value (may raise ConfigError)
+    convert: Callable[[Any], Any] | None = None  # "map": value -> our value (ValueError: refused, why)
     accepts: Callable[[Any], bool] | None = None  # "accept": values that already mean our behaviour
     accepted: str = ""  # those values, in words (for the doc)
     pending: bool = False  # the target is added by another branch; until then the key has no effect
@@ -56,14 +56,14 @@ def _refuse(key: str, note: str):
 
 def _recompute(v: Any) -> Any:
     if not isinstance(v, bool):
-        _refuse("enable_gradient_checkpointing", "expected true or false")(v)
+        raise ValueError("expected true or false")
     return "full" if v else None
 
 
 def _warmup_style(v: Any) -> Any:
     if v in ("constant", "cosine"):
         return v
-    return _refuse("optim.warmup_style", "expected constant or cosine (our `optim.lr_scheduler` also has linear)")(v)
+    raise ValueError("expected constant or cosine (our `optim.lr_scheduler` also has linear)")
 
 
 RULES: tuple[Rule, ...] = (
@@ -164,7 +164,10 @@ def translate(key: str, value: Any, has_key: Callable[[str], bool] = schema_has)
         log.debug("%s=%r accepted: %s", key, value, rule.note)
         return []
     targets = rule.target or (key,)
-    out = [(t, rule.convert(value) if rule.convert else value) for t in targets]
+    try:
+        out = [(t, rule.convert(value) if rule.convert else value) for t in targets]
+    except ValueError as e:
+        _refuse(key, f"{e}; megatron-gad key: {', '.join(targets)}")(value)
     if rule.pending and not all(has_key(t) for t, _ in out):
         log.warning("%s=%r has no effect in this build (%s needs %s, which it does not have yet)", key, value,
                     rule.note, ", ".join(t for t, _ in out))
