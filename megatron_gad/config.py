@@ -23,6 +23,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from megatron_gad.compat import translate, translate_tree
 from megatron_gad.errors import UserError
 
 __all__ = [
@@ -466,15 +467,17 @@ def apply_overrides(cfg: GADConfig, overrides: list[str] | tuple[str, ...] = ())
             value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        tp: Any = GADConfig
-        for part in parts:  # the target field's type; unknown keys are reported by config_from_dict below
-            tp = _hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
-        # Names and paths such as `experiment_name=0042` or `=true` must stay text, not become 42 / True.
-        if isinstance(value, (bool, int, float)) and tp is not None and _accepts_str(tp):
-            value = raw.strip()
-        for part in reversed(parts):
-            value = {part: value}
-        d = _merge(d, value)  # a mapping value merges: `trainer.warmup={mode: sft}` changes only `mode`
+        for new_key, new_value in translate(key.strip(), value):  # verl/LMOps spellings (megatron_gad/compat.py)
+            parts, value = new_key.split("."), new_value
+            tp: Any = GADConfig
+            for part in parts:  # the target field's type; unknown keys are reported by config_from_dict below
+                tp = _hints(tp).get(part) if dataclasses.is_dataclass(tp) else None
+            # Names and paths such as `experiment_name=0042` or `=true` must stay text, not become 42 / True.
+            if isinstance(value, (bool, int, float)) and tp is not None and _accepts_str(tp):
+                value = raw.strip()
+            for part in reversed(parts):
+                value = {part: value}
+            d = _merge(d, value)  # a mapping value merges: `trainer.warmup={mode: sft}` changes only `mode`
     return config_from_dict(d)
 
 
@@ -505,7 +508,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {str(path)!r} holds a YAML {type(data).__name__}, not a mapping of "
                               "keys; write it as sections such as `trainer:` and `data:` (see configs/gad.yaml)")
         try:
-            cfg = config_from_dict(data)
+            cfg = config_from_dict(translate_tree(data) if data is not None else None)
         except ConfigError as e:
             raise ConfigError(f"config file {str(path)!r}: {e}") from None
         return apply_overrides(cfg, overrides)

@@ -19,6 +19,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -32,6 +34,11 @@ from megatron_gad.errors import RunFailure
 from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
 
 log = logging.getLogger("megatron_gad")
+
+
+# Exit code of `train` after it saved a checkpoint because SIGUSR1 asked it to (SLURM's warning before the
+# time limit); the rendered sbatch script requeues the job on it (EX_TEMPFAIL: "try again later").
+SAVED_ON_SIGNAL_EXIT = 75
 
 
 class NonFiniteError(RunFailure, RuntimeError):
@@ -364,6 +371,12 @@ class GADTrainer:
                                     experiment=t.experiment_name, config_dict=to_dict(self.cfg),
                                     total_steps=self.total_steps, resume_step=self.step if resumed else None)
         timer = Timer()
+        # SIGUSR1 (sent by the sbatch script before the time limit) only sets a flag: the step in flight
+        # finishes, then the loop saves and stops. Signal handlers can only be set in the main thread.
+        self.stop_signal = None
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "stop_signal", signum))
         try:
             while self.step < self.total_steps:
                 self._call_context(self.step + 1)  # a failed worker call names this step (and its save)
@@ -386,9 +399,19 @@ class GADTrainer:
                 if (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps:
                     with self._phase(timer, "save"):
                         self.save()
+                if self.stop_signal is not None and not (t.save_freq > 0 and self.step % t.save_freq == 0) \
+                        and self.step != self.total_steps:
+                    with self._phase(timer, "save"):
+                        self.save()  # not already saved at this step above
                 metrics.update(timer.collect())
                 self.logger.log(self.step, metrics)
+                if self.stop_signal is not None:
+                    log.warning("signal %d: saved the checkpoint of step %d; stopping (resume with "
+                                "trainer.resume_mode=auto)", self.stop_signal, self.step)
+                    break
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGUSR1, previous)
             self.logger.close()
 
     def _count_nonfinite(self, metrics: dict) -> str | None:
@@ -558,6 +581,10 @@ def main_train(args) -> int:
         trainer.fit()
     finally:
         trainer.shutdown()
+    if trainer.stop_signal is not None and trainer.step < trainer.total_steps:
+        log.info("stopped on signal at step %d of %d; checkpoint in %s", trainer.step, trainer.total_steps,
+                 cfg.trainer.default_local_dir)
+        return SAVED_ON_SIGNAL_EXIT
     log.info("done: %d steps in %.1f s; metrics in %s", trainer.step, time.time() - start,
              os.path.join(cfg.trainer.default_local_dir, "metrics.jsonl"))
     return 0

@@ -1,0 +1,157 @@
+"""``megatron-gad slurm render``: an sbatch script derived from a config, so the allocation, the Ray
+cluster and the trainer's layout agree by construction.
+
+The node and GPU counts become both the ``#SBATCH`` lines and the ``trainer.nnodes`` /
+``trainer.n_gpus_per_node`` overrides; the config with those overrides goes through the same
+``validate`` as ``train`` and the same per-node bundle mapping as the trainer's placement
+(``controller/placement.py:rank_bundles``), so a request that cannot hold the layout is refused here,
+before anything is queued. Rendering is a pure function of its arguments (``render_script``); the CLI
+entry point only adds writing the file and creating ``OUT/logs`` (SLURM does not create the
+``--output`` directory). Only the standard library and the config module are imported: this runs on
+login nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from megatron_gad.config import ConfigError, GADConfig, actor_dp, critic_dp, load_config, validate
+
+TEMPLATE = Path(__file__).with_name("templates") / "gad.sbatch"
+# The trainer's exit code after saving a checkpoint on SIGUSR1 (controller/trainer.py, which imports
+# torch, so the number is repeated here; tests/unit/test_slurm.py checks both agree).
+SAVED_ON_SIGNAL_EXIT = 75
+_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # SLURM's --time forms: M, M:S, H:M:S, D-H[:M[:S]]
+
+
+@dataclass(frozen=True)
+class Request:
+    nodes: int
+    gpus_per_node: int
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None
+    container: str | None = None
+    venv: str | None = None
+    job_name: str = "megatron-gad"
+    cpus_per_task: int | None = None  # default: 8 per GPU
+    ray_port: int = 6379
+    join_timeout_s: int = 300
+
+
+def layout_overrides(req: Request) -> list[str]:
+    """The overrides that make the config's world size the allocation's."""
+    return [f"trainer.nnodes={req.nodes}", f"trainer.n_gpus_per_node={req.gpus_per_node}"]
+
+
+def check_request(cfg: GADConfig, req: Request) -> None:
+    """Refuse an allocation that cannot hold the config's layout, naming the numbers.
+
+    ``cfg`` already carries the allocation's nnodes / n_gpus_per_node; ``validate`` checks TP*PP against
+    the world size and the batch sizes against DP. On top of that every TP group must sit on one node,
+    checked with the trainer's own bundle mapping on the allocation's node shape."""
+    from megatron_gad.controller.placement import rank_bundles
+
+    if req.time is not None and not _TIME.match(req.time):
+        raise ConfigError(f"--time {req.time!r} is not a SLURM time (e.g. 24:00:00, 2-00:00:00, 90)")
+    if cfg.trainer.workers != "ray":
+        raise ConfigError("trainer.workers=local runs without Ray on one device; a SLURM job needs "
+                          "trainer.workers=ray")
+    validate(cfg)
+    bundle_nodes = [f"node{i}" for i in range(req.nodes) for _ in range(req.gpus_per_node)]
+    colocate = cfg.trainer.placement == "colocate"
+    roles = [("actor", cfg.actor_rollout_ref.actor.megatron, actor_dp(cfg))]
+    if cfg.trainer.mode == "gad":
+        roles.append(("critic", cfg.critic.megatron, critic_dp(cfg)))
+    start = 0
+    for role, m, dp in roles:
+        tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
+        world = tp * pp * dp
+        if tp > req.gpus_per_node:
+            raise ConfigError(f"{role}: TP={tp} needs {tp} GPUs on one node, but --gpus-per-node is "
+                              f"{req.gpus_per_node}; lower {role}'s tensor_model_parallel_size or use bigger nodes")
+        try:
+            rank_bundles(bundle_nodes, world, tp, start, role)
+        except ValueError as e:
+            raise ConfigError(f"{req.nodes} nodes x {req.gpus_per_node} GPUs cannot hold the layout "
+                              f"(TP={tp} x PP={pp} x DP={dp} for the {role}, placement="
+                              f"{cfg.trainer.placement}): {e}") from None
+        if not colocate:
+            start += world
+
+
+def _q(value: str) -> str:
+    return shlex.quote(value)
+
+
+def _train_args(overrides: list[str], resume: bool) -> str:
+    args = list(overrides)
+    if resume:
+        args.append("trainer.resume_mode=auto")  # a requeued job continues from the latest checkpoint
+    return "".join(f"  {_q(a)} \\\n" for a in args)
+
+
+def render_script(config_path: str, overrides: list[str], req: Request) -> str:
+    """The sbatch script for ``config_path`` + ``overrides`` on ``req``'s allocation (deterministic).
+
+    Raises ConfigError when the config is invalid or the allocation cannot hold its layout."""
+    if req.container and req.venv:
+        raise ConfigError("--container and --venv are alternatives: the job runs in one environment")
+    overrides = list(overrides) + layout_overrides(req)
+    cfg = load_config(config_path, overrides)
+    check_request(cfg, req)
+    out = os.path.abspath(cfg.trainer.default_local_dir)
+    config_abs = os.path.abspath(config_path)
+    cpus = req.cpus_per_task or 8 * req.gpus_per_node
+    extra = "".join(f"#SBATCH --{k}={v}\n" for k, v in
+                    (("partition", req.partition), ("account", req.account), ("time", req.time)) if v)
+    activate = f"source {_q(os.path.join(os.path.abspath(req.venv), 'bin', 'activate'))}" if req.venv else \
+        "# (no --venv / --container: the submitting shell's environment is used)"
+    container, on_head = "", ""
+    if req.container:
+        # the run directory and the config must be visible inside the container; add data/model mounts
+        # with CONTAINER_MOUNTS=src:dst,... at submission
+        mounts = f"{out}:{out},{os.path.dirname(config_abs)}:{os.path.dirname(config_abs)}"
+        container = f"{_q('--container-image=' + req.container)} " \
+                    f"\"--container-mounts={mounts}${{CONTAINER_MOUNTS:+,$CONTAINER_MOUNTS}}\""
+        on_head = 'srun --overlap --nodes=1 --ntasks=1 -w "$head_node" "${CONTAINER[@]}"'
+    # default_local_dir is passed by the script itself (as $OUT), after the user's overrides
+    train_overrides = [o for o in overrides if not o.startswith("trainer.default_local_dir=")]
+    values = {
+        "CONFIG": config_abs, "JOB_NAME": req.job_name, "NODES": str(req.nodes), "GPUS": str(req.gpus_per_node),
+        "CPUS": str(cpus), "EXTRA_SBATCH": extra, "OUT": out, "OUT_Q": _q(out), "CONFIG_Q": _q(config_abs),
+        "ACTIVATE": activate, "CONTAINER_OPTS": container, "ON_HEAD": on_head, "RAY_PORT": str(req.ray_port),
+        "JOIN_TIMEOUT": str(req.join_timeout_s), "TRAIN_ARGS": _train_args(train_overrides, resume=True).rstrip("\n"),
+    }
+    text = TEMPLATE.read_text(encoding="utf-8")
+    text = re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], text)
+    if f"SAVED_ON_SIGNAL={SAVED_ON_SIGNAL_EXIT}" not in text:  # the template and the trainer must agree
+        raise AssertionError("templates/gad.sbatch: SAVED_ON_SIGNAL differs from SAVED_ON_SIGNAL_EXIT")
+    return text
+
+
+def main_slurm(args) -> int:
+    req = Request(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                  account=args.account, time=args.time, container=args.container, venv=args.venv,
+                  job_name=args.job_name, cpus_per_task=args.cpus_per_task, ray_port=args.ray_port,
+                  join_timeout_s=args.join_timeout)
+    text = render_script(args.config, list(args.overrides), req)
+    if args.out in (None, "-"):
+        print(text, end="")
+        return 0
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.chmod(args.out, 0o755)
+    out_dir = re.search(r"^OUT=(.*)$", text, re.M).group(1)
+    logs = os.path.join(shlex.split(out_dir)[0], "logs")
+    try:
+        os.makedirs(logs, exist_ok=True)  # sbatch --output needs the directory to exist at submission
+        note = f"logs will be in {logs}"
+    except OSError as e:
+        note = f"create {logs} before submitting ({e.strerror}): SLURM does not create the --output directory"
+    print(f"wrote {args.out} ({req.nodes} nodes x {req.gpus_per_node} GPUs); {note}; submit with: sbatch {args.out}")
+    return 0

@@ -1,0 +1,149 @@
+"""A rendered sbatch script run end to end through fake ``sbatch`` / ``srun`` / ``scontrol``
+(tests/e2e/fake_slurm: every "node" is this machine). One node: the script still goes through its
+token generation, shared-filesystem check, Ray join wait, USR1 forwarding, requeue and teardown; the
+trainer runs a tiny CPU GAD job on Ray workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+FAKE = Path(__file__).resolve().parent / "fake_slurm"
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:  # Ray uses the port and the next one (client server)
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def job(tmp_path):
+    """Tiny assets, a rendered script for 1 node x 1 GPU and the fake-SLURM environment."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "controller"))
+    from local_setup import build_assets, local_overrides
+
+    from megatron_gad.tools.slurm import Request, render_script
+
+    assets = build_assets(str(tmp_path / "assets"))
+    run = tmp_path / "run"
+    drop = ("trainer.workers=", "trainer.resume_mode=", "trainer.total_training_steps=", "trainer.critic_warmup=")
+    overrides = [o for o in local_overrides(assets, str(run), kl=False) if not o.startswith(drop)]
+    overrides += ["trainer.workers=ray", "trainer.critic_warmup=1"]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("trainer:\n  device: cpu\n")
+    state = tmp_path / "slurm"
+    state.mkdir()
+    port = _free_port()
+    env = dict(os.environ, PATH=f"{FAKE}:{os.environ['PATH']}", FAKE_SLURM_DIR=str(state), RAY_PORT=str(port),
+               JOIN_TIMEOUT="120", RAY_USAGE_STATS_ENABLED="0", FAKE_SLURM_JOB_ID=str(port))
+
+    def render(steps: int) -> Path:
+        text = render_script(str(config), overrides + [f"trainer.total_training_steps={steps}"],
+                             Request(nodes=1, gpus_per_node=1, cpus_per_task=2, join_timeout_s=120))
+        script = tmp_path / "job.sbatch"
+        script.write_text(text)
+        (run / "logs").mkdir(parents=True, exist_ok=True)  # what `slurm render --out` does
+        return script
+
+    return {"render": render, "env": env, "state": state, "run": run, "port": port, "job_id": str(port)}
+
+
+def _calls(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+
+
+def _wait_for(predicate, proc, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the job ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _logs_text(run: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in (run / "logs").iterdir() if p.is_file())
+
+
+def test_rendered_script_runs_tiny_job_and_refuses_tokenless_client(job):
+    script = job["render"](steps=2)
+    proc = subprocess.Popen(["sbatch", str(script)], env=job["env"])
+    token_file = job["run"] / ".slurm" / job["job_id"] / "ray_token"
+    batch_out = job["run"] / "logs" / f"megatron-gad-{job['job_id']}.out"
+    try:
+        _wait_for(lambda: batch_out.exists() and "joined Ray" in batch_out.read_text(), proc, 180, "Ray to start")
+        token = token_file.read_text().strip()
+        assert len(token) == 64 and (token_file.stat().st_mode & 0o777) == 0o600
+        # a client without the token (no env, no default token file under HOME) is refused
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env["HOME"] = str(job["state"])
+        code = (f"import ray; ray.init(address='127.0.0.1:{job['port']}', logging_level='ERROR'); "
+                "print('CONNECTED')")
+        client = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = client.communicate(timeout=12)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            out, _ = client.communicate()
+        assert "CONNECTED" not in out
+        assert "InvalidAuthToken" in out or "Unauthenticated" in out, out[-2000:]
+        assert proc.wait(timeout=600) == 0, _logs_text(job["run"])[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run = job["run"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    calls = _calls(job["state"])
+    sb = next(c for c in calls if c["cmd"] == "sbatch")["directives"]
+    assert (sb["nodes"], sb["gpus-per-node"], sb["signal"]) == ("1", "1", "B:USR1@300")
+    ray_start = [c["argv"] for c in calls if c["cmd"] == "srun" and "ray" in c["argv"]]
+    assert len(ray_start) == 1 and "--head" in ray_start[0] and "--include-dashboard=false" in ray_start[0]
+    assert any(c["cmd"] == "srun" and "--ntasks=1" in c["argv"] and "bash" in c["argv"] for c in calls)  # FS check
+    assert not token_file.exists(), "the token file outlives the job"
+    assert token not in _logs_text(run)
+    assert "Ray stopped; exit 0" in batch_out.read_text()
+    assert not any(c["cmd"] == "scontrol" and c["argv"][0] == "requeue" for c in calls)
+
+
+def test_usr1_saves_requeues_and_resumes(job):
+    script = job["render"](steps=4)
+    proc = subprocess.Popen(["sbatch", str(script)], env=job["env"])
+    metrics = job["run"] / "metrics.jsonl"
+    pid_file = job["state"] / "batch.pid"
+    try:
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc, 400, "step 1")
+        batch_pid, restart = pid_file.read_text().split()
+        assert restart == "0"
+        os.kill(int(batch_pid), signal.SIGUSR1)  # what `--signal=B:USR1@300` does
+        assert proc.wait(timeout=600) == 0, _logs_text(job["run"])[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run, jid = job["run"], job["job_id"]
+    first = (run / "logs" / f"train-{jid}-0.log").read_text()
+    m = re.search(r"stopped on signal at step (\d+) of 4", first)
+    assert m, first[-3000:]
+    saved = int(m.group(1))
+    assert 1 <= saved < 4 and (run / f"global_step_{saved}" / "trainer_state.json").is_file()
+    calls = _calls(job["state"])
+    assert ["requeue", jid] in [c["argv"] for c in calls if c["cmd"] == "scontrol"]
+    second = (run / "logs" / f"train-{jid}-1.log").read_text()
+    assert f"resumed from {run}/global_step_{saved} at step {saved}" in second, second[-3000:]
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert "trainer.resume_mode=auto" in script.read_text()
