@@ -35,7 +35,6 @@ class Rule:
     convert: Callable[[Any], Any] | None = None  # "map": value -> our value (ValueError: refused, why)
     accepts: Callable[[Any], bool] | None = None  # "accept": values that already mean our behaviour
     accepted: str = ""  # those values, in words (for the doc)
-    pending: bool = False  # the target is added by another branch; until then the key has no effect
 
 
 def _is(*values: Any) -> Callable[[Any], bool]:
@@ -55,9 +54,12 @@ def _refuse(key: str, note: str):
 
 
 def _recompute(v: Any) -> Any:
+    """HF-style gradient checkpointing = Megatron full recompute of every layer (one layer per checkpoint)."""
     if not isinstance(v, bool):
         raise ValueError("expected true or false")
-    return "full" if v else None
+    if not v:
+        return {"recompute_granularity": None, "recompute_method": None, "recompute_num_layers": None}
+    return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
 
 
 def _warmup_style(v: Any) -> Any:
@@ -83,12 +85,12 @@ RULES: tuple[Rule, ...] = (
            "(docs/packing.md)", accepts=_is(True), accepted="true")
       for m in ("actor_rollout_ref.model", "critic.model")),
     Rule("actor_rollout_ref.model.enable_gradient_checkpointing", "map", "full activation recomputation",
-         (f"{A}.megatron.override_transformer_config.recompute_granularity",), convert=_recompute, pending=True),
+         (f"{A}.megatron.override_transformer_config",), convert=_recompute),
     Rule("critic.model.enable_gradient_checkpointing", "map", "full activation recomputation",
-         (f"{C}.megatron.override_transformer_config.recompute_granularity",), convert=_recompute, pending=True),
-    Rule(f"{ROLLOUT}.enforce_eager", "same", "no CUDA graphs in the rollout engine", pending=True),
-    Rule(f"{ROLLOUT}.free_cache_engine", "same", "release the rollout KV cache between rollouts", pending=True),
-    Rule(f"{ROLLOUT}.tensor_model_parallel_size", "same", "TP of the rollout engine", pending=True),
+         (f"{C}.megatron.override_transformer_config",), convert=_recompute),
+    Rule(f"{ROLLOUT}.enforce_eager", "same", "no CUDA graphs in the rollout engine"),
+    Rule(f"{ROLLOUT}.free_cache_engine", "same", "release the rollout KV cache between rollouts"),
+    Rule(f"{ROLLOUT}.tensor_model_parallel_size", "same", "TP of the rollout engine"),
     Rule(f"{ROLLOUT}.name", "same", "rollout engine (megatron: the actor's own model; vllm)"),
     Rule("data.val_batch_size", "accept",
          "validation runs over all of data.val_files in chunks of data.train_batch_size prompts; verl ignores this "
@@ -136,23 +138,7 @@ def _rule(key: str) -> Rule | None:
     return None
 
 
-def schema_has(key: str) -> bool:
-    """Whether ``key`` is a field of GADConfig (a mapping-typed field accepts any sub-key)."""
-    import dataclasses
-
-    from megatron_gad.config import GADConfig, _hints
-
-    tp: Any = GADConfig
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(tp):
-            return tp is dict or getattr(tp, "__origin__", None) is dict
-        tp = _hints(tp).get(part)
-        if tp is None:
-            return False
-    return True
-
-
-def translate(key: str, value: Any, has_key: Callable[[str], bool] = schema_has) -> list[tuple[str, Any]]:
+def translate(key: str, value: Any) -> list[tuple[str, Any]]:
     """Our ``(key, value)`` pairs for one verl-style setting: ``[]`` when it is accepted as a no-op."""
     key = key.lstrip("+")  # Hydra's "+key=" / "++key=" (add / force-add) mean the same as "key=" here
     rule = _rule(key)
@@ -168,10 +154,6 @@ def translate(key: str, value: Any, has_key: Callable[[str], bool] = schema_has)
         out = [(t, rule.convert(value) if rule.convert else value) for t in targets]
     except ValueError as e:
         _refuse(key, f"{e}; megatron-gad key: {', '.join(targets)}")(value)
-    if rule.pending and not all(has_key(t) for t, _ in out):
-        log.warning("%s=%r has no effect in this build (%s needs %s, which it does not have yet)", key, value,
-                    rule.note, ", ".join(t for t, _ in out))
-        return []
     return out
 
 
@@ -186,11 +168,11 @@ def _flatten(d: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
     return items
 
 
-def translate_tree(d: Mapping, has_key: Callable[[str], bool] = schema_has) -> dict:
+def translate_tree(d: Mapping) -> dict:
     """A nested config dict (a YAML file) with every listed key translated as ``translate`` does."""
     out: dict = {}
     for key, value in _flatten(d):
-        for k, v in translate(key, value, has_key):
+        for k, v in translate(key, value):
             node = out
             *parents, leaf = k.split(".")
             for p in parents:
@@ -212,8 +194,7 @@ def markdown() -> str:
         "(a leading `+`/`++` is accepted); every other key must be a megatron-gad key. **same**: same name and",
         "meaning. **map**: renamed onto the megatron-gad key(s). **accept**: the listed values already are",
         "megatron-gad's behaviour and are accepted; any other value is refused with the message shown, which",
-        "names the setting to use. *pending*: the target key is added by another change; until it is merged the",
-        "setting is accepted and logged as having no effect.",
+        "names the setting to use.",
         "",
         f"{len(RULES)} rules: {counts['same']} same, {counts['map']} mapped, {counts['accept']} accepted for the "
         "listed values and refused with a pointer otherwise.",
@@ -223,8 +204,7 @@ def markdown() -> str:
     ]
     for r in RULES:
         target = ", ".join(f"`{t}`" for t in r.target) if r.target else ("`(same)`" if r.kind == "same" else "-")
-        kind = r.kind + (" (pending)" if r.pending else "")
-        lines.append(f"| `{r.key}` | {kind} | {target} | {r.accepted or 'any'} | {r.note.replace('|', '/')} |")
+        lines.append(f"| `{r.key}` | {r.kind} | {target} | {r.accepted or 'any'} | {r.note.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

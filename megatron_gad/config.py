@@ -152,7 +152,7 @@ class RolloutConfig:
     # megatron (the actor's own model, the reference path); auto: vllm where the trainer runs on GPUs and
     # vLLM imports, else megatron
     name: Literal["auto", "megatron", "vllm"] = "auto"
-    tensor_model_parallel_size: int = 1  # vLLM engine TP (independent of the actor's); 1 is supported
+    tensor_model_parallel_size: int = 1  # vLLM engine TP (independent of the actor's; only 1 yet); unused by megatron
     n: int = 8
     temperature: float = 0.8
     top_p: float = 1.0

@@ -273,7 +273,7 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if rollout.name == "vllm" and trainer.workers == "local":
         bad.append("actor_rollout_ref.rollout.name=vllm needs trainer.workers=ray (vLLM engines run in their own Ray "
                    "workers); use actor_rollout_ref.rollout.name=megatron with trainer.workers=local")
-    if rollout.tensor_model_parallel_size != 1:
+    if rollout.tensor_model_parallel_size != 1 and rollout.name != "megatron":  # native: the actor's layout
         bad.append(f"actor_rollout_ref.rollout.tensor_model_parallel_size={rollout.tensor_model_parallel_size}: only "
                    "1 is supported yet (one vLLM engine per actor GPU, data-parallel; the weight sync already sends "
                    "full tensors, so the actor's TP may differ); set it to 1")

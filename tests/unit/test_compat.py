@@ -85,14 +85,15 @@ def test_typos_are_still_rejected():
         load_config(None, ["actor_rollout_ref.actor.grad_clipp=0.2"])
 
 
-def test_pending_keys_map_once_their_target_exists():
-    target = "actor_rollout_ref.actor.megatron.override_transformer_config.recompute_granularity"
+def test_gradient_checkpointing_and_rollout_keys_map():
+    target = "actor_rollout_ref.actor.megatron.override_transformer_config"
     key = "actor_rollout_ref.model.enable_gradient_checkpointing"
-    assert compat.translate(key, True, has_key=lambda k: True) == [(target, "full")]
-    assert compat.translate(key, False, has_key=lambda k: True) == [(target, None)]
-    assert compat.translate(key, True, has_key=lambda k: k != target) == []  # not merged yet: no effect
+    assert compat.translate(key, True) == [(target, {"recompute_granularity": "full", "recompute_method": "uniform",
+                                                     "recompute_num_layers": 1})]
+    assert compat.translate(key, False) == [(target, {"recompute_granularity": None, "recompute_method": None,
+                                                      "recompute_num_layers": None})]
     r = "actor_rollout_ref.rollout.enforce_eager"
-    assert compat.translate("+" + r, True, has_key=lambda k: True) == [(r, True)]
+    assert compat.translate("+" + r, True) == [(r, True)]
 
 
 def test_doc_is_generated_from_the_table():
