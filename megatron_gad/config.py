@@ -187,6 +187,19 @@ class CriticModelConfig:
 
 
 @dataclass(frozen=True)
+class SaturationGuardConfig:
+    """Keeps D out of saturation in GAD steps (controller/saturation.py); off by default."""
+
+    enable: bool = False
+    upper: float = 0.95  # rolling d_acc above this: skip D's update, or scale its lr
+    lower: float = 0.55  # below this: extra D updates on the same pairs
+    window: int = 5  # GAD steps in the rolling mean
+    action: Literal["skip", "scale_lr"] = "skip"
+    lr_scale: float = 0.1
+    extra_steps: int = 1
+
+
+@dataclass(frozen=True)
 class CriticConfig:
     model: CriticModelConfig = field(default_factory=CriticModelConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
@@ -218,6 +231,7 @@ class CriticConfig:
     label_smoothing: float = 0.0  # bt target 1 - eps
     margin: float = 0.0
     swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
+    saturation_guard: SaturationGuardConfig = field(default_factory=SaturationGuardConfig)
 
 
 @dataclass(frozen=True)

@@ -291,6 +291,13 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if not 0 <= c.swap_prob < 0.5:
         bad.append(f"critic.swap_prob={c.swap_prob} must be in [0, 0.5) (at 0.5 half the labels are flipped: "
                    "nothing to learn)")
+    g = c.saturation_guard
+    if g.enable and not (0.5 <= g.lower < g.upper <= 1.0):
+        bad.append(f"critic.saturation_guard: lower={g.lower} and upper={g.upper} must satisfy 0.5 <= lower < upper "
+                   "<= 1 (e.g. lower=0.55, upper=0.95)")
+    if g.enable and (g.window < 1 or g.extra_steps < 0 or not 0 < g.lr_scale <= 1):
+        bad.append(f"critic.saturation_guard: window={g.window} must be >= 1, extra_steps={g.extra_steps} >= 0 and "
+                   f"lr_scale={g.lr_scale} in (0, 1]")
     if c.fused_loss == "triton" and critic_controls_on(c):
         bad.append("critic.fused_loss=triton: the fused kernel computes plain Bradley-Terry (+ score_reg_coef) only; "
                    "with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob set use "

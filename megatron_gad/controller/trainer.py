@@ -28,6 +28,7 @@ import torch
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
+from megatron_gad.controller.saturation import SaturationGuard
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
 from megatron_gad.errors import RunFailure
@@ -92,6 +93,8 @@ class GADTrainer:
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
         self.n = cfg.actor_rollout_ref.rollout.n
         self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
+        g = cfg.critic.saturation_guard
+        self.guard = SaturationGuard(g.enable, g.upper, g.lower, g.window, g.action, g.lr_scale, g.extra_steps)
         self.step = 0
         self.phases: list[str] = []
         self.nonfinite = {"actor": 0, "critic": 0}  # steps with a skipped (non-finite) update, per role
@@ -252,7 +255,7 @@ class GADTrainer:
         if self._sample_step():  # the per-sample view, scored by the critic before its update
             self._log_samples(batch, student, rewards if gad_step else None)
         with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-            metrics.update(self.critic.update_critic(self._pairs(batch, student), n))
+            metrics.update(self._update_critic(self._pairs(batch, student), gad_step))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
@@ -302,6 +305,30 @@ class GADTrainer:
         self.syncs["initial_syncs" if initial else "weight_syncs"] += 1
         return {"rollout/weight_sync_bytes": float(results[0]["bytes"]),
                 "rollout/weight_sync_load_s": max(r["seconds"] for r in results)}
+
+    def _update_critic(self, pairs: dict, gad_step: bool) -> dict:
+        """The critic's update, as the saturation guard decides in GAD steps: skipped (the pairs are
+        only evaluated, so d_acc keeps being measured), at a scaled lr, or with extra updates."""
+        n = self.n
+        if not gad_step:  # warmup: always a plain update; the guard sees GAD steps only
+            return self.critic.update_critic(pairs, n)
+        d = self.guard.decide()
+        if d["update"]:
+            m = self.critic.update_critic(pairs, n, d["lr_scale"])
+            for _ in range(d["extra_steps"]):
+                extra = self.critic.update_critic(pairs, n)
+                m["critic/nonfinite_updates"] += extra["critic/nonfinite_updates"]
+        else:
+            m = {k.replace("val/", "critic/", 1): v for k, v in self.critic.evaluate_pairs(pairs, n).items()}
+            m["critic/nonfinite_updates"] = 0.0
+        self.guard.observe(m["critic/d_acc"])
+        if self.guard.enable:
+            rolling = self.guard.rolling()
+            m.update({"critic/update_skipped": float(not d["update"]), "critic/lr_scale": d["lr_scale"],
+                      "critic/extra_steps": float(d["extra_steps"])})
+            if rolling is not None:
+                m["critic/d_acc_rolling"] = rolling
+        return m
 
     def _sample_step(self) -> bool:
         f = self.cfg.trainer.sample_log_freq
@@ -450,6 +477,7 @@ class GADTrainer:
         path = os.path.join(self.run_dir, f"global_step_{self.step}")
         extra = {"step": self.step}
         state = {"step": self.step, "loader": self.loader.state_dict(), "warmup": self.warmup.state_dict(),
+                 "saturation_guard": self.guard.state_dict(),
                  "nonfinite": dict(self.nonfinite), "nonfinite_run": dict(self.nonfinite_run),
                  "syncs": dict(self.syncs)}
 
@@ -482,6 +510,7 @@ class GADTrainer:
             self.critic.load(os.path.join(path, "critic"))
         self.loader.load_state_dict(st["loader"])
         self.warmup.load_state_dict(st["warmup"])
+        self.guard.load_state_dict(st.get("saturation_guard", {}))
         self.step = int(st["step"])
         self.nonfinite.update(st.get("nonfinite", {}))
         self.nonfinite_run.update(st.get("nonfinite_run", {}))

@@ -210,14 +210,15 @@ class ModelShard:
         self.module.eval()
         return forward_backward(self.model, micro_batches, loss_fn, forward_only=True)
 
-    def train_step(self, micro_batches: list[dict], loss_fn: LossFn) -> tuple[list[dict], dict]:
-        """One optimizer step over the micro-batches (gradient accumulation)."""
+    def train_step(self, micro_batches: list[dict], loss_fn: LossFn, lr_scale: float = 1.0) -> tuple[list[dict], dict]:
+        """One optimizer step over the micro-batches (gradient accumulation); ``lr_scale`` multiplies
+        the scheduled learning rate for this step (the critic's saturation guard)."""
         self.reload()
         self.ensure_optimizer()
         self.module.train()
         o = self.optim
         lr = lr_at(self.opt_step, lr=o.lr, min_lr=o.min_lr, warmup_steps=o.lr_warmup_steps,
-                   schedule=o.lr_scheduler, total_steps=self.total_steps)
+                   schedule=o.lr_scheduler, total_steps=self.total_steps) * lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.ddp.zero_grad_buffer()

@@ -171,13 +171,14 @@ class CriticWorker(Worker):
         return out
 
     @register(Dispatch.DP, collect="mean")
-    def update_critic(self, batch: dict, n: int) -> dict:
-        """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R]."""
+    def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0) -> dict:
+        """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R].
+        ``lr_scale``: this update's learning rate times this (the saturation guard)."""
         loss_fn = self._pair_loss("critic/", swap=True)
         metrics = []
         skipped = 0
         for epoch in range(self.config.ppo_epochs):
-            results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn)
+            results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
             skipped += int(info["nonfinite"])
             if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
                 metrics += [dict(r) for r in results]

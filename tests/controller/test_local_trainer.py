@@ -69,3 +69,44 @@ def test_local_workers_need_one_rank_per_role(assets, tmp_path):
     cfg = load_config(None, [*_overrides(assets, str(tmp_path / "r")), "trainer.n_gpus_per_node=2"])
     with pytest.raises(ConfigError, match=r"trainer\.workers=local"):
         validate(cfg)
+
+
+def _guarded(rank, world, overrides):
+    from megatron_gad.config import load_config, validate
+    from megatron_gad.controller.trainer import GADTrainer
+
+    cfg = load_config(None, overrides)
+    validate(cfg)
+    tr = GADTrainer(cfg)
+    prints = []
+    orig = tr._step
+
+    def step(batch, timer):  # the critic's weights before and after each step
+        before = tr.critic.weights_fingerprint()
+        m = orig(batch, timer)
+        prints.append((before, tr.critic.weights_fingerprint()))
+        return m
+
+    tr._step = step
+    tr.fit()
+    tr.shutdown()
+    return prints
+
+
+def test_saturation_guard_skips_a_saturated_critic(assets, tmp_path):
+    """A critic at d_acc 1.0 in a GAD step is not updated in the next one (evaluated only)."""
+    from megatron_gad.parallel.launch import run_local
+
+    run = str(tmp_path / "run")
+    guard = ["critic.saturation_guard.enable=true", "critic.saturation_guard.window=1",
+             "critic.saturation_guard.upper=0.75", "critic.optim.lr=0.05", "trainer.total_training_steps=4"]
+    prints = run_local(_guarded, 1, [o for o in _overrides(assets, run) if "total_training_steps" not in o] + guard)[0]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [m["stage"] for m in rows] == ["warmup", "gad", "gad", "gad"]
+    assert "critic/update_skipped" not in rows[0]  # the warmup is never guarded
+    for i in range(2, 4):  # a GAD step's decision comes from the previous GAD step's d_acc
+        skipped = rows[i - 1]["critic/d_acc"] > 0.75 and rows[i - 1]["stage"] == "gad"
+        assert rows[i]["critic/update_skipped"] == float(skipped), rows[i]
+        assert (prints[i][0] == prints[i][1]) == skipped  # bit-identical critic weights when skipped
+    assert any(r.get("critic/update_skipped") == 1.0 for r in rows), [r["critic/d_acc"] for r in rows]
