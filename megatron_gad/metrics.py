@@ -121,6 +121,21 @@ def format_console_line(step: int, metrics: Mapping[str, Any], total_steps: int 
     return " | ".join(parts)
 
 
+def read_step_records(path: str) -> list[dict]:
+    """The per-step records of a ``metrics.jsonl`` / ``samples.jsonl`` (objects with an int ``step``);
+    a line cut short by a crash is skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                out.append(record)
+    return out
+
+
 class MetricsLogger:
     """Logs one record per step to the console, ``<out_dir>/metrics.jsonl`` and optionally wandb.
 
@@ -197,15 +212,7 @@ class MetricsLogger:
         path = path or self.jsonl_path
         kept: list[str] = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a line cut short by a crash
-                    if isinstance(record, dict) and isinstance(record.get("step"), int) \
-                            and record["step"] <= resume_step:
-                        kept.append(json.dumps(record) + "\n")
+            kept = [json.dumps(r) + "\n" for r in read_step_records(path) if r["step"] <= resume_step]
         # Rewrite via a temp file so a crash here cannot lose the kept history.
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

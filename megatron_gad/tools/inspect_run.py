@@ -27,21 +27,9 @@ import os
 from typing import Any
 
 from megatron_gad.errors import InputError
+from megatron_gad.metrics import read_step_records
 
 SATURATED, BLIND, DRIFT, MISMATCH = 0.95, 0.55, 5.0, 0.1
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if isinstance(r, dict) and isinstance(r.get("step"), int):
-                rows.append(r)
-    return rows
 
 
 def load_run(run_dir: str) -> tuple[list[dict], list[dict], dict]:
@@ -51,11 +39,11 @@ def load_run(run_dir: str) -> tuple[list[dict], list[dict], dict]:
     if not os.path.isfile(path):
         raise InputError(f"{run_dir}: no metrics.jsonl here; pass the trainer.default_local_dir of a run that "
                          "has logged at least one step")
-    metrics = _read_jsonl(path)
+    metrics = read_step_records(path)
     if not metrics:
         raise InputError(f"{path}: no complete step record yet")
     samples_path = os.path.join(run_dir, "samples.jsonl")
-    samples = _read_jsonl(samples_path) if os.path.isfile(samples_path) else []
+    samples = read_step_records(samples_path) if os.path.isfile(samples_path) else []
     cfg = {}
     cfg_path = os.path.join(run_dir, "config.resolved.yaml")
     if os.path.isfile(cfg_path):

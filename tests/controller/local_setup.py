@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 
-def build_assets(root: str) -> dict:
+def build_assets(root: str, hidden: int = 32, heads: int = 4, kv_heads: int = 2, ffn: int = 64) -> dict:
+    """Tokenizer, a random 2-layer student (vLLM tests need head_dim = hidden / heads >= 32) and data."""
     from megatron_gad.demo.assets import build_tiny_student, build_tokenizer
     from megatron_gad.demo.task import write_dataset
 
     tok = build_tokenizer(f"{root}/tok")
-    model = build_tiny_student(f"{root}/model", tok, seed=0, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
+    model = build_tiny_student(f"{root}/model", tok, seed=0, hidden=hidden, layers=2, heads=heads, kv_heads=kv_heads,
+                               ffn=ffn)
     data = write_dataset(f"{root}/data", n_train=32, n_heldout=8, seed=0)
-    return {"model": model, "train": data["train"]}
+    return {"model": model, "train": data["train"], "root": root}
 
 
 def local_overrides(assets: dict, run_dir: str, kl: bool) -> list[str]:

@@ -19,7 +19,7 @@ from local_setup import build_assets, local_overrides
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.controller import faults
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("ray_session")]
 
 ray = pytest.importorskip("ray")
 
@@ -29,13 +29,6 @@ STOP_BOUND_S = 60.0  # from dispatching the fatal call to the error (the grace i
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     return build_assets(str(tmp_path_factory.mktemp("gad_ray_fault_assets")))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
 
 
 def _overrides(assets, run, steps):

@@ -7,28 +7,16 @@ import os
 
 import pytest
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("ray_session")]
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from megatron_gad.demo.assets import build_tiny_student, build_tokenizer
-    from megatron_gad.demo.task import write_dataset
+    from local_setup import build_assets
 
-    root = tmp_path_factory.mktemp("gad_assets")
-    tok = build_tokenizer(str(root / "tok"))
-    model = build_tiny_student(str(root / "model"), tok, seed=0, hidden=32, layers=2, heads=4, kv_heads=2, ffn=64)
-    data = write_dataset(str(root / "data"), n_train=32, n_heldout=8, seed=0)
-    return {"model": model, "train": data["train"], "root": root}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    return build_assets(str(tmp_path_factory.mktemp("gad_assets")))
 
 
 def make_cfg(assets, run_dir, *extra):

@@ -19,27 +19,15 @@ import torch
 from tests.rollout.helpers import needs_vllm
 
 ray = pytest.importorskip("ray")
-pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.distributed]
+pytestmark = [needs_vllm, pytest.mark.slow, pytest.mark.distributed, pytest.mark.usefixtures("ray_session")]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from megatron_gad.demo.assets import build_tiny_student, build_tokenizer
-    from megatron_gad.demo.task import write_dataset
+    from tests.controller.local_setup import build_assets
 
-    root = tmp_path_factory.mktemp("vllm_assets")
-    tok = build_tokenizer(str(root / "tok"))
     # head_dim 64: vLLM's CPU attention refuses smaller heads
-    model = build_tiny_student(str(root / "model"), tok, seed=0, hidden=256, layers=2, heads=4, kv_heads=2, ffn=512)
-    data = write_dataset(str(root / "data"), n_train=32, n_heldout=8, seed=0)
-    return {"model": model, "train": data["train"], "root": root}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
+    return build_assets(str(tmp_path_factory.mktemp("vllm_assets")), hidden=256, heads=4, kv_heads=2, ffn=512)
 
 
 def _cfg(assets, run_dir, model, *extra):
