@@ -225,11 +225,11 @@ def main() -> None:
         args.sizes = {"tiny": (128, 2, 1024, 2, 1, 256)}
         args.buckets_mb = [1, 64]
     else:
-        # the model: hidden 512, 8 layers, vocab 32k (56M parameters)
+        # the shape: hidden 512, 8 layers, vocab 32k (tied embeddings: 39M parameters)
         args.hidden, args.layers, args.vocab, args.heads, args.kv_heads, args.ffn = 512, 8, 32000, 8, 2, 1408
         args.prompts, args.new, args.repeats = 128, 128, 2
-        args.sizes = {"4M": (256, 4, 8000, 4, 2, 688), "56M": (512, 8, 32000, 8, 2, 1408),
-                      "113M": (768, 10, 32000, 12, 4, 2048)}
+        args.sizes = {"small": (256, 4, 8000, 4, 2, 688), "medium": (512, 8, 32000, 8, 2, 1408),
+                      "large": (768, 10, 32000, 12, 4, 2048)}
         args.buckets_mb = [16, 128, 512]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as root:
