@@ -65,15 +65,14 @@ class WorkerProcess:
         warnings.filterwarnings("ignore")
         logging.getLogger("megatron").setLevel(logging.ERROR)
         cls = worker_class(role)
-        if not getattr(cls, "joins_process_group", True):  # e.g. a vLLM engine: it sets up its own
-            self._kill, self._calls = [], {}
-            self.worker = cls(rank=rank, world=world, **kwargs)
-            return self.worker.layout
         self._kill = faults.kill_points(os.environ.get(faults.KILL_ENV), role, rank)
         self._calls: dict[str, int] = {}
         # the paths this worker reads, checked here: on a cluster they may exist only on the workers' nodes
         check_worker_paths(role, kwargs, where=f"on the {role} worker's node {ray.util.get_node_ip_address()} "
                                                f"(rank {rank})")
+        if not getattr(cls, "joins_process_group", True):  # e.g. a vLLM engine: it sets up its own
+            self.worker = cls(rank=rank, world=world, **kwargs)
+            return self.worker.layout
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
         state.init_distributed(rank, world, addr, port)
         with cpu_device_mode():

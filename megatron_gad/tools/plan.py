@@ -429,7 +429,7 @@ def dry_run_report(cfg: GADConfig, gpu_name: str) -> str:
             for role, start in (("actor", req.actor_start), ("critic", req.critic_start)):
                 if start is not None:
                     lines.append(f"  {role}: bundles {start}..{start + worlds[role] - 1} (node by node), "
-                                 f"{req.gpu_fraction} GPU per rank")
+                                 f"{req.gpu_fraction:.3g} GPU per rank")
     plan = plan_config(cfg, gpu_name)
     lines += ["", f"# memory plan on {gpu_name}", render(plan), "", "dry run: nothing started"]
     return "\n".join(lines)

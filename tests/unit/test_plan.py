@@ -163,7 +163,9 @@ def test_train_dry_run_reports_layout_placement_and_verdict(tmp_path, capsys, no
     assert "# resolved config" in out and "tensor_model_parallel_size: 2" in out
     assert "actor: TP 2 x PP 1 x DP 4 = 8 ranks (+ its frozen reference on the same ranks)" in out
     assert "critic: TP 2 x PP 1 x DP 4 = 8 ranks" in out
-    assert "8 bundles of {'GPU': 1, 'CPU': 1}" in out and "0.5 GPU per rank" in out
+    # configs/gad.yaml samples with vLLM: one engine per actor GPU shares each bundle with actor and critic
+    assert "rollout: 8 vLLM engine(s) (TP 1) on the actor's bundles" in out
+    assert "8 bundles of {'GPU': 1, 'CPU': 1}" in out and "0.333 GPU per rank" in out
     assert "verdict: DOES NOT FIT" in out and "dry run: nothing started" in out
 
     split = tmp_path / "split"
