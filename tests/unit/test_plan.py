@@ -174,7 +174,8 @@ def test_train_dry_run_reports_layout_placement_and_verdict(tmp_path, capsys, no
                               "--gpu", "h200-141gb", "--dry-run"], capsys)
     assert code == 0, err
     assert "actor: TP 2 x PP 1 x DP 2 = 4 ranks" in out
-    assert "critic: bundles 4..7 (node by node), 1.0 GPU per rank" in out
+    # split: the critic has its own bundles; the actor's are shared with its vLLM engines (half each)
+    assert "critic: bundles 4..7 (node by node), 0.5 GPU per rank" in out
     assert "on h200-141gb" in out
 
 
