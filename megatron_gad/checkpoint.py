@@ -80,19 +80,23 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _torch_adams_of_distributed_optimizers(optimizer) -> list:
+    """The torch Adam inside each Megatron distributed optimizer of ``optimizer`` (chained or not);
+    empty with Apex / Transformer Engine, whose fused Adam keeps its state the way Megatron expects."""
+    from megatron.core.optimizer import distrib_optimizer as dopt
+
+    if dopt.HAVE_APEX_OR_TE:
+        return []
+    return [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(o, dopt.DistributedOptimizer)]
+
+
 def _prime_torch_adam_state(optimizer) -> None:
     """Without Apex / Transformer Engine (CPU), Megatron's distributed optimizer reads the torch Adam
     ``step`` of every parameter while it prepares a load, which a fresh optimizer (no step taken yet)
     lacks. Give each stepped tensor torch Adam's own initial state (zero moments, step 0) first; the
     load then overwrites all of it."""
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    if dopt.HAVE_APEX_OR_TE:
-        return
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(o, dopt.DistributedOptimizer):
-            continue
-        inner = o.optimizer
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 if not inner.state[p]:
@@ -106,14 +110,7 @@ def _restore_adam_steps(optimizer) -> None:
     ``step`` tensor wrong after a load: one tensor shared by every parameter (torch increments it in
     place once per parameter) and, in the dp_reshardable format, overwritten with the fresh state's 0
     (wrong bias correction from the first resumed step). Give every parameter its own, right count."""
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    if dopt.HAVE_APEX_OR_TE:
-        return
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(o, dopt.DistributedOptimizer):
-            continue
-        inner = o.optimizer
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
         for group in inner.param_groups:
             if group.get("step") is None:
                 continue
