@@ -11,17 +11,12 @@ import json
 import os
 
 import pytest
-from local_setup import build_assets, local_overrides
+from local_setup import local_overrides
 
 from megatron_gad import checkpoint as ckpt
 
 pytestmark = pytest.mark.distributed
 
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(str(tmp_path_factory.mktemp("gad_fault_assets")))
 
 
 def _overrides(assets, run_dir):

@@ -11,14 +11,9 @@ import os
 import sys
 
 import pytest
-from local_setup import build_assets, local_overrides
+from local_setup import local_overrides
 
 pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(str(tmp_path_factory.mktemp("gad_local_assets")))
 
 
 def _overrides(assets, run_dir):

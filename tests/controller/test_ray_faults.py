@@ -14,21 +14,17 @@ import time
 
 import psutil
 import pytest
-from local_setup import build_assets, local_overrides
+from local_setup import local_overrides
 
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.controller import faults
+from tests.unit.cli_helpers import run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("ray_session")]
 
 ray = pytest.importorskip("ray")
 
 STOP_BOUND_S = 60.0  # from dispatching the fatal call to the error (the grace is 15 s)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(str(tmp_path_factory.mktemp("gad_ray_fault_assets")))
 
 
 def _overrides(assets, run, steps):
@@ -38,18 +34,6 @@ def _overrides(assets, run, steps):
     # 2 ranks per role (DP 2): a killed rank leaves its peer inside a collective
     return [*base, "trainer.workers=ray", "trainer.n_gpus_per_node=2", "trainer.save_freq=2",
             f"trainer.total_training_steps={steps}", "trainer.resume_mode=auto"]
-
-
-def run_cli(argv, capsys):
-    """(exit code, stdout, stderr) of ``megatron-gad argv`` run in this process (as tests/unit/cli_helpers.py)."""
-    from megatron_gad import cli
-
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _metrics(run):

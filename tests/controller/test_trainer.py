@@ -12,13 +12,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("ray_session")]
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from local_setup import build_assets
-
-    return build_assets(str(tmp_path_factory.mktemp("gad_assets")))
-
-
 def make_cfg(assets, run_dir, *extra):
     from megatron_gad.config import load_config, validate
 
