@@ -28,6 +28,7 @@ import torch
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
+from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
@@ -334,26 +335,14 @@ class GADTrainer:
         f = self.cfg.trainer.sample_log_freq
         return f > 0 and getattr(self, "logger", None) is not None and (self.step + 1) % f == 0
 
-    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None, prompts: int = 4) -> None:
-        """``samples.jsonl``: for up to ``prompts`` prompts, its first student sample beside the teacher
-        response, with the critic's scores of both (the same critic state: before this step's update)."""
-        n = self.n
-        teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
-                   "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
-        t_scores = self.critic.compute_scores(teacher, side="teacher")["scores"]
+    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None) -> None:
+        """``samples.jsonl`` (``controller/samples.py``), scored by the critic in the same state for both
+        sides: before this step's update."""
+        t_scores = self.critic.compute_scores(teacher_rows(batch), side="teacher")["scores"]
         s_scores = rewards if rewards is not None else self.critic.compute_scores(student)["scores"]
-        rows = []
-        for i in range(min(prompts, batch["prompt_ids"].shape[0])):
-            s_ids, s_mask = student["responses"][i * n], student["response_mask"][i * n]
-            t_ids, t_mask = batch["teacher_response"][i], batch["teacher_response_mask"][i]
-            p = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()
-            rows.append({"prompt": self.tokenizer.decode(p, skip_special_tokens=True),
-                         "student": self.decode(s_ids, s_mask), "teacher": self.decode(t_ids, t_mask),
-                         "student_score": float(s_scores[i * n]), "teacher_score": float(t_scores[i]),
-                         "student_len": int(s_mask.sum()), "teacher_len": int(t_mask.sum()),
-                         "student_eos": bool((s_ids[s_mask.bool()] == self.eos_id).any()),
-                         "teacher_eos": bool((t_ids[t_mask.bool()] == self.eos_id).any())})
-        self.logger.log_samples(self.step + 1, rows)
+        decode_prompt = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.logger.log_samples(self.step + 1, sample_rows(batch, student, self.n, t_scores, s_scores, self.decode,
+                                                           decode_prompt, self.eos_id))
 
     def _length_metrics(self, student: dict, prefix: str) -> dict:
         lengths = student["response_mask"].sum(-1).float()
@@ -549,8 +538,7 @@ class GADTrainer:
             raise RuntimeError("trainer.mode=sft has no critic to evaluate")
         batch = collate_prompts(items, self.pad_id)
         student = self._rollout(batch, n, seed, temperature=temperature)  # prompts repeated per sample
-        teacher = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
-                   "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
+        teacher = teacher_rows(batch)
         s_scores = self.critic.compute_scores(student)["scores"]
         t_scores = self.critic.compute_scores(teacher, side="teacher")["scores"]
         _, m = algos.discriminator_loss(s_scores, t_scores, n)

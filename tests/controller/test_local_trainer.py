@@ -105,3 +105,34 @@ def test_saturation_guard_skips_a_saturated_critic(assets, tmp_path):
         assert rows[i]["critic/update_skipped"] == float(skipped), rows[i]
         assert (prints[i][0] == prints[i][1]) == skipped  # bit-identical critic weights when skipped
     assert any(r.get("critic/update_skipped") == 1.0 for r in rows), [r["critic/d_acc"] for r in rows]
+
+
+def _fit(rank, world, overrides):
+    from megatron_gad.config import load_config, validate
+    from megatron_gad.controller.trainer import GADTrainer
+
+    cfg = load_config(None, overrides)
+    validate(cfg)
+    tr = GADTrainer(cfg)
+    tr.fit()
+    items = [tr.dataset[i] for i in range(len(tr.dataset))]
+    tr.shutdown()
+    return [(tr.tokenizer.decode(it["prompt_ids"], skip_special_tokens=True),
+             tr.tokenizer.decode(it["teacher_response_ids"], skip_special_tokens=True)) for it in items]
+
+
+def test_samples_jsonl_every_step(assets, tmp_path):
+    """trainer.sample_log_freq=1: each step logs both prompts of its batch, the teacher text as the data
+    has it, and the zero-initialised head scores 0.0 exactly at step 1 (before any update)."""
+    from megatron_gad.parallel.launch import run_local
+
+    run = str(tmp_path / "run")
+    pairs = set(run_local(_fit, 1, [*_overrides(assets, run), "trainer.sample_log_freq=1"])[0])
+    with open(os.path.join(run, "samples.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 1, 2, 2, 3, 3]
+    for r in rows:
+        assert (r["prompt"], r["teacher"]) in pairs
+        assert r["teacher_eos"] == 1.0 and r["teacher_len"] >= 1 and 1 <= r["student_len"] <= 12
+    assert [(r["student_score"], r["teacher_score"]) for r in rows[:2]] == [(0.0, 0.0), (0.0, 0.0)]
+    assert any(r["teacher_score"] != 0.0 for r in rows[2:])  # the critic learned after step 1
