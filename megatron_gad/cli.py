@@ -11,6 +11,7 @@ without importing torch / Megatron:
   demo     -> megatron_gad.demo.run.main_demo
   slurm    -> megatron_gad.tools.slurm.main_slurm
   inspect  -> megatron_gad.tools.inspect_run.main_inspect
+  bench    -> megatron_gad.tools.bench.main_bench
 
 Error contract (``megatron_gad.errors``): an input problem of any command (``UserError``: ``ConfigError``,
 ``DataError``, ``ToolError``, ``InputError``) ends with one message on stderr naming the file or key and
@@ -41,6 +42,7 @@ _COMMANDS = {
     "plan": ("megatron_gad.tools.plan", "main_plan"),
     "inspect": ("megatron_gad.tools.inspect_run", "main_inspect"),
     "slurm": ("megatron_gad.tools.slurm", "main_slurm"),
+    "bench": ("megatron_gad.tools.bench", "main_bench"),
 }
 
 
@@ -201,6 +203,32 @@ def _plan_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as one JSON document")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time K trainer steps per stage: phases, tokens/s, TFLOP/s, MFU, memory",
+                       description="Run K steps of each stage with the real trainer and write <out>/<name>.json and "
+                                   ".md: per-phase time, tokens/s per device, achieved TFLOP/s and MFU, memory per "
+                                   "role and phase, weight-sync time (first step of each stage excluded when K > 1). "
+                                   "Or, with --aggregate, build a scaling table and plot from reports of runs at "
+                                   "several node counts.")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file (not with --aggregate)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override, help="config overrides")
+    p.add_argument("--steps", type=_positive_int, default=3, metavar="K", help="steps per stage (default 3)")
+    p.add_argument("--stages", default="warmup,gad", metavar="S",
+                   help="comma list of warmup, gad (in that order), or sft alone (default warmup,gad)")
+    p.add_argument("--out", metavar="DIR", default="outputs/bench",
+                   help="where the report (or the scaling table and plot) goes (default outputs/bench)")
+    p.add_argument("--name", metavar="NAME", default=None, help="report file stem (default bench_<config stem>)")
+    p.add_argument("--run-dir", metavar="DIR", default=None,
+                   help="the benched run's directory, metrics.jsonl (default <out>/<name>_run)")
+    p.add_argument("--save", action="store_true", help="also write the checkpoint at the end (timed as 'save')")
+    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default=None,
+                   help="peak FLOP/s from this device table entry (default: the detected GPU; CPU: a matmul probe)")
+    p.add_argument("--aggregate", metavar="REPORT", nargs="+", default=None,
+                   help="bench report JSONs of one config at several node counts -> scaling.{json,md,png} in --out")
+    p.add_argument("--stage", choices=("warmup", "gad", "sft"), default=None,
+                   help="--aggregate: the stage to compare (default gad, else sft, else warmup)")
+
+
 def _demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="run the self-contained tiny GAD demo (CPU, minutes)",
                        description="Distil a tiny student on the built-in demo task and report the result.")
@@ -256,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_parser(sub)
     _inspect_parser(sub)
     _slurm_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
