@@ -179,6 +179,17 @@ def _git() -> tuple[str | None, bool]:
         return None, False
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _megatron_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -255,7 +266,8 @@ def build_report(cfg, archs: dict, stages: list[str], steps: int, rows: list[dic
                           "kv_heads": m.arch.num_kv_heads, "ffn": m.arch.ffn_hidden_size, "vocab": m.vocab,
                           "recompute": m.recompute}
                    for role, m in (("actor", actor), ("critic", critic)) if m is not None},
-        "results": results, "weight_sync": sync, "per_step": [dict(r, stage=s) for s, rs in records.items() for r in rs],
+        "results": results, "weight_sync": sync,
+        "per_step": [dict(r, stage=s) for s, rs in records.items() for r in rs],
         "run_dir": meta["run_dir"], "wall_s": meta["wall_s"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -263,7 +275,7 @@ def build_report(cfg, archs: dict, stages: list[str], steps: int, rows: list[dic
 def run_bench(args) -> dict:
     from megatron_gad.config import load_config, validate, world_size
     from megatron_gad.controller.preflight import check_output_dir, check_paths
-    from megatron_gad.controller.trainer import _use_gpu, rollout_engine
+    from megatron_gad.controller.trainer import _use_gpu
     from megatron_gad.data import DataError
     from megatron_gad.metrics import read_step_records
     from megatron_gad.tools import bench_report as br
@@ -307,8 +319,8 @@ def run_bench(args) -> dict:
     meta = {"command": "megatron-gad bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else
                                                           [args.config, *args.overrides]),
             "config": args.config, "config_name": os.path.splitext(os.path.basename(args.config))[0],
-            "overrides": list(args.overrides), "save": args.save, "rollout": rollout or rollout_engine(cfg),
-            "device_name": torch.cuda.get_device_name(0) if gpu else (platform.processor() or platform.machine()),
+            "overrides": list(args.overrides), "save": args.save, "rollout": rollout,
+            "device_name": torch.cuda.get_device_name(0) if gpu else _cpu_name(),
             "git_commit": commit, "git_dirty": dirty, "run_dir": run_dir, "wall_s": wall}
     report = build_report(cfg, archs, stages, args.steps, rows, trainer.lengths, peak, gpu, meta)
     os.makedirs(args.out, exist_ok=True)

@@ -84,7 +84,8 @@ def render_markdown(table: dict) -> str:
     lines = [f"# Scaling: {table['config_name']}, stage {table['stage']}", "",
              f"Efficiency = throughput per device / that of the smallest run ({table['baseline_devices']} "
              "device(s)).", "",
-             "| nodes | devices | step s | tokens/step | tokens/s | tokens/s/device | speedup | ideal | efficiency | MFU |",
+             "| nodes | devices | step s | tokens/step | tokens/s | tokens/s/device | speedup | ideal | efficiency "
+             "| MFU |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for x in table["rows"]:
         lines.append(f"| {x['nodes']} | {x['devices']} | {x['step_seconds']:.3f} | {x['tokens_per_step']:.0f} | "

@@ -64,7 +64,8 @@ def step_flops(lengths: dict, metrics: dict, actor: ModelSpec, critic: ModelSpec
     out: dict[str, dict[str, float]] = {}
 
     def train(p: Pass, spec: ModelSpec, times: float) -> dict[str, float]:
-        return {"model": 3 * p.forward * times, "hardware": (3 * p.forward + recompute_extra(p, spec.recompute)) * times}
+        hardware = 3 * p.forward + recompute_extra(p, spec.recompute)
+        return {"model": 3 * p.forward * times, "hardware": hardware * times}
 
     def forward(p: Pass) -> dict[str, float]:
         return {"model": p.forward, "hardware": p.forward}
@@ -163,7 +164,7 @@ def render_markdown(report: dict) -> str:
              f"- device: {dev['nodes']} node(s) x {dev['per_node']} {dev['kind']} ({dev['name']}); "
              f"{report['world_size']} devices in all; placement {report['layout']['placement']}, "
              f"{report['layout']['workers']} workers, {report['layout']['rollout']} rollout",
-             f"- layout: " + "; ".join(f"{k} TP {v['tp']} x PP {v['pp']} x DP {v['dp']}"
+             "- layout: " + "; ".join(f"{k} TP {v['tp']} x PP {v['pp']} x DP {v['dp']}"
                                         for k, v in report["layout"]["roles"].items()),
              f"- batch: {report['batch']['prompts']} prompts x {report['batch']['n']} samples per step, "
              f"max prompt {report['batch']['max_prompt_length']} / response {report['batch']['max_response_length']}"
