@@ -265,6 +265,9 @@ def _slurm_parser(sub) -> None:
                    help="Ray GCS port (the client server uses PORT+1; default 6379)")
     r.add_argument("--join-timeout", type=_positive_int, default=300, metavar="S",
                    help="seconds to wait for every node to join Ray (default 300)")
+    r.add_argument("--bench", metavar="FLAGS", default=None,
+                   help='benchmark instead of training: the job runs `megatron-gad bench` with these flags, e.g. '
+                        '"--steps 5 --stages warmup,gad" (report: OUT/bench/bench_<config>_<N>x<G>.json)')
     r.add_argument("--out", metavar="FILE", default=None, help="write the script here (default: stdout)")
 
 

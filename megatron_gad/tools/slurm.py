@@ -41,6 +41,7 @@ class Request:
     cpus_per_task: int | None = None  # default: 8 per GPU
     ray_port: int = 6379
     join_timeout_s: int = 300
+    bench: str | None = None  # `megatron-gad bench` flags: the job benchmarks the config instead of training
 
 
 def layout_overrides(req: Request) -> list[str]:
@@ -95,6 +96,24 @@ def _train_args(overrides: list[str], resume: bool) -> str:
     return "".join(f"  {_q(a)} \\\n" for a in args)
 
 
+def _bench_flags(req: Request, config_path: str, out: str) -> str:
+    """``--bench "--steps 5 ..."``: the bench flags, with a report per node count under ``$OUT/bench``
+    unless ``--out`` / ``--name`` are given (``bench --aggregate OUT/bench/*.json`` then compares them)."""
+    try:
+        flags = shlex.split(req.bench)
+    except ValueError as e:
+        raise ConfigError(f"--bench {req.bench!r}: {e}") from None
+    if "--aggregate" in flags or any(not f.startswith("-") and "=" in f for f in flags):
+        raise ConfigError(f"--bench {req.bench!r}: give bench's own flags (--steps, --stages, --out, --name, --gpu); "
+                          "config overrides go before --nodes as for train, and --aggregate runs on a login node")
+    if "--out" not in flags:
+        flags += ["--out", os.path.join(out, "bench")]
+    if "--name" not in flags:
+        stem = os.path.splitext(os.path.basename(config_path))[0]
+        flags += ["--name", f"bench_{stem}_{req.nodes}x{req.gpus_per_node}"]
+    return " " + shlex.join(flags)
+
+
 def render_script(config_path: str, overrides: list[str], req: Request) -> str:
     """The sbatch script for ``config_path`` + ``overrides`` on ``req``'s allocation (deterministic).
 
@@ -121,11 +140,14 @@ def render_script(config_path: str, overrides: list[str], req: Request) -> str:
         on_head = 'srun --overlap --nodes=1 --ntasks=1 -w "$head_node" "${CONTAINER[@]}"'
     # default_local_dir is passed by the script itself (as $OUT), after the user's overrides
     train_overrides = [o for o in overrides if not o.startswith("trainer.default_local_dir=")]
+    command, bench_flags = ("train", "") if req.bench is None else ("bench", _bench_flags(req, config_path, out))
     values = {
         "CONFIG": config_abs, "JOB_NAME": req.job_name, "NODES": str(req.nodes), "GPUS": str(req.gpus_per_node),
         "CPUS": str(cpus), "EXTRA_SBATCH": extra, "OUT": out, "OUT_Q": _q(out), "CONFIG_Q": _q(config_abs),
         "ACTIVATE": activate, "CONTAINER_OPTS": container, "ON_HEAD": on_head, "RAY_PORT": str(req.ray_port),
-        "JOIN_TIMEOUT": str(req.join_timeout_s), "TRAIN_ARGS": _train_args(train_overrides, resume=True).rstrip("\n"),
+        "JOIN_TIMEOUT": str(req.join_timeout_s),
+        "TRAIN_ARGS": _train_args(train_overrides, resume=req.bench is None).rstrip("\n"),
+        "COMMAND": command, "BENCH_FLAGS": bench_flags,
     }
     text = TEMPLATE.read_text(encoding="utf-8")
     text = re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], text)
@@ -138,7 +160,7 @@ def main_slurm(args) -> int:
     req = Request(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
                   account=args.account, time=args.time, container=args.container, venv=args.venv,
                   job_name=args.job_name, cpus_per_task=args.cpus_per_task, ray_port=args.ray_port,
-                  join_timeout_s=args.join_timeout)
+                  join_timeout_s=args.join_timeout, bench=getattr(args, "bench", None))
     text = render_script(args.config, list(args.overrides), req)
     if args.out in (None, "-"):
         print(text, end="")

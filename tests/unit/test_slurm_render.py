@@ -85,3 +85,16 @@ def test_cli_render_writes_script_and_refuses_in_one_line(tmp_path, capsys):
     code, _, err = run_cli(["slurm", "render", GAD, "--nodes", "1", "--gpus-per-node", "8",
                             "--container", "img", "--venv", "v"], capsys)
     assert code == 2 and "not allowed" in err
+
+
+def test_bench_job_runs_bench_with_a_report_per_node_count():
+    text = render_script(GAD, [OUT], Request(nodes=2, gpus_per_node=8, bench="--steps 5 --stages warmup,gad"))
+    line = text[text.index("python3 -m megatron_gad.cli bench"):].split("> \"$TRAIN_LOG\"")[0]
+    args = shlex.split(line.replace("\\\n", " "))
+    assert args[3] == "bench" and "trainer.nnodes=2" in args and "trainer.resume_mode=auto" not in args
+    assert args[-8:] == ["--steps", "5", "--stages", "warmup,gad", "--out", "/shared/runs/gad/bench",
+                         "--name", "bench_gad_2x8"]
+    train = render_script(GAD, [OUT], Request(nodes=2, gpus_per_node=8))
+    assert "megatron_gad.cli train" in train and "--steps" not in train
+    with pytest.raises(ConfigError, match="--aggregate runs on a login node"):
+        render_script(GAD, [OUT], Request(nodes=2, gpus_per_node=8, bench="--aggregate a.json"))
