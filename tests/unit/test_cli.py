@@ -22,7 +22,7 @@ _run = run_cli
 def test_top_level_help_lists_commands(capsys):
     code, out, _ = _run(["--help"], capsys)
     assert code == 0
-    for name in ("convert", "generate", "logprobs", "score", "train", "demo"):
+    for name in ("convert", "generate", "logprobs", "score", "train", "demo", "bench"):
         assert name in out
 
 
@@ -37,6 +37,7 @@ def test_top_level_help_lists_commands(capsys):
                  "--batch-size", "--json"]),
     (["train"], ["CONFIG", "KEY=VALUE", "--print-config"]),
     (["demo"], ["--seeds", "--out", "--quick"]),
+    (["bench"], ["CONFIG", "KEY=VALUE", "--steps", "--stages", "--out", "--save", "--gpu", "--aggregate", "--stage"]),
 ])
 def test_subcommand_help(argv, options, capsys):
     code, out, _ = _run(argv + ["--help"], capsys)
