@@ -116,6 +116,9 @@ def resolve_peak(cfg, archs: dict, gpu: bool, gpu_kind: str | None) -> dict:
     if gpu_kind is None and gpu:
         import torch
 
+        if not torch.cuda.is_available():  # trainer.device=cuda with the GPUs on worker nodes only
+            raise InputError("bench: this process sees no GPU to look up or measure; pass --gpu KIND "
+                             "(h100-80gb, h200-141gb, a100-80gb) for the workers' devices")
         name = torch.cuda.get_device_name(0)
         gpu_kind = next((kind for tag, kind in _GPU_NAMES if tag in name), None)
         if gpu_kind is None:
@@ -177,6 +180,12 @@ def _git() -> tuple[str | None, bool]:
         return commit, dirty
     except (OSError, subprocess.SubprocessError):
         return None, False
+
+
+def _gpu_name(kind: str | None) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{kind} (from --gpu)"
 
 
 def _cpu_name() -> str:
@@ -313,14 +322,13 @@ def run_bench(args) -> dict:
     rows = read_step_records(os.path.join(run_dir, "metrics.jsonl"))
     if len(rows) != len(trainer.lengths):
         raise RuntimeError(f"bench: {len(rows)} metric records for {len(trainer.lengths)} steps in {run_dir}")
-    import torch
 
     commit, dirty = _git()
     meta = {"command": "megatron-gad bench " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else
                                                           [args.config, *args.overrides]),
             "config": args.config, "config_name": os.path.splitext(os.path.basename(args.config))[0],
             "overrides": list(args.overrides), "save": args.save, "rollout": rollout,
-            "device_name": torch.cuda.get_device_name(0) if gpu else _cpu_name(),
+            "device_name": _gpu_name(args.gpu) if gpu else _cpu_name(),
             "git_commit": commit, "git_dirty": dirty, "run_dir": run_dir, "wall_s": wall}
     report = build_report(cfg, archs, stages, args.steps, rows, trainer.lengths, peak, gpu, meta)
     os.makedirs(args.out, exist_ok=True)
