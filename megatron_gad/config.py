@@ -225,6 +225,9 @@ class CriticConfig:
     # equal texts are equal token ids; strip: a final EOS is dropped from both; none: the teacher's EOS is
     # dropped but the student's kept -- the users' failure (D learns "has EOS"), for comparison only.
     eos_policy: Literal["append", "strip", "none"] = "append"
+    # Where a sequence's score is read, the same for both sides: last = its last token (the paper);
+    # mean = the mean of the head over its response tokens (docs/discriminator.md).
+    score_pooling: Literal["last", "mean"] = "last"
     # Saturation controls of the pair loss (algos.discriminator.pair_loss), all off by default:
     loss_type: Literal["bt", "hinge"] = "bt"
     bt_temperature: float = 1.0  # z = (gap - margin) / temperature
