@@ -303,6 +303,23 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class CustomRewardFunctionConfig:
+    """verl's keys: a task verifier, ``name`` in the Python file ``path`` (controller/verifier.py)."""
+    path: str | None = None
+    name: str = "compute_score"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # the actor's reward = D(student) + verifier_weight * verifier (0 = the verifier is logged only)
+    verifier_weight: float = 0.0
+    # warn (reward/hacking_warning) when critic/verifier_auc stays below hacking_auc over hacking_window
+    # GAD steps while D's reward rises
+    hacking_auc: float = 0.55
+    hacking_window: int = 5
+
+
+@dataclass(frozen=True)
 class GADConfig:
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
@@ -310,6 +327,8 @@ class GADConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 # YAML: PyYAML follows YAML 1.1, where a float needs a dot, so `1e-6` would load as the string "1e-6".

@@ -291,6 +291,13 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if not 0 <= c.swap_prob < 0.5:
         bad.append(f"critic.swap_prob={c.swap_prob} must be in [0, 0.5) (at 0.5 half the labels are flipped: "
                    "nothing to learn)")
+    r, crf = cfg.reward, cfg.custom_reward_function
+    if r.verifier_weight != 0 and not crf.path:
+        bad.append(f"reward.verifier_weight={r.verifier_weight} needs a verifier: set custom_reward_function.path (a "
+                   "Python file) and custom_reward_function.name (its function: prompt, response -> float)")
+    if not 0.5 <= r.hacking_auc <= 1 or r.hacking_window < 2:
+        bad.append(f"reward.hacking_auc={r.hacking_auc} must be in [0.5, 1] and reward.hacking_window="
+                   f"{r.hacking_window} >= 2 (a reward trend needs two steps)")
     g = c.saturation_guard
     if g.enable and not (0.5 <= g.lower < g.upper <= 1.0):
         bad.append(f"critic.saturation_guard: lower={g.lower} and upper={g.upper} must satisfy 0.5 <= lower < upper "
