@@ -168,6 +168,9 @@ def _score_parser(sub) -> None:
     _add_data(p, "teacher response column (default: teacher_response)")
     p.add_argument("--student-key", default="student_response", metavar="KEY",
                    help="optional student response column (default: student_response)")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last",
+                   help="where a sequence is scored: its last token, or the mean over its response tokens; use "
+                        "the critic.score_pooling the checkpoint was trained with (default: last)")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per row (row: 0-based index, prompt_ids, teacher_response_ids, teacher_score, "
                         "student_response_ids, student_score), then one summary line; nothing else on stdout")

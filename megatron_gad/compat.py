@@ -127,6 +127,10 @@ RULES: tuple[Rule, ...] = (
         (f"{A}.kl_loss_coef", "its coefficient"),
         ("algorithm.norm_adv_by_std_in_grpo", "GRPO advantage normalisation"),
         ("trainer.critic_warmup", "critic-only steps before GAD"),
+        ("custom_reward_function.path", "a task verifier's Python file; mixed into the reward with "
+                                        "`reward.verifier_weight` (0: logged only, `critic/verifier_auc`)"),
+        ("custom_reward_function.name", "its function: (prompt, response) or verl's (data_source, solution_str, "
+                                        "ground_truth, extra_info) -> float"),
     )),
 )
 

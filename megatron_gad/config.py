@@ -225,6 +225,9 @@ class CriticConfig:
     # equal texts are equal token ids; strip: a final EOS is dropped from both; none: the teacher's EOS is
     # dropped but the student's kept -- the users' failure (D learns "has EOS"), for comparison only.
     eos_policy: Literal["append", "strip", "none"] = "append"
+    # Where a sequence's score is read, the same for both sides: last = its last token (the paper);
+    # mean = the mean of the head over its response tokens (docs/discriminator.md).
+    score_pooling: Literal["last", "mean"] = "last"
     # Saturation controls of the pair loss (algos.discriminator.pair_loss), all off by default:
     loss_type: Literal["bt", "hinge"] = "bt"
     bt_temperature: float = 1.0  # z = (gap - margin) / temperature
@@ -300,6 +303,23 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class CustomRewardFunctionConfig:
+    """verl's keys: a task verifier, ``name`` in the Python file ``path`` (controller/verifier.py)."""
+    path: str | None = None
+    name: str = "compute_score"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # the actor's reward = D(student) + verifier_weight * verifier (0 = the verifier is logged only)
+    verifier_weight: float = 0.0
+    # warn (reward/hacking_warning) when critic/verifier_auc stays below hacking_auc over hacking_window
+    # GAD steps while D's reward rises
+    hacking_auc: float = 0.55
+    hacking_window: int = 5
+
+
+@dataclass(frozen=True)
 class GADConfig:
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
@@ -307,6 +327,8 @@ class GADConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 # YAML: PyYAML follows YAML 1.1, where a float needs a dot, so `1e-6` would load as the string "1e-6".

@@ -215,7 +215,10 @@ class GADDataset:
         max_prompt_length: int = 2048,
         max_response_length: int = 1536,
         on_bad_row: str = "error",
+        keep_keys: Sequence[str] = (),
     ):
+        """``keep_keys``: fields of each kept row to keep as read (``self.rows[i]``; e.g. the prompt
+        text and ground truth a verifier reads); none by default."""
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if isinstance(files, (str, os.PathLike)):
@@ -235,11 +238,12 @@ class GADDataset:
         self.on_bad_row = on_bad_row
         self.prompt_ids: list[list[int]] = []
         self.teacher_response_ids: list[list[int]] = []
+        self.rows: list[dict[str, Any]] = []
         self.skipped: dict[str, int] = {}
 
         skipped: Counter[str] = Counter()
         for path in self.files:
-            for loc, row in iter_file(path, (prompt_key, teacher_response_key)):
+            for loc, row in iter_file(path, (prompt_key, teacher_response_key, *keep_keys)):
                 try:
                     p_ids, r_ids = self._tokenize_row(row)
                 except BadRow as bad:
@@ -249,6 +253,8 @@ class GADDataset:
                     continue
                 self.prompt_ids.append(p_ids)
                 self.teacher_response_ids.append(r_ids)
+                if keep_keys:
+                    self.rows.append({k: row[k] for k in keep_keys if k in row})
         self.skipped = dict(sorted(skipped.items()))
         if self.skipped:
             logger.warning(
@@ -446,4 +452,5 @@ def collate_prompts(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, t
         "prompt_mask": prompt_mask,
         "teacher_response": teacher_response,
         "teacher_response_mask": teacher_response_mask,
+        "index": torch.tensor([int(it.get("index", -1)) for it in items], dtype=torch.long),  # dataset rows
     }

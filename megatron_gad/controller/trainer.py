@@ -30,6 +30,7 @@ from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
 from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
+from megatron_gad.controller.verifier import HybridReward, verifier_row_keys
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
 from megatron_gad.errors import RunFailure
@@ -86,7 +87,8 @@ class GADTrainer:
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         self.dataset = GADDataset(d.train_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
-                                  d.max_prompt_length, d.max_response_length, d.on_bad_row)
+                                  d.max_prompt_length, d.max_response_length, d.on_bad_row, verifier_row_keys(cfg))
+        self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_row_keys(cfg) else None  # verifier mix
         self.loader = PromptLoader(self.dataset, d.train_batch_size, d.shuffle, d.seed)
         self.val_dataset = GADDataset(d.val_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
                                       d.max_prompt_length, d.max_response_length, d.on_bad_row) \
@@ -234,6 +236,10 @@ class GADTrainer:
         if gad_step:
             with self._phase(timer, "reward"):  # D(student), before this step's critic update
                 rewards = self.critic.compute_scores(student)["scores"]
+                if self.hybrid is not None:  # + the verifier's score (custom_reward_function)
+                    texts = [self.decode(i, m) for i, m in zip(student["responses"], student["response_mask"])]
+                    rewards, m = self.hybrid(batch["index"].tolist(), texts, rewards, n)
+                    metrics.update(m)
             with self._phase(timer, "old_log_prob"):
                 student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
             metrics.update(algos.logprob_mismatch(student["old_log_prob"], student["rollout_log_prob"],
@@ -467,6 +473,7 @@ class GADTrainer:
         extra = {"step": self.step}
         state = {"step": self.step, "loader": self.loader.state_dict(), "warmup": self.warmup.state_dict(),
                  "saturation_guard": self.guard.state_dict(),
+                 "hacking_monitor": self.hybrid.monitor.state_dict() if self.hybrid else None,
                  "nonfinite": dict(self.nonfinite), "nonfinite_run": dict(self.nonfinite_run),
                  "syncs": dict(self.syncs)}
 
@@ -500,6 +507,8 @@ class GADTrainer:
         self.loader.load_state_dict(st["loader"])
         self.warmup.load_state_dict(st["warmup"])
         self.guard.load_state_dict(st.get("saturation_guard", {}))
+        if self.hybrid is not None and st.get("hacking_monitor"):
+            self.hybrid.monitor.load_state_dict(st["hacking_monitor"])
         self.step = int(st["step"])
         self.nonfinite.update(st.get("nonfinite", {}))
         self.nonfinite_run.update(st.get("nonfinite_run", {}))

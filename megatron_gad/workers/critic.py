@@ -3,8 +3,10 @@ and trains on teacher-vs-student pairs with the fused head + Bradley-Terry loss.
 
 Both sides are scored under one end-of-response rule (``critic.eos_policy``, applied here to every
 sequence the critic sees), so a student whose response ids equal the teacher's gets the teacher's
-score. The pair loss takes the saturation controls of ``algos.discriminator.pair_loss``; with any
-of them on, ``fused_loss: auto`` runs the torch path (the fused kernel computes plain BT)."""
+score, read at its last token or (``critic.score_pooling: mean``) averaged over its response. The
+pair loss takes the saturation controls of ``algos.discriminator.pair_loss``; with any of them or
+mean pooling on, ``fused_loss: auto`` runs the torch path (the fused kernel computes plain BT at
+the last token)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ import torch
 from megatron_gad.config import CriticConfig
 from megatron_gad.config_checks import critic_controls_on
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
-from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED, disc_bt_loss_packed, disc_head_scores, resolve_impl
+from megatron_gad.kernels.disc_loss import (
+    TE_HEAD_NOT_USED,
+    disc_bt_loss_packed,
+    disc_head_scores,
+    pooled_head_scores,
+    resolve_impl,
+)
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
 from megatron_gad.workers.base import Worker
@@ -48,8 +56,9 @@ class CriticWorker(Worker):
         self.loss_impl = config.fused_loss
         if critic_controls_on(config):
             if config.fused_loss == "triton":
-                raise ValueError("critic.fused_loss=triton computes plain Bradley-Terry only; use auto or torch "
-                                 "with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob")
+                raise ValueError("critic.fused_loss=triton computes plain Bradley-Terry at the last token only; use "
+                                 "auto or torch with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob "
+                                 "or score_pooling=mean")
             self.loss_impl = "torch"
         # fails early for an explicit "triton" that cannot run; "auto" resolves per call on the
         # hidden states' device, so it never picks a kernel that cannot run there
@@ -90,7 +99,10 @@ class CriticWorker(Worker):
 
         def loss_fn(hidden, mb):
             w, bias = self._head()
-            s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
+            if c.score_pooling == "mean":
+                s = pooled_head_scores(hidden[0], mb["last"], mb["resp_len"], w, bias)
+            else:
+                s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
             return s.sum() * 0, {"scores": s.detach().float()}
 
         res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
@@ -148,9 +160,10 @@ class CriticWorker(Worker):
             controls = dict(self.controls)
             if gen is not None:
                 controls["swap"] = (torch.rand(pairs, generator=gen) < self.config.swap_prob).to(hidden.device)
+            pool = mb["resp_len"] if self.config.score_pooling == "mean" else None
             loss, m, t, s = disc_bt_loss_packed(hidden, mb["last"], k, mb["teacher_of"], w, b,
                                                 impl=self.loss_impl, score_reg_coef=self.config.score_reg_coef,
-                                                **(controls if self.loss_impl == "torch" else {}))
+                                                pool_len=pool, **(controls if self.loss_impl == "torch" else {}))
             gap = (t.index_select(0, mb["teacher_of"].to(t.device)) - s).abs().cpu()
             ident = mb["identical"]
             m = dict(m, identical_pairs=ident.float().mean(), eos_mismatch=mb["eos_mismatch"].float().mean(),
