@@ -83,7 +83,7 @@ def reduce_metrics(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, str):
+    if isinstance(value, (str, bool)):  # e.g. a sample's student_eos stays true/false, not 1.0
         return value
     v = _scalar(value)
     # JSON has no NaN/Inf; keep the line valid and the fact visible.

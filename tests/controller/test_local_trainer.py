@@ -133,7 +133,7 @@ def test_samples_jsonl_every_step(assets, tmp_path):
     assert [r["step"] for r in rows] == [1, 1, 2, 2, 3, 3]
     for r in rows:
         assert (r["prompt"], r["teacher"]) in pairs
-        assert r["teacher_eos"] == 1.0 and r["teacher_len"] >= 1 and 1 <= r["student_len"] <= 12
+        assert r["teacher_eos"] is True and r["teacher_len"] >= 1 and 1 <= r["student_len"] <= 12
     assert [(r["student_score"], r["teacher_score"]) for r in rows[:2]] == [(0.0, 0.0), (0.0, 0.0)]
     assert any(r["teacher_score"] != 0.0 for r in rows[2:])  # the critic learned after step 1
 
