@@ -167,7 +167,16 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class RefMegatronConfig:
+    """The frozen reference runs in the actor's layout (``actor.megatron``); only where its weights live
+    between passes is its own (verl's key). Default true, unlike verl: the reference is used once per step,
+    so its weights stay in host memory and come to the device for its log-prob pass only."""
+    param_offload: bool = True
+
+
+@dataclass(frozen=True)
 class RefConfig:
+    megatron: RefMegatronConfig = field(default_factory=RefMegatronConfig)
     log_prob_micro_batch_size_per_gpu: int = 8
     log_prob_use_dynamic_bsz: bool = False
     log_prob_max_token_len_per_gpu: int = 16384
@@ -179,6 +188,9 @@ class ActorRolloutRefConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    # Seconds a collective of the actor's process group may wait before the run fails (verl's key; verl's
+    # default is 600). Long enough for the slowest rank's checkpoint save or weight export; LMOps runs 36000.
+    nccl_timeout: int = 7200
 
 
 @dataclass(frozen=True)
@@ -235,6 +247,7 @@ class CriticConfig:
     margin: float = 0.0
     swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
     saturation_guard: SaturationGuardConfig = field(default_factory=SaturationGuardConfig)
+    nccl_timeout: int = 7200  # seconds, for the critic's process group (see actor_rollout_ref.nccl_timeout)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
     "critic.ppo_max_token_len_per_gpu", "critic.forward_max_token_len_per_gpu",
     "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
     "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus", "trainer.max_nonfinite_steps",
-    "trainer.max_actor_ckpt_to_keep", "trainer.max_critic_ckpt_to_keep",
+    "trainer.max_actor_ckpt_to_keep", "trainer.max_critic_ckpt_to_keep", "actor_rollout_ref.nccl_timeout",
+    "critic.nccl_timeout",
 ]] + [(k, ">=", 0) for k in [
     "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
 ] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
@@ -101,17 +102,12 @@ def _check_megatron(key: str, m: MegatronConfig, bad: list[str]) -> None:
 
 def _check_actor_megatron(m: MegatronConfig, bad: list[str]) -> None:
     """Settings that the critic applies but the actor cannot use yet: refused instead of ignored
-    (the distributed optimizer and recompute apply to both roles)."""
+    (the distributed optimizer, recompute and offload apply to both roles)."""
     key = "actor_rollout_ref.actor.megatron"
     if m.sequence_parallel:
         bad.append(f"{key}.sequence_parallel=true is not supported yet for the actor: its native rollout decodes "
                    f"one token per step, which sequence parallelism cannot split over the TP ranks; unset it "
                    f"(critic.megatron.sequence_parallel works)")
-    pending = [k for k, on in (("param_offload", m.param_offload), ("grad_offload", m.grad_offload),
-                               ("optimizer_offload", m.optimizer_offload)) if on]
-    for k in pending:
-        bad.append(f"{key}.{k} is not applied to the actor yet (its worker does not offload between passes); "
-                   f"unset it — critic.megatron.{k} works")
 
 
 def _check_layout(cfg: GADConfig, bad: list[str]) -> None:

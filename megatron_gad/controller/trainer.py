@@ -35,7 +35,7 @@ from megatron_gad.controller.verifier import HybridReward, verifier_row_keys
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
 from megatron_gad.errors import RunFailure
-from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
+from megatron_gad.metrics import MetricsLogger, Timer, fullest_rank, reduce_metrics
 
 log = logging.getLogger("megatron_gad")
 
@@ -283,6 +283,7 @@ class GADTrainer(TrainerEvaluation):
             if self.warmup.done:
                 metrics["warmup/ended_at_step"] = float(self.warmup.ended_at)
         metrics["actor/optimizer_state_bytes"] = float(sum(self.actor.optimizer_state_bytes()))
+        metrics.update(fullest_rank(self.actor.memory_metrics()))  # memory/actor/<phase>_bytes of this step
         return metrics
 
     def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
@@ -362,8 +363,7 @@ class GADTrainer(TrainerEvaluation):
         prompt's n samples stay with it through the data-parallel split."""
         B, R = batch["prompt_ids"].shape[0], student["responses"].shape[1]
         return {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
-                "teacher_response": batch["teacher_response"],
-                "teacher_response_mask": batch["teacher_response_mask"],
+                "teacher_response": batch["teacher_response"], "teacher_response_mask": batch["teacher_response_mask"],
                 "responses": student["responses"].view(B, self.n, R),
                 "response_mask": student["response_mask"].view(B, self.n, R)}
 

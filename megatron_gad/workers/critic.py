@@ -24,7 +24,7 @@ from megatron_gad.kernels.disc_loss import (
 )
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
-from megatron_gad.workers.base import Worker
+from megatron_gad.workers.base import PhaseMemory, Worker
 from megatron_gad.workers.dispatch import Dispatch, register
 from megatron_gad.workers.micro_batches import (
     Batching,
@@ -68,16 +68,11 @@ class CriticWorker(Worker):
         # sequence parallelism splits a packed row's tokens evenly over the TP ranks
         self.align = m.tensor_model_parallel_size if m.sequence_parallel else 1
         # what goes to host memory after each pass (the shard reloads what a pass needs itself)
-        self.offload = dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload)
-        self.phase_bytes: dict[str, float] = {}  # device bytes in this step's passes (memory/critic/...)
+        self.memory = PhaseMemory("critic", [(self.shard, dict(params=m.param_offload, grads=m.grad_offload,
+                                                                optimizer=m.optimizer_offload))])
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)
-
-    def _after(self, phase: str) -> None:
-        """Record the device bytes the pass held, then offload what the config says."""
-        self.phase_bytes[f"memory/critic/{phase}_bytes"] = float(sum(self.shard.held_bytes().values()))
-        self.shard.offload(**self.offload)
-        self.phase_bytes["memory/critic/idle_bytes"] = float(sum(self.shard.held_bytes().values()))
+        self.memory.settle()  # off the device until its first pass (the first rollout runs before it)
 
     def _head(self):
         head = self.shard.module.output_layer
@@ -105,8 +100,8 @@ class CriticWorker(Worker):
                 s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
             return s.sum() * 0, {"scores": s.detach().float()}
 
-        res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
-        self._after("reward")
+        with self.memory.phase("reward"):
+            res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
         if not res:  # not the last pipeline stage
             return {"scores": None}
         return {"scores": restore_order([r["scores"] for r in res], groups, batch["prompt_ids"].shape[0]).cpu()}
@@ -179,9 +174,8 @@ class CriticWorker(Worker):
     @register(Dispatch.DP, collect="mean")
     def evaluate_pairs(self, batch: dict, n: int) -> dict:
         """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
-        out = reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
-        self._after("evaluate")
-        return out
+        with self.memory.phase("evaluate"):
+            return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
 
     @register(Dispatch.DP, collect="mean")
     def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0) -> dict:
@@ -190,14 +184,14 @@ class CriticWorker(Worker):
         loss_fn = self._pair_loss("critic/", swap=True)
         metrics = []
         skipped = 0
-        for epoch in range(self.config.ppo_epochs):
-            results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
-            skipped += int(info["nonfinite"])
-            if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
-                metrics += [dict(r) for r in results]
-            metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
+        with self.memory.phase("update_critic"):
+            for epoch in range(self.config.ppo_epochs):
+                results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
+                skipped += int(info["nonfinite"])
+                if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
+                    metrics += [dict(r) for r in results]
+                metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
         out = reduce_metrics(metrics)
         out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
-        self._after("update_critic")
-        out.update(self.phase_bytes)  # this step's reward pass (scored before the update) included
+        out.update(self.memory.metrics)  # this step's reward pass (scored before the update) included
         return out

@@ -55,6 +55,13 @@ def test_local_workers_run_warmup_then_gad(assets, tmp_path):
     assert {"actor/pg_loss", "actor/kl", "reward/mean", "critic/d_acc", "timing_s/update_actor",
             "timing_s/reward"} <= set(rows[1])
     assert rows[1]["actor/optimizer_state_bytes"] > 0
+    # the actor's per-phase device bytes reach the step's metrics: a frozen-warmup step only samples;
+    # the reference's weights (on the host by default) come in for its pass only, beside the policy's
+    # (no gradient buffers or Adam state before the first update: the same bytes as the reference's)
+    assert "memory/actor/update_bytes" not in rows[0] and rows[0]["memory/actor/generate_bytes"] > 0
+    m = rows[1]
+    assert m["memory/actor/ref_log_prob_bytes"] == 2 * m["memory/actor/generate_bytes"]
+    assert m["memory/actor/update_bytes"] == m["memory/actor/idle_bytes"] > m["memory/actor/generate_bytes"]
     assert os.path.isdir(os.path.join(run, "global_step_3", "critic"))
 
 
