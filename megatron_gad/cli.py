@@ -251,8 +251,12 @@ def _slurm_parser(sub) -> None:
                                        "#SBATCH lines, Ray start-up (token auth, no dashboard) and the train "
                                        "overrides agree with the layout; a layout the allocation cannot hold is "
                                        "refused. The job saves and requeues itself before its time limit.")
-    r.add_argument("config", metavar="CONFIG", help="YAML config file")
-    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override, help="config overrides")
+    r.add_argument("config", metavar="CONFIG", help="YAML config file (a pipeline file with --pipeline)")
+    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_stage_override,
+                   help="config overrides (with --pipeline: for every training stage, or STAGE:KEY=VALUE)")
+    r.add_argument("--pipeline", action="store_true",
+                   help="CONFIG is a pipeline file (configs/pipelines/): the job runs `megatron-gad pipeline`, "
+                        "resuming stage by stage after a requeue; every training stage's layout is checked")
     r.add_argument("--nodes", type=_positive_int, required=True, metavar="N", help="nodes to allocate")
     r.add_argument("--gpus-per-node", type=_positive_int, required=True, metavar="G", help="GPUs per node")
     r.add_argument("--partition", metavar="P")

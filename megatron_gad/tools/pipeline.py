@@ -143,6 +143,9 @@ def load_pipeline(path: str, overrides: list[str] = (), output_dir: str | None =
     scoped: dict[str, list[str]] = {}
     for item in overrides:
         key = item.partition("=")[0]
+        if key.rpartition(":")[2].strip() == "trainer.default_local_dir":
+            raise PipelineError("trainer.default_local_dir is set by the pipeline (OUTPUT_DIR/<stage>); choose the "
+                                "pipeline's directory with output_dir: in the file or --out DIR")
         if ":" in key:  # STAGE:key=value
             name, _, rest = item.partition(":")
             scoped.setdefault(name, []).append(rest)
@@ -174,7 +177,7 @@ def load_pipeline(path: str, overrides: list[str] = (), output_dir: str | None =
                 raise PipelineError(f"{where} ({name}): an export stage takes no overrides or init_from")
             stages.append(Stage(name, export=raw["export"]))
             continue
-        config = str(base / raw["config"]) if not os.path.isabs(raw["config"]) else raw["config"]
+        config = os.path.normpath(base / str(raw["config"]))
         mine = common + _override_list(raw.get("overrides"), f"{where} ({name})") + scoped.pop(name, [])
         stages.append(Stage(name, config=config, overrides=tuple(mine), init_from=raw.get("init_from")))
     if scoped:
@@ -215,6 +218,15 @@ def stage_config(p: Pipeline, stage: Stage, upstream_ckpt: str | None,
         return load_config(stage.config, overrides), overrides
     except ConfigError as e:
         raise PipelineError(f"stage {stage.name}: {e}") from None
+
+
+def stage_configs(p: Pipeline, stages: tuple[Stage, ...] | None = None) -> dict[str, GADConfig]:
+    """Every training stage's resolved config, in order, each upstream checkpoint as a placeholder path."""
+    configs: dict[str, GADConfig] = {}
+    for s in stages if stages is not None else p.stages:
+        if s.kind == "train":
+            configs[s.name] = stage_config(p, s, _placeholder(p, s.init_from) if s.init_from else None, configs)[0]
+    return configs
 
 
 def _get(d: dict, dotted: str):
@@ -303,24 +315,19 @@ def plan(p: Pipeline, from_stage: str | None = None, until: str | None = None, f
     stop = names.index(p.stage(until).name) if until else len(names) - 1
     if start is not None and start > stop:
         raise PipelineError(f"--from {from_stage} comes after --until {until}")
-    configs: dict[str, GADConfig] = {}
+    configs = stage_configs(p, p.stages[:stop + 1])
     steps: dict[str, Step] = {}
     changing: set[str] = set()  # stages whose output this run writes anew
     for i, s in enumerate(p.stages[:stop + 1]):
         sd = p.stage_dir(s.name)
         marker = read_marker(sd)
-        if s.kind == "train":
-            up = _placeholder(p, s.init_from) if s.init_from else None
-            configs[s.name], _ = stage_config(p, s, up, configs)
-            settings = hashed_settings(configs[s.name])
-        else:
-            settings = {"export": s.export}
+        settings = hashed_settings(configs[s.name]) if s.kind == "train" else {"export": s.export}
         exists = os.path.isdir(sd) and any(os.scandir(sd))
         up_marker = steps[s.source].marker if s.source else None
         if start is not None and i >= start:
             action, reason = ("rerun" if exists else "run"), f"--from {from_stage}"
         elif s.source in changing:
-            action, reason = ("stale", f"it starts from stage {s.source!r}, which runs again") if exists else \
+            action, reason = ("stale", f"it starts from stage {s.source!r}, which must run again") if exists else \
                 ("run", f"after {s.source}")
         elif marker is None:
             action, reason = ("stale", f"{sd} holds files this pipeline did not write (no {MARKER})") if exists \
@@ -503,8 +510,9 @@ def describe(p: Pipeline, steps: list[Step]) -> str:
     lines = [f"pipeline {p.path} -> {p.output_dir}"]
     for st in steps:
         s = st.stage
+        rel = os.path.relpath(s.config) if s.config else ""
         what = f"export {s.export}" if s.kind == "export" else \
-            f"{os.path.relpath(s.config)}" + (f" from {s.init_from}" if s.init_from else "")
+            (rel if not rel.startswith("..") else s.config) + (f" from {s.init_from}" if s.init_from else "")
         lines.append(f"  {s.name:<{width}}  {st.action:<6}  {what}: {st.reason}")
     return "\n".join(lines)
 
