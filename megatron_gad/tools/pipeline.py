@@ -416,7 +416,10 @@ class _Children:
 
 def _move_aside(path: str) -> None:
     if os.path.exists(path):
-        dest = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest = base = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+        n = 1
+        while os.path.exists(dest):  # moved twice within a second
+            n, dest = n + 1, f"{base}-{n + 1}"
         os.replace(path, dest)
         say(f"moved {path} aside to {dest}")
 
