@@ -81,7 +81,7 @@ stages:
 
 
 def test_stages_start_from_the_previous_final_checkpoint_and_complete_ones_are_skipped(fake):
-    rc, p = fake["run"]()
+    rc, _ = fake["run"]()
     assert rc == 0
     calls, out = fake["calls"](), fake["out"]
     assert [c[0] for c in calls] == ["train", "train", "train", "convert"]
@@ -127,7 +127,7 @@ def test_changed_stage_is_refused_then_forced_and_later_stages_follow(fake):
 
 def test_stage_saved_on_signal_resumes_and_is_then_done(fake, monkeypatch):
     monkeypatch.setenv("FAKE_RC", "75")  # the first stage saves step 1 and stops, as on USR1
-    rc, p = fake["run"]()
+    rc, _ = fake["run"]()
     assert rc == pl.SAVED_ON_SIGNAL_EXIT == 75
     assert pl.read_marker(str(fake["out"] / "seqkd"))["status"] == "running"
     monkeypatch.delenv("FAKE_RC")
@@ -186,6 +186,6 @@ def test_7b_pipeline_renders_with_every_stage_checked():
     for stage in ("seqkd (sft)", "warmup (gad)", "gad (gad)"):
         assert f"stage {stage}:" in text
     # a stage whose layout the allocation cannot hold names itself
-    with pytest.raises(pl.ConfigError, match="stage gad: .*TP=4 needs 4 GPUs on one node"):
+    with pytest.raises(pl.ConfigError, match=r"stage gad: .*TP=4 needs 4 GPUs on one node"):
         render_script(SEVEN_B, [ARCH, "gad:actor_rollout_ref.actor.megatron.tensor_model_parallel_size=4"],
                       Request(nodes=8, gpus_per_node=2), pipeline=True)
