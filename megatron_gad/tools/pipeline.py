@@ -50,7 +50,8 @@ from megatron_gad.errors import InputError, RunFailure
 
 MARKER = "pipeline_stage.json"
 LATEST = "latest_checkpointed_iteration.txt"  # checkpoint.LATEST (that module imports torch)
-SAVED_ON_SIGNAL_EXIT = 75  # the trainer's exit after saving on USR1 (tests/unit/test_pipeline.py checks both agree)
+# the trainer's exit after saving on USR1 (tests/unit/test_pipeline_spec.py checks both agree)
+SAVED_ON_SIGNAL_EXIT = 75
 # Keys that say how a stage runs, not what it computes: changing them does not invalidate a stage
 # (a requeued job on another Ray address, more nodes, another save cadence or logger).
 RUN_ONLY_KEYS = ("ray", "trainer.resume_mode", "trainer.resume_from_path", "trainer.default_local_dir",

@@ -189,3 +189,10 @@ def test_7b_pipeline_renders_with_every_stage_checked():
     with pytest.raises(pl.ConfigError, match=r"stage gad: .*TP=4 needs 4 GPUs on one node"):
         render_script(SEVEN_B, [ARCH, "gad:actor_rollout_ref.actor.megatron.tensor_model_parallel_size=4"],
                       Request(nodes=8, gpus_per_node=2), pipeline=True)
+
+
+def test_exit_code_agrees_with_trainer():
+    pytest.importorskip("torch")
+    from megatron_gad.controller import trainer
+
+    assert trainer.SAVED_ON_SIGNAL_EXIT == pl.SAVED_ON_SIGNAL_EXIT
