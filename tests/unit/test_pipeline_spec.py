@@ -186,9 +186,9 @@ def test_7b_pipeline_renders_with_every_stage_checked():
     for stage in ("seqkd (sft)", "warmup (gad)", "gad (gad)"):
         assert f"stage {stage}:" in text
     # a stage whose layout the allocation cannot hold names itself
-    with pytest.raises(pl.ConfigError, match=r"stage gad: .*TP=4 needs 4 GPUs on one node"):
-        render_script(SEVEN_B, [ARCH, "gad:actor_rollout_ref.actor.megatron.tensor_model_parallel_size=4"],
-                      Request(nodes=8, gpus_per_node=2), pipeline=True)
+    with pytest.raises(pl.ConfigError, match=r"stage gad: critic: TP=16 needs 16 GPUs on one node"):
+        render_script(SEVEN_B, [ARCH, "gad:critic.megatron.tensor_model_parallel_size=16"],
+                      Request(nodes=4, gpus_per_node=8), pipeline=True)
 
 
 def test_exit_code_agrees_with_trainer():
