@@ -206,7 +206,7 @@ def _pipeline_parser(sub) -> None:
                         "(e.g. gad:trainer.total_training_steps=100)")
     p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: the file's output_dir)")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
-                   help="retrain STAGE and every stage after it (earlier ones must be done)")
+                   help="retrain STAGE and every stage after it (earlier stages are skipped when done, else run)")
     p.add_argument("--until", metavar="STAGE", default=None, help="stop after STAGE")
     p.add_argument("--force", action="store_true",
                    help="retrain stages whose settings changed (their old outputs are moved aside, not deleted)")
