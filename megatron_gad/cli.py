@@ -10,6 +10,7 @@ without importing torch / Megatron:
   plan     -> megatron_gad.tools.plan.main_plan
   demo     -> megatron_gad.demo.run.main_demo
   slurm    -> megatron_gad.tools.slurm.main_slurm
+  pipeline -> megatron_gad.tools.pipeline.main_pipeline
   inspect  -> megatron_gad.tools.inspect_run.main_inspect
   bench    -> megatron_gad.tools.bench.main_bench
 
@@ -43,6 +44,7 @@ _COMMANDS = {
     "inspect": ("megatron_gad.tools.inspect_run", "main_inspect"),
     "slurm": ("megatron_gad.tools.slurm", "main_slurm"),
     "bench": ("megatron_gad.tools.bench", "main_bench"),
+    "pipeline": ("megatron_gad.tools.pipeline", "main_pipeline"),
 }
 
 
@@ -191,6 +193,35 @@ def _train_parser(sub) -> None:
                    help="GPU kind the --dry-run memory plan checks against (default h100-80gb)")
 
 
+def _stage_override(text: str) -> str:
+    _override(text.partition(":")[2] if ":" in text.partition("=")[0] else text)
+    return text
+
+
+def _pipeline_parser(sub) -> None:
+    p = sub.add_parser("pipeline", help="run SeqKD -> warmup -> GAD -> export from one pipeline file, resumably",
+                       description="Run the stages of a pipeline file (configs/pipelines/) in order, each a "
+                                   "`train` subprocess in OUT/<stage>/ starting from the previous stage's final "
+                                   "checkpoint, then export to Hugging Face. Completed stages are skipped, a "
+                                   "started one resumes; a stage whose settings changed is refused (--force "
+                                   "retrains it and the stages after it). See docs/pipeline.md.")
+    p.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
+    p.add_argument("overrides", metavar="[STAGE:]KEY=VALUE", nargs="*", type=_stage_override,
+                   help="config overrides for every training stage, or for one with a STAGE: prefix "
+                        "(e.g. gad:trainer.total_training_steps=100)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: the file's output_dir)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
+                   help="retrain STAGE and every stage after it (earlier stages are skipped when done, else run)")
+    p.add_argument("--until", metavar="STAGE", default=None, help="stop after STAGE")
+    p.add_argument("--force", action="store_true",
+                   help="retrain stages whose settings changed (their old outputs are moved aside, not deleted)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each stage would do and validate every stage (layout, placement, memory "
+                        "plan); start nothing")
+    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+                   help="GPU kind the --dry-run memory plans check against (default h100-80gb)")
+
+
 def _plan_parser(sub) -> None:
     p = sub.add_parser("plan", help="will a config fit? memory per role and phase, fixes, step time (no GPU)",
                        description="Plan a training config on a GPU kind without starting anything: bytes per GPU "
@@ -251,8 +282,12 @@ def _slurm_parser(sub) -> None:
                                        "#SBATCH lines, Ray start-up (token auth, no dashboard) and the train "
                                        "overrides agree with the layout; a layout the allocation cannot hold is "
                                        "refused. The job saves and requeues itself before its time limit.")
-    r.add_argument("config", metavar="CONFIG", help="YAML config file")
-    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override, help="config overrides")
+    r.add_argument("config", metavar="CONFIG", help="YAML config file (a pipeline file with --pipeline)")
+    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_stage_override,
+                   help="config overrides (with --pipeline: for every training stage, or STAGE:KEY=VALUE)")
+    r.add_argument("--pipeline", action="store_true",
+                   help="CONFIG is a pipeline file (configs/pipelines/): the job runs `megatron-gad pipeline`, "
+                        "resuming stage by stage after a requeue; every training stage's layout is checked")
     r.add_argument("--nodes", type=_positive_int, required=True, metavar="N", help="nodes to allocate")
     r.add_argument("--gpus-per-node", type=_positive_int, required=True, metavar="G", help="GPUs per node")
     r.add_argument("--partition", metavar="P")
@@ -291,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _inspect_parser(sub)
     _slurm_parser(sub)
     _bench_parser(sub)
+    _pipeline_parser(sub)
     return parser
 
 
