@@ -33,6 +33,9 @@ import traceback
 from megatron_gad.errors import RunFailure, UserError
 
 # subcommand -> (module, function): the lazy dispatch table
+# the GPU kinds of tools/plan.py:GPUS (kept here as names: building the parser imports no tool; a test checks)
+GPU_KINDS = ("h100-80gb", "h200-141gb", "a100-80gb")
+
 _COMMANDS = {
     "convert": ("megatron_gad.tools.convert", "main_convert"),
     "generate": ("megatron_gad.tools.generate", "main_generate"),
@@ -189,7 +192,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the resolved config, each role's TP x PP x DP layout, the Ray placement "
                         "it would request and the memory plan's verdict; start nothing")
-    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+    p.add_argument("--gpu", choices=GPU_KINDS, default="h100-80gb",
                    help="GPU kind the --dry-run memory plan checks against (default h100-80gb)")
 
 
@@ -218,7 +221,7 @@ def _pipeline_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print what each stage would do and validate every stage (layout, placement, memory "
                         "plan); start nothing")
-    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+    p.add_argument("--gpu", choices=GPU_KINDS, default="h100-80gb",
                    help="GPU kind the --dry-run memory plans check against (default h100-80gb)")
 
 
@@ -230,7 +233,7 @@ def _plan_parser(sub) -> None:
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override,
                    help="config overrides, e.g. critic.megatron.use_distributed_optimizer=true")
-    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+    p.add_argument("--gpu", choices=GPU_KINDS, default="h100-80gb",
                    help="GPU kind (default h100-80gb)")
     p.add_argument("--nodes", type=_positive_int, default=None,
                    help="number of nodes (default: the config's trainer.nnodes)")
@@ -255,7 +258,7 @@ def _bench_parser(sub) -> None:
     p.add_argument("--run-dir", metavar="DIR", default=None,
                    help="the benched run's directory, metrics.jsonl (default <out>/<name>_run)")
     p.add_argument("--save", action="store_true", help="also write the checkpoint at the end (timed as 'save')")
-    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default=None,
+    p.add_argument("--gpu", choices=GPU_KINDS, default=None,
                    help="peak FLOP/s from this device table entry (default: the detected GPU; CPU: a matmul probe)")
     p.add_argument("--aggregate", metavar="REPORT", nargs="+", default=None,
                    help="bench report JSONs of one config at several node counts -> scaling.{json,md,png} in --out")

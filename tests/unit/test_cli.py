@@ -283,3 +283,10 @@ def test_logprobs_score_tables():
     _, summary = score_records(rows, "teacher_response", "student_response", [1.0, 2.0])
     assert summary["d_acc"] is None and "no d_acc" in score_table(*score_records(
         rows, "teacher_response", "student_response", [1.0, 2.0]))[-1]
+
+
+def test_gpu_kinds_match_the_planner():
+    from megatron_gad.cli import GPU_KINDS
+    from megatron_gad.tools.plan import GPUS
+
+    assert set(GPU_KINDS) == set(GPUS)
