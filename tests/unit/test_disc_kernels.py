@@ -98,6 +98,9 @@ class _FakeShard:  # just the critic's value head: the loss function needs nothi
             head.weight.copy_(torch.randn(1, 8, generator=g))
         self.module = type("M", (), {"output_layer": head})()
 
+    def offload(self, **kinds):  # the worker settles its memory at construction; nothing to move here
+        pass
+
 
 def _critic_mb(T=30, k=2, teacher_of=(0, 0, 0, 1, 1)):
     last = torch.tensor([4, 9, 13, 18, 22, 26, 29])[: k + len(teacher_of)]
