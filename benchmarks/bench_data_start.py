@@ -7,16 +7,18 @@ vocabulary, with punctuation, digits and non-ASCII letters mixed in. The tokeniz
 BPE (the kind Qwen2.5 uses) trained here on a sample of that text, with a ChatML template, so the
 per-row cost (template rendering plus BPE) has the shape of the real one; no download is needed.
 
-Three ways to build ``GADDataset`` from the same file, each timed once in a fresh process:
+Four ways to build the same dataset from the same file, each timed once in a fresh process:
 
-* **serial**: the pre-cache code path: one row at a time, ``apply_chat_template`` and ``encode`` per
-  row (``GADDataset(..., cache_dir=None, num_workers=0)``, ``megatron_gad.data.tokenize_serial``);
-* **parallel**: batched fast-tokenizer calls in ``--workers`` processes, no cache to read (the first
-  start; it writes the cache);
-* **cached**: the second start (a resume or a requeue): the file is hashed and the token arrays are
-  memory-mapped from the cache.
+* **serial**: the pre-cache code path (``SerialDataset`` below): one row at a time,
+  ``apply_chat_template`` and ``encode`` per row, lists of lists;
+* **batched**: ``GADDataset`` with one process and no cache: one fast-tokenizer call per chunk of rows
+  (the Rust tokenizer may use its own threads);
+* **parallel**: ``GADDataset`` with ``--workers`` processes and nothing in the cache (the first start;
+  it writes the cache);
+* **cached**: the next start (a resume or a requeue): the file is hashed and the token arrays are read
+  from the cache (checksums verified).
 
-The three results must be equal row for row (checked here on every row: ids and skip counts).
+The results must be equal row for row (checked here on every row: ids and skip counts).
 
     python benchmarks/bench_data_start.py [--rows 200000] [--format jsonl|parquet] [--workers 2]
 """
@@ -33,6 +35,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("serial", "batched", "parallel", "cached")
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -114,6 +117,33 @@ def make_tokenizer(out_dir: str, sample_rows: int = 2000, vocab_size: int = 16_0
 
 
 # ---------------------------------------------------------------------------------- one timed start
+class SerialDataset:
+    """The pre-cache ``GADDataset`` construction, kept here as the baseline: one row at a time,
+    ``encode_prompt`` / ``encode_teacher_response`` per row, lists of lists."""
+
+    def __init__(self, path: str, tok, max_prompt: int, max_response: int):
+        from collections import Counter
+
+        from megatron_gad.data import BadRow, check_row, encode_prompt, encode_teacher_response, iter_file
+
+        self.prompt_ids, self.teacher_response_ids, skipped = [], [], Counter()
+        for _, row in iter_file(path, ("content", "teacher_response")):
+            try:
+                prompt, response = check_row(row, "content", "teacher_response")
+                p = encode_prompt(tok, prompt)
+                if len(p) > max_prompt:
+                    raise BadRow("prompt_too_long", "")
+                r = encode_teacher_response(tok, response)
+                if len(r) > max_response:
+                    raise BadRow("response_too_long", "")
+            except BadRow as e:
+                skipped[e.reason] += 1
+                continue
+            self.prompt_ids.append(p)
+            self.teacher_response_ids.append(r)
+        self.skipped = dict(sorted(skipped.items()))
+
+
 def _child(args) -> None:
     """One start in this (fresh) process: build the dataset, print its timing and a digest of its ids."""
     import hashlib
@@ -125,17 +155,20 @@ def _child(args) -> None:
 
     logging.basicConfig(level=logging.INFO, format="    %(message)s", stream=sys.stderr)
     tok = AutoTokenizer.from_pretrained(args.tok)
-    cache = None if args.mode == "serial" else args.cache
     t0 = time.perf_counter()
-    ds = GADDataset(args.data, tok, max_prompt_length=args.max_prompt, max_response_length=args.max_response,
-                    on_bad_row="skip", cache_dir=cache, num_workers=0 if args.mode == "serial" else args.workers)
+    if args.mode == "serial":
+        ds = SerialDataset(args.data, tok, args.max_prompt, args.max_response)
+    else:
+        ds = GADDataset(args.data, tok, max_prompt_length=args.max_prompt, max_response_length=args.max_response,
+                        on_bad_row="skip", cache_dir=None if args.mode == "batched" else args.cache,
+                        num_workers=1 if args.mode == "batched" else args.workers)
     seconds = time.perf_counter() - t0
     h = hashlib.sha256()
-    for i in range(len(ds)):
-        item = ds[i]
-        h.update(json.dumps([item["prompt_ids"], item["teacher_response_ids"]]).encode())
-    tokens = sum(len(ds.prompt_ids[i]) + len(ds.teacher_response_ids[i]) for i in range(len(ds)))
-    print(json.dumps({"seconds": seconds, "rows": len(ds), "tokens": tokens, "skipped": ds.skipped,
+    tokens = 0
+    for p, r in zip(ds.prompt_ids, ds.teacher_response_ids):
+        h.update(json.dumps([p, r]).encode())
+        tokens += len(p) + len(r)
+    print(json.dumps({"seconds": seconds, "rows": len(ds.prompt_ids), "tokens": tokens, "skipped": ds.skipped,
                       "digest": h.hexdigest()}))
 
 
@@ -150,6 +183,11 @@ def _start(mode: str, args, data: str, tok: str, cache: str) -> dict:
 
 
 def main() -> None:
+    from megatron_gad.tokenized import CHUNK_ROWS
+
+    global CHUNK
+    CHUNK = CHUNK_ROWS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
@@ -158,7 +196,7 @@ def main() -> None:
     p.add_argument("--max-response", type=int, default=1536)
     p.add_argument("--workdir", default=None, help="keep the data, tokenizer and cache here (default: a temp dir)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "data_start"))
-    p.add_argument("--child", choices=["serial", "parallel", "cached"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tok", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -185,12 +223,12 @@ def main() -> None:
 
         shutil.rmtree(cache)
     runs = {}
-    for mode in ("serial", "parallel", "cached"):
+    for mode in MODES:
         runs[mode] = _start(mode, args, data, tok, cache)
         print(f"{mode:9s} {runs[mode]['seconds']:8.2f} s  ({runs[mode]['rows']} rows)", flush=True)
     digests = {r["digest"] for r in runs.values()}
     skipped = {json.dumps(r["skipped"], sort_keys=True) for r in runs.values()}
-    assert len(digests) == 1 and len(skipped) == 1, f"the three starts disagree: {runs}"
+    assert len(digests) == 1 and len(skipped) == 1, f"the starts disagree: {runs}"
     cache_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache) for f in fs)
     result = {
         "rows_in_file": args.rows, "rows_kept": runs["serial"]["rows"], "skipped": runs["serial"]["skipped"],
@@ -211,14 +249,17 @@ def main() -> None:
         f"{args.rows:,} synthetic LMSYS-like rows ({args.format}, {result['file_mib']} MiB, "
         f"{result['tokens']:,} tokens kept; byte-level BPE, ChatML template), max lengths "
         f"{args.max_prompt}/{args.max_response}, {os.cpu_count()} CPU cores. Each start runs in a fresh "
-        "process; the three results are equal row for row.",
+        "process; their results are equal row for row.",
         "",
         "| start | what it does | seconds | vs serial |",
         "|---|---|---:|---:|",
         f"| serial | one row at a time (the pre-cache path) | {s['serial']:.1f} | 1.0x |",
+        f"| batched | one tokenizer call per {CHUNK} rows, this process only, no cache | {s['batched']:.1f} | "
+        f"{result['speedup_vs_serial']['batched']}x |",
         f"| parallel | batched fast tokenizer, {args.workers} processes; writes the cache | {s['parallel']:.1f} | "
         f"{result['speedup_vs_serial']['parallel']}x |",
-        f"| cached | hash the file, map the cached arrays (a resume or requeue) | {s['cached']:.2f} | "
+        f"| cached | hash the file, read the cached arrays, verify checksums (a resume or requeue) | "
+        f"{s['cached']:.2f} | "
         f"{result['speedup_vs_serial']['cached']}x |",
         "",
         f"Cache size: {result['cache_mib']} MiB. Reproduce: `python benchmarks/bench_data_start.py --rows {args.rows} "

@@ -22,6 +22,7 @@ temporary directory renamed into place, so a killed job leaves no half-written c
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -87,10 +88,8 @@ def ragged(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """(values int32, offsets int64) of a list of id lists."""
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    values = np.fromiter((t for s in seqs for t in s), dtype=np.int64, count=int(offsets[-1]))
-    if len(values) and (values.min() < 0 or values.max() >= 2**31):
-        raise ValueError("token id outside int32")
-    return values.astype(np.int32), offsets
+    values = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
+    return values, offsets
 
 
 @dataclass
@@ -129,21 +128,23 @@ def tokenize_chunk(tokenizer: Any, prompts: list, responses: list[str]):
     if getattr(tokenizer, "chat_template", None):
         convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
         out = tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=False)
-        p_ids = [_as_ids(o) for o in (out["input_ids"] if isinstance(out, dict) else out)]
+        p_ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "input_ids") else out
+        if p_ids and not isinstance(p_ids[0], list):  # e.g. tensors from a custom tokenizer
+            p_ids = [_as_ids(o) for o in p_ids]
     else:
         plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         bad += [(i, "no_chat_template", "prompt is a message list but the tokenizer has no chat template")
                 for i, p in enumerate(prompts) if not isinstance(p, str)]
         if plain:
             for i, ids in zip(plain, tokenizer([prompts[i] for i in plain])["input_ids"]):
-                p_ids[i] = list(ids)
+                p_ids[i] = ids
     eos, eos_id = tokenizer.eos_token, int(tokenizer.eos_token_id)
     texts = [t[: -len(eos)] if eos and t.endswith(eos) else t for t in responses]
     nonempty = [i for i, t in enumerate(texts) if t]
     r_ids: list[list[int]] = [[] for _ in texts]
     if nonempty:
         for i, ids in zip(nonempty, tokenizer([texts[i] for i in nonempty], add_special_tokens=False)["input_ids"]):
-            r_ids[i] = list(ids)
+            r_ids[i] = ids
     for ids in r_ids:
         if not ids or ids[-1] != eos_id:
             ids.append(eos_id)
