@@ -10,7 +10,9 @@ without importing torch / Megatron:
   plan     -> megatron_gad.tools.plan.main_plan
   demo     -> megatron_gad.demo.run.main_demo
   slurm    -> megatron_gad.tools.slurm.main_slurm
+  pipeline -> megatron_gad.tools.pipeline.main_pipeline
   inspect  -> megatron_gad.tools.inspect_run.main_inspect
+  bench    -> megatron_gad.tools.bench.main_bench
 
 Error contract (``megatron_gad.errors``): an input problem of any command (``UserError``: ``ConfigError``,
 ``DataError``, ``ToolError``, ``InputError``) ends with one message on stderr naming the file or key and
@@ -31,6 +33,9 @@ import traceback
 from megatron_gad.errors import RunFailure, UserError
 
 # subcommand -> (module, function): the lazy dispatch table
+# the GPU kinds of tools/plan.py:GPUS (kept here as names: building the parser imports no tool; a test checks)
+GPU_KINDS = ("h100-80gb", "h200-141gb", "a100-80gb")
+
 _COMMANDS = {
     "convert": ("megatron_gad.tools.convert", "main_convert"),
     "generate": ("megatron_gad.tools.generate", "main_generate"),
@@ -41,6 +46,8 @@ _COMMANDS = {
     "plan": ("megatron_gad.tools.plan", "main_plan"),
     "inspect": ("megatron_gad.tools.inspect_run", "main_inspect"),
     "slurm": ("megatron_gad.tools.slurm", "main_slurm"),
+    "bench": ("megatron_gad.tools.bench", "main_bench"),
+    "pipeline": ("megatron_gad.tools.pipeline", "main_pipeline"),
 }
 
 
@@ -166,6 +173,9 @@ def _score_parser(sub) -> None:
     _add_data(p, "teacher response column (default: teacher_response)")
     p.add_argument("--student-key", default="student_response", metavar="KEY",
                    help="optional student response column (default: student_response)")
+    p.add_argument("--pooling", choices=("last", "mean"), default="last",
+                   help="where a sequence is scored: its last token, or the mean over its response tokens; use "
+                        "the critic.score_pooling the checkpoint was trained with (default: last)")
     p.add_argument("--json", action="store_true",
                    help="one JSON line per row (row: 0-based index, prompt_ids, teacher_response_ids, teacher_score, "
                         "student_response_ids, student_score), then one summary line; nothing else on stdout")
@@ -182,8 +192,37 @@ def _train_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate, print the resolved config, each role's TP x PP x DP layout, the Ray placement "
                         "it would request and the memory plan's verdict; start nothing")
-    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+    p.add_argument("--gpu", choices=GPU_KINDS, default="h100-80gb",
                    help="GPU kind the --dry-run memory plan checks against (default h100-80gb)")
+
+
+def _stage_override(text: str) -> str:
+    _override(text.partition(":")[2] if ":" in text.partition("=")[0] else text)
+    return text
+
+
+def _pipeline_parser(sub) -> None:
+    p = sub.add_parser("pipeline", help="run SeqKD -> warmup -> GAD -> export from one pipeline file, resumably",
+                       description="Run the stages of a pipeline file (configs/pipelines/) in order, each a "
+                                   "`train` subprocess in OUT/<stage>/ starting from the previous stage's final "
+                                   "checkpoint, then export to Hugging Face. Completed stages are skipped, a "
+                                   "started one resumes; a stage whose settings changed is refused (--force "
+                                   "retrains it and the stages after it). See docs/pipeline.md.")
+    p.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
+    p.add_argument("overrides", metavar="[STAGE:]KEY=VALUE", nargs="*", type=_stage_override,
+                   help="config overrides for every training stage, or for one with a STAGE: prefix "
+                        "(e.g. gad:trainer.total_training_steps=100)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: the file's output_dir)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
+                   help="retrain STAGE and every stage after it (earlier stages are skipped when done, else run)")
+    p.add_argument("--until", metavar="STAGE", default=None, help="stop after STAGE")
+    p.add_argument("--force", action="store_true",
+                   help="retrain stages whose settings changed (their old outputs are moved aside, not deleted)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what each stage would do and validate every stage (layout, placement, memory "
+                        "plan); start nothing")
+    p.add_argument("--gpu", choices=GPU_KINDS, default="h100-80gb",
+                   help="GPU kind the --dry-run memory plans check against (default h100-80gb)")
 
 
 def _plan_parser(sub) -> None:
@@ -194,11 +233,37 @@ def _plan_parser(sub) -> None:
     p.add_argument("config", metavar="CONFIG", help="YAML config file")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override,
                    help="config overrides, e.g. critic.megatron.use_distributed_optimizer=true")
-    p.add_argument("--gpu", choices=("h100-80gb", "h200-141gb", "a100-80gb"), default="h100-80gb",
+    p.add_argument("--gpu", choices=GPU_KINDS, default="h100-80gb",
                    help="GPU kind (default h100-80gb)")
     p.add_argument("--nodes", type=_positive_int, default=None,
                    help="number of nodes (default: the config's trainer.nnodes)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON document")
+
+
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time K trainer steps per stage: phases, tokens/s, TFLOP/s, MFU, memory",
+                       description="Run K steps of each stage with the real trainer and write <out>/<name>.json and "
+                                   ".md: per-phase time, tokens/s per device, achieved TFLOP/s and MFU, memory per "
+                                   "role and phase, weight-sync time (first step of each stage excluded when K > 1). "
+                                   "Or, with --aggregate, build a scaling table and plot from reports of runs at "
+                                   "several node counts.")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="YAML config file (not with --aggregate)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override, help="config overrides")
+    p.add_argument("--steps", type=_positive_int, default=3, metavar="K", help="steps per stage (default 3)")
+    p.add_argument("--stages", default="warmup,gad", metavar="S",
+                   help="comma list of warmup, gad (in that order), or sft alone (default warmup,gad)")
+    p.add_argument("--out", metavar="DIR", default="outputs/bench",
+                   help="where the report (or the scaling table and plot) goes (default outputs/bench)")
+    p.add_argument("--name", metavar="NAME", default=None, help="report file stem (default bench_<config stem>)")
+    p.add_argument("--run-dir", metavar="DIR", default=None,
+                   help="the benched run's directory, metrics.jsonl (default <out>/<name>_run)")
+    p.add_argument("--save", action="store_true", help="also write the checkpoint at the end (timed as 'save')")
+    p.add_argument("--gpu", choices=GPU_KINDS, default=None,
+                   help="peak FLOP/s from this device table entry (default: the detected GPU; CPU: a matmul probe)")
+    p.add_argument("--aggregate", metavar="REPORT", nargs="+", default=None,
+                   help="bench report JSONs of one config at several node counts -> scaling.{json,md,png} in --out")
+    p.add_argument("--stage", choices=("warmup", "gad", "sft"), default=None,
+                   help="--aggregate: the stage to compare (default gad, else sft, else warmup)")
 
 
 def _demo_parser(sub) -> None:
@@ -220,8 +285,12 @@ def _slurm_parser(sub) -> None:
                                        "#SBATCH lines, Ray start-up (token auth, no dashboard) and the train "
                                        "overrides agree with the layout; a layout the allocation cannot hold is "
                                        "refused. The job saves and requeues itself before its time limit.")
-    r.add_argument("config", metavar="CONFIG", help="YAML config file")
-    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_override, help="config overrides")
+    r.add_argument("config", metavar="CONFIG", help="YAML config file (a pipeline file with --pipeline)")
+    r.add_argument("overrides", metavar="KEY=VALUE", nargs="*", type=_stage_override,
+                   help="config overrides (with --pipeline: for every training stage, or STAGE:KEY=VALUE)")
+    r.add_argument("--pipeline", action="store_true",
+                   help="CONFIG is a pipeline file (configs/pipelines/): the job runs `megatron-gad pipeline`, "
+                        "resuming stage by stage after a requeue; every training stage's layout is checked")
     r.add_argument("--nodes", type=_positive_int, required=True, metavar="N", help="nodes to allocate")
     r.add_argument("--gpus-per-node", type=_positive_int, required=True, metavar="G", help="GPUs per node")
     r.add_argument("--partition", metavar="P")
@@ -237,6 +306,9 @@ def _slurm_parser(sub) -> None:
                    help="Ray GCS port (the client server uses PORT+1; default 6379)")
     r.add_argument("--join-timeout", type=_positive_int, default=300, metavar="S",
                    help="seconds to wait for every node to join Ray (default 300)")
+    r.add_argument("--bench", metavar="FLAGS", default=None,
+                   help='benchmark instead of training: the job runs `megatron-gad bench` with these flags, e.g. '
+                        '"--steps 5 --stages warmup,gad" (report: OUT/bench/bench_<config>_<N>x<G>.json)')
     r.add_argument("--out", metavar="FILE", default=None, help="write the script here (default: stdout)")
 
 
@@ -256,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     _plan_parser(sub)
     _inspect_parser(sub)
     _slurm_parser(sub)
+    _bench_parser(sub)
+    _pipeline_parser(sub)
     return parser
 
 

@@ -129,6 +129,15 @@ RULES: tuple[Rule, ...] = (
         (f"{A}.kl_loss_coef", "its coefficient"),
         ("algorithm.norm_adv_by_std_in_grpo", "GRPO advantage normalisation"),
         ("trainer.critic_warmup", "critic-only steps before GAD"),
+        ("custom_reward_function.path", "a task verifier's Python file; mixed into the reward with "
+                                        "`reward.verifier_weight` (0: logged only, `critic/verifier_auc`)"),
+        ("custom_reward_function.name", "its function: (prompt, response) or verl's (data_source, solution_str, "
+                                        "ground_truth, extra_info) -> float"),
+        ("actor_rollout_ref.nccl_timeout", "seconds a collective of the actor's process groups may wait (default "
+                                           "7200 here, 600 in verl)"),
+        ("critic.nccl_timeout", "the same for the critic's process groups"),
+        ("actor_rollout_ref.ref.megatron.param_offload", "the reference's weights in host memory between its "
+                                                         "passes (default true here, false in verl)"),
     )),
 )
 

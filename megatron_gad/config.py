@@ -172,7 +172,16 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
+class RefMegatronConfig:
+    """The frozen reference runs in the actor's layout (``actor.megatron``); only where its weights live
+    between passes is its own (verl's key). Default true, unlike verl: the reference is used once per step,
+    so its weights stay in host memory and come to the device for its log-prob pass only."""
+    param_offload: bool = True
+
+
+@dataclass(frozen=True)
 class RefConfig:
+    megatron: RefMegatronConfig = field(default_factory=RefMegatronConfig)
     log_prob_micro_batch_size_per_gpu: int = 8
     log_prob_use_dynamic_bsz: bool = False
     log_prob_max_token_len_per_gpu: int = 16384
@@ -184,6 +193,9 @@ class ActorRolloutRefConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    # Seconds a collective of the actor's process group may wait before the run fails (verl's key; verl's
+    # default is 600). Long enough for the slowest rank's checkpoint save or weight export; LMOps runs 36000.
+    nccl_timeout: int = 7200
 
 
 @dataclass(frozen=True)
@@ -230,6 +242,9 @@ class CriticConfig:
     # equal texts are equal token ids; strip: a final EOS is dropped from both; none: the teacher's EOS is
     # dropped but the student's kept -- the users' failure (D learns "has EOS"), for comparison only.
     eos_policy: Literal["append", "strip", "none"] = "append"
+    # Where a sequence's score is read, the same for both sides: last = its last token (the paper);
+    # mean = the mean of the head over its response tokens (docs/discriminator.md).
+    score_pooling: Literal["last", "mean"] = "last"
     # Saturation controls of the pair loss (algos.discriminator.pair_loss), all off by default:
     loss_type: Literal["bt", "hinge"] = "bt"
     bt_temperature: float = 1.0  # z = (gap - margin) / temperature
@@ -237,6 +252,7 @@ class CriticConfig:
     margin: float = 0.0
     swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
     saturation_guard: SaturationGuardConfig = field(default_factory=SaturationGuardConfig)
+    nccl_timeout: int = 7200  # seconds, for the critic's process group (see actor_rollout_ref.nccl_timeout)
 
 
 @dataclass(frozen=True)
@@ -305,6 +321,23 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class CustomRewardFunctionConfig:
+    """verl's keys: a task verifier, ``name`` in the Python file ``path`` (controller/verifier.py)."""
+    path: str | None = None
+    name: str = "compute_score"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # the actor's reward = D(student) + verifier_weight * verifier (0 = the verifier is logged only)
+    verifier_weight: float = 0.0
+    # warn (reward/hacking_warning) when critic/verifier_auc stays below hacking_auc over hacking_window
+    # GAD steps while D's reward rises
+    hacking_auc: float = 0.55
+    hacking_window: int = 5
+
+
+@dataclass(frozen=True)
 class GADConfig:
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
@@ -312,6 +345,8 @@ class GADConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
 
 
 # YAML: PyYAML follows YAML 1.1, where a float needs a dot, so `1e-6` would load as the string "1e-6".

@@ -49,7 +49,8 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
     "critic.ppo_max_token_len_per_gpu", "critic.forward_max_token_len_per_gpu",
     "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
     "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus", "trainer.max_nonfinite_steps",
-    "trainer.max_actor_ckpt_to_keep", "trainer.max_critic_ckpt_to_keep",
+    "trainer.max_actor_ckpt_to_keep", "trainer.max_critic_ckpt_to_keep", "actor_rollout_ref.nccl_timeout",
+    "critic.nccl_timeout",
 ]] + [(k, ">=", 0) for k in [
     "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
 ] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
@@ -102,17 +103,12 @@ def _check_megatron(key: str, m: MegatronConfig, bad: list[str]) -> None:
 
 def _check_actor_megatron(m: MegatronConfig, bad: list[str]) -> None:
     """Settings that the critic applies but the actor cannot use yet: refused instead of ignored
-    (the distributed optimizer and recompute apply to both roles)."""
+    (the distributed optimizer, recompute and offload apply to both roles)."""
     key = "actor_rollout_ref.actor.megatron"
     if m.sequence_parallel:
         bad.append(f"{key}.sequence_parallel=true is not supported yet for the actor: its native rollout decodes "
                    f"one token per step, which sequence parallelism cannot split over the TP ranks; unset it "
                    f"(critic.megatron.sequence_parallel works)")
-    pending = [k for k, on in (("param_offload", m.param_offload), ("grad_offload", m.grad_offload),
-                               ("optimizer_offload", m.optimizer_offload)) if on]
-    for k in pending:
-        bad.append(f"{key}.{k} is not applied to the actor yet (its worker does not offload between passes); "
-                   f"unset it — critic.megatron.{k} works")
 
 
 def _check_layout(cfg: GADConfig, bad: list[str]) -> None:
@@ -292,6 +288,13 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if not 0 <= c.swap_prob < 0.5:
         bad.append(f"critic.swap_prob={c.swap_prob} must be in [0, 0.5) (at 0.5 half the labels are flipped: "
                    "nothing to learn)")
+    r, crf = cfg.reward, cfg.custom_reward_function
+    if r.verifier_weight != 0 and not crf.path:
+        bad.append(f"reward.verifier_weight={r.verifier_weight} needs a verifier: set custom_reward_function.path (a "
+                   "Python file) and custom_reward_function.name (its function: prompt, response -> float)")
+    if not 0.5 <= r.hacking_auc <= 1 or r.hacking_window < 2:
+        bad.append(f"reward.hacking_auc={r.hacking_auc} must be in [0.5, 1] and reward.hacking_window="
+                   f"{r.hacking_window} >= 2 (a reward trend needs two steps)")
     g = c.saturation_guard
     if g.enable and not (0.5 <= g.lower < g.upper <= 1.0):
         bad.append(f"critic.saturation_guard: lower={g.lower} and upper={g.upper} must satisfy 0.5 <= lower < upper "
@@ -300,8 +303,9 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
         bad.append(f"critic.saturation_guard: window={g.window} must be >= 1, extra_steps={g.extra_steps} >= 0 and "
                    f"lr_scale={g.lr_scale} in (0, 1]")
     if c.fused_loss == "triton" and critic_controls_on(c):
-        bad.append("critic.fused_loss=triton: the fused kernel computes plain Bradley-Terry (+ score_reg_coef) only; "
-                   "with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob set use "
+        bad.append("critic.fused_loss=triton: the fused kernel computes plain Bradley-Terry (+ score_reg_coef) at the "
+                   "last token only; with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob or "
+                   "score_pooling=mean set use "
                    "critic.fused_loss=auto (it then runs the torch path) or torch")
     if cfg.critic.fused_loss == "te":
         from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED  # the one wording, shared with the worker
@@ -350,6 +354,7 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
 
 
 def critic_controls_on(c) -> bool:
-    """Whether any pair-loss control beyond plain Bradley-Terry is on (the fused kernel has none)."""
+    """Whether any setting the fused kernel lacks is on: a pair-loss control beyond plain
+    Bradley-Terry, or mean pooling (the kernel reads each sequence's last token only)."""
     return (c.loss_type != "bt" or c.bt_temperature != 1.0 or c.label_smoothing != 0.0 or c.margin != 0.0
-            or c.swap_prob != 0.0)
+            or c.swap_prob != 0.0 or c.score_pooling != "last")

@@ -231,11 +231,18 @@ class GADDataset:
         max_prompt_length: int = 2048,
         max_response_length: int = 1536,
         on_bad_row: str = "error",
+<<<<<<< HEAD
         cache_dir: str | os.PathLike | None = None,
         num_workers: int | None = None,
     ):
         from megatron_gad import tokenized
 
+=======
+        keep_keys: Sequence[str] = (),
+    ):
+        """``keep_keys``: fields of each kept row to keep as read (``self.rows[i]``; e.g. the prompt
+        text and ground truth a verifier reads); none by default."""
+>>>>>>> main
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if isinstance(files, (str, os.PathLike)):
@@ -258,12 +265,34 @@ class GADDataset:
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
         self.on_bad_row = on_bad_row
+<<<<<<< HEAD
         workers = tokenized.default_workers() if num_workers is None else num_workers
         rows = tokenized.load_or_build(None if cache_dir is None else str(cache_dir), self.files, tokenizer,
                                        prompt_key, teacher_response_key, lambda: self._read_and_tokenize(workers))
         kept, skipped = self._select(rows)
         self.prompt_ids = tokenized.RaggedIds(rows.prompt.values, rows.prompt.offsets, kept)
         self.teacher_response_ids = tokenized.RaggedIds(rows.response.values, rows.response.offsets, kept)
+=======
+        self.prompt_ids: list[list[int]] = []
+        self.teacher_response_ids: list[list[int]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.skipped: dict[str, int] = {}
+
+        skipped: Counter[str] = Counter()
+        for path in self.files:
+            for loc, row in iter_file(path, (prompt_key, teacher_response_key, *keep_keys)):
+                try:
+                    p_ids, r_ids = self._tokenize_row(row)
+                except BadRow as bad:
+                    if on_bad_row == "error":
+                        raise DataError(f"{loc}: {bad.problem}") from None
+                    skipped[bad.reason] += 1
+                    continue
+                self.prompt_ids.append(p_ids)
+                self.teacher_response_ids.append(r_ids)
+                if keep_keys:
+                    self.rows.append({k: row[k] for k in keep_keys if k in row})
+>>>>>>> main
         self.skipped = dict(sorted(skipped.items()))
         if self.skipped:
             logger.warning(
@@ -503,4 +532,5 @@ def collate_prompts(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, t
         "prompt_mask": prompt_mask,
         "teacher_response": teacher_response,
         "teacher_response_mask": teacher_response_mask,
+        "index": torch.tensor([int(it.get("index", -1)) for it in items], dtype=torch.long),  # dataset rows
     }

@@ -82,8 +82,18 @@ def reduce_metrics(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return {key: sums[key] / counts[key] for key in sums}
 
 
+def fullest_rank(per_rank: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Each key's largest value over a role's ranks: for memory metrics, the rank that decides whether
+    a layout fits."""
+    out: dict[str, float] = {}
+    for metrics in per_rank:
+        for k, v in metrics.items():
+            out[k] = max(out.get(k, v), float(v))
+    return out
+
+
 def _json_value(value: Any) -> Any:
-    if isinstance(value, str):
+    if isinstance(value, (str, bool)):  # e.g. a sample's student_eos stays true/false, not 1.0
         return value
     v = _scalar(value)
     # JSON has no NaN/Inf; keep the line valid and the fact visible.

@@ -9,6 +9,7 @@ from .advantages import (
 from .discriminator import discriminator_loss, discriminator_loss_paired
 from .kl import entropy_from_logits, get_kl_penalty, kl_penalty
 from .policy import get_policy_loss, ppo_policy_loss, register_policy_loss
+from .ranking import ranking_auc
 from .rollout_is import logprob_mismatch, rollout_is_weights
 from .sft import sft_loss
 from .utils import AGG_MODES, agg_denominator, agg_loss, masked_mean, masked_sum
@@ -30,6 +31,7 @@ __all__ = [
     "masked_mean",
     "masked_sum",
     "ppo_policy_loss",
+    "ranking_auc",
     "register_adv_estimator",
     "register_policy_loss",
     "rollout_is_weights",

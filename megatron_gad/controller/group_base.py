@@ -42,6 +42,12 @@ def check_worker_paths(role: str, worker_kwargs: dict, where: str) -> None:
             raise InputError(f"{e} (checked {where})") from None
 
 
+def dist_timeout_s(worker_kwargs: dict) -> int:
+    """The role's process-group timeout: its config section's ``nccl_timeout`` (verl's key; it applies to
+    gloo groups on CPU as well)."""
+    return worker_kwargs["config"].nccl_timeout
+
+
 def worker_class(role: str) -> type:
     if role == "actor":
         from megatron_gad.workers.actor import ActorWorker

@@ -21,12 +21,13 @@ import gc
 
 import torch
 
-from megatron_gad.controller.group_base import DeclaredGroup, check_worker_paths, worker_class
+from megatron_gad.controller.group_base import DeclaredGroup, check_worker_paths, dist_timeout_s, worker_class
 from megatron_gad.parallel.state import Layout
 
 
-def ensure_single_process_group() -> None:
-    """Join a world-size-1 process group on this host unless one exists."""
+def ensure_single_process_group(timeout_s: int | None = None) -> None:
+    """Join a world-size-1 process group on this host unless one exists (the first role's
+    ``nccl_timeout`` then serves both)."""
     import torch.distributed as dist
 
     from megatron_gad.parallel import state
@@ -37,7 +38,7 @@ def ensure_single_process_group() -> None:
             raise RuntimeError(f"a local worker group needs a world-size-1 process group, found "
                                f"{dist.get_world_size()} ranks; use the Ray worker groups")
         return
-    state.init_distributed(0, 1, "127.0.0.1", free_port())
+    state.init_distributed(0, 1, "127.0.0.1", free_port(), timeout_s=timeout_s or state.DEFAULT_TIMEOUT_S)
 
 
 class LocalWorkerGroup(DeclaredGroup):
@@ -51,7 +52,7 @@ class LocalWorkerGroup(DeclaredGroup):
         self.worker_cls = worker_class(role)
         self.context: dict = {}  # the trainer's step (kept for the same interface as the Ray group)
         check_worker_paths(role, worker_kwargs, where="in the trainer's process")
-        ensure_single_process_group()
+        ensure_single_process_group(dist_timeout_s(worker_kwargs))
         with cpu_device_mode():
             self.worker = self.worker_cls(**worker_kwargs)
         self.layouts: list[Layout] = [self.worker.layout]

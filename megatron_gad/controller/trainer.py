@@ -28,12 +28,14 @@ import torch
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
+from megatron_gad.controller.evaluation import TrainerEvaluation
 from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
+from megatron_gad.controller.verifier import HybridReward, verifier_row_keys
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
 from megatron_gad.errors import RunFailure
-from megatron_gad.metrics import MetricsLogger, Timer, reduce_metrics
+from megatron_gad.metrics import MetricsLogger, Timer, fullest_rank, reduce_metrics
 
 log = logging.getLogger("megatron_gad")
 
@@ -71,7 +73,7 @@ def rollout_engine(cfg: GADConfig) -> str:
     raise InputError(f"actor_rollout_ref.rollout.name=vllm: {reason}; or set actor_rollout_ref.rollout.name=megatron")
 
 
-class GADTrainer:
+class GADTrainer(TrainerEvaluation):
     def __init__(self, cfg: GADConfig):
         from transformers import AutoTokenizer
 
@@ -85,10 +87,16 @@ class GADTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+<<<<<<< HEAD
         cache = (d.cache_dir or os.path.join(t.default_local_dir, ".cache", "data")) if d.use_cache else None
         data_args = (self.tokenizer, d.prompt_key, d.teacher_response_key, d.max_prompt_length,
                      d.max_response_length, d.on_bad_row, cache, d.tokenize_workers)
         self.dataset = GADDataset(d.train_files, *data_args)
+=======
+        self.dataset = GADDataset(d.train_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
+                                  d.max_prompt_length, d.max_response_length, d.on_bad_row, verifier_row_keys(cfg))
+        self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_row_keys(cfg) else None  # verifier mix
+>>>>>>> main
         self.loader = PromptLoader(self.dataset, d.train_batch_size, d.shuffle, d.seed)
         self.val_dataset = GADDataset(d.val_files, *data_args) if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
@@ -234,6 +242,10 @@ class GADTrainer:
         if gad_step:
             with self._phase(timer, "reward"):  # D(student), before this step's critic update
                 rewards = self.critic.compute_scores(student)["scores"]
+                if self.hybrid is not None:  # + the verifier's score (custom_reward_function)
+                    texts = [self.decode(i, m) for i, m in zip(student["responses"], student["response_mask"])]
+                    rewards, m = self.hybrid(batch["index"].tolist(), texts, rewards, n)
+                    metrics.update(m)
             with self._phase(timer, "old_log_prob"):
                 student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
             metrics.update(algos.logprob_mismatch(student["old_log_prob"], student["rollout_log_prob"],
@@ -276,6 +288,7 @@ class GADTrainer:
             if self.warmup.done:
                 metrics["warmup/ended_at_step"] = float(self.warmup.ended_at)
         metrics["actor/optimizer_state_bytes"] = float(sum(self.actor.optimizer_state_bytes()))
+        metrics.update(fullest_rank(self.actor.memory_metrics()))  # memory/actor/<phase>_bytes of this step
         return metrics
 
     def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
@@ -355,8 +368,7 @@ class GADTrainer:
         prompt's n samples stay with it through the data-parallel split."""
         B, R = batch["prompt_ids"].shape[0], student["responses"].shape[1]
         return {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
-                "teacher_response": batch["teacher_response"],
-                "teacher_response_mask": batch["teacher_response_mask"],
+                "teacher_response": batch["teacher_response"], "teacher_response_mask": batch["teacher_response_mask"],
                 "responses": student["responses"].view(B, self.n, R),
                 "response_mask": student["response_mask"].view(B, self.n, R)}
 
@@ -467,6 +479,7 @@ class GADTrainer:
         extra = {"step": self.step}
         state = {"step": self.step, "loader": self.loader.state_dict(), "warmup": self.warmup.state_dict(),
                  "saturation_guard": self.guard.state_dict(),
+                 "hacking_monitor": self.hybrid.monitor.state_dict() if self.hybrid else None,
                  "nonfinite": dict(self.nonfinite), "nonfinite_run": dict(self.nonfinite_run),
                  "syncs": dict(self.syncs)}
 
@@ -500,6 +513,8 @@ class GADTrainer:
         self.loader.load_state_dict(st["loader"])
         self.warmup.load_state_dict(st["warmup"])
         self.guard.load_state_dict(st.get("saturation_guard", {}))
+        if self.hybrid is not None and st.get("hacking_monitor"):
+            self.hybrid.monitor.load_state_dict(st["hacking_monitor"])
         self.step = int(st["step"])
         self.nonfinite.update(st.get("nonfinite", {}))
         self.nonfinite_run.update(st.get("nonfinite_run", {}))
@@ -507,45 +522,6 @@ class GADTrainer:
         self.vllm_stale = self.vllm is not None  # the engines hold the starting weights, not these
         log.info("resumed from %s at step %d", path, self.step)
         return True
-
-    # ------------------------------------------------------------------ evaluation (public)
-    def rollout(self, items: list[dict], n: int, seed: int = 0, temperature: float | None = None,
-                greedy: bool = False) -> dict:
-        """``n`` samples per prompt of dataset ``items`` from the current actor, with the prompts
-        collated: prompt_ids/prompt_mask [B, P], teacher_response(_mask) [B, Rt] and the student
-        samples responses/response_mask [B*n, R] (rows i*n .. i*n+n-1 belong to prompt i)."""
-        batch = collate_prompts(items, self.pad_id)
-        student = self._rollout(batch, n, seed, temperature=temperature, greedy=greedy)
-        return dict(batch, responses=student["responses"], response_mask=student["response_mask"])
-
-    def decode(self, ids: torch.Tensor, mask: torch.Tensor) -> str:
-        """Text of one response row (valid tokens, EOS and special tokens dropped)."""
-        keep = [int(i) for i, m in zip(ids, mask) if m and int(i) != self.eos_id]
-        return self.tokenizer.decode(keep, skip_special_tokens=True)
-
-    def sample(self, items: list[dict], n: int, temperature: float | None = None, greedy: bool = False,
-               seed: int = 0) -> list[list[str]]:
-        """Decoded samples (``n`` per prompt) from the current actor, e.g. for held-out evaluation."""
-        out = self.rollout(items, n, seed, temperature=temperature, greedy=greedy)
-        texts = [self.decode(ids, m) for ids, m in zip(out["responses"], out["response_mask"])]
-        return [texts[i * n:(i + 1) * n] for i in range(len(items))]
-
-    def evaluate_critic(self, items: list[dict], n: int, seed: int = 0, temperature: float | None = None) -> dict:
-        """A per-sample view of the critic against fresh actor samples (no update): ``student_texts``
-        [B][n], ``student_scores`` [B, n], ``teacher_scores`` [B] and ``d_acc`` (share of teacher-student
-        pairs ranked teacher-first, ties half — the training metric's definition)."""
-        if self.critic is None:
-            raise RuntimeError("trainer.mode=sft has no critic to evaluate")
-        batch = collate_prompts(items, self.pad_id)
-        student = self._rollout(batch, n, seed, temperature=temperature)  # prompts repeated per sample
-        teacher = teacher_rows(batch)
-        s_scores = self.critic.compute_scores(student)["scores"]
-        t_scores = self.critic.compute_scores(teacher, side="teacher")["scores"]
-        _, m = algos.discriminator_loss(s_scores, t_scores, n)
-        texts = [self.decode(ids, msk) for ids, msk in zip(student["responses"], student["response_mask"])]
-        return {"student_texts": [texts[i * n:(i + 1) * n] for i in range(len(items))],
-                "student_scores": s_scores.view(len(items), n), "teacher_scores": t_scores,
-                "d_acc": float(m["d_acc"])}
 
     def shutdown(self) -> None:
         self.actor.shutdown()

@@ -20,7 +20,7 @@ import ray
 import torch
 
 from megatron_gad.controller import faults
-from megatron_gad.controller.group_base import DeclaredGroup, check_worker_paths, worker_class
+from megatron_gad.controller.group_base import DeclaredGroup, check_worker_paths, dist_timeout_s, worker_class
 from megatron_gad.parallel.state import Layout
 
 _ENV = {"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
@@ -74,7 +74,7 @@ class WorkerProcess:
             self.worker = cls(rank=rank, world=world, **kwargs)
             return self.worker.layout
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-        state.init_distributed(rank, world, addr, port)
+        state.init_distributed(rank, world, addr, port, timeout_s=dist_timeout_s(kwargs))
         with cpu_device_mode():
             self.worker = cls(**kwargs)
         return self.worker.layout

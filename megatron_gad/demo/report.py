@@ -66,9 +66,43 @@ def format_table(r: dict) -> str:
             return "n/a" if p["valid_vs_invalid_auc"] is None else f"{p['valid_vs_invalid_auc']:.3f}"
         lines.append(f"  seed {k}: after warmup AUC {auc(a)}, held-out d_acc {a['heldout_d_acc']:.3f} | "
                      f"after GAD AUC {auc(g)}, held-out d_acc {g['heldout_d_acc']:.3f}")
+    lines += _diagnostics_lines(seeds, r.get("gad_diagnostics"))
     stage_s = {name: mean_std([t[name]["total_s"] for t in r["timings"]])[0]
                for name in ("sft", "warmup", "gad", "sft_cont")}
     lines.append("time per seed (s, start-up + training + evaluation): "
                  + ", ".join(f"{k} {v:.0f}" for k, v in stage_s.items())
                  + f"; GAD step {mean_std(r['gad_step_s'])[0]:.2f} s; wall {r['wall_s']:.0f} s")
     return "\n".join(lines)
+
+
+def _windows(values: list, points: int = 6) -> str:
+    pts = d_acc_curve([v for v in values if v is not None], points)
+    return ", ".join(f"{b}: {v:.2f}" for b, v in pts) if pts else "n/a"
+
+
+def _diagnostics_lines(seeds: list[int], diags: list[dict] | None) -> list[str]:
+    """The GAD stage's discriminator controls, its diagnostics over training (per window of steps
+    with a value) and the warnings ``megatron-gad inspect`` gives for the run."""
+    if not diags:
+        return []
+    c = diags[0]["controls"]
+    lines = [f"GAD discriminator controls: eos_policy={c['eos_policy']}, score_pooling={c['score_pooling']}, "
+             f"loss={c['loss_type']} (T={c['bt_temperature']:g}, smoothing={c['label_smoothing']:g}, "
+             f"margin={c['margin']:g}, swap={c['swap_prob']:g}), score_reg_coef={c['score_reg_coef']:g}, "
+             f"saturation_guard={'on' if c['saturation_guard'] else 'off'}; verifier = the task's checker at "
+             f"weight {c['verifier_weight']:g} (logged only)"]
+    lines.append("GAD diagnostics per window of steps (step: mean):")
+    for k, d in zip(seeds, diags):
+        s = d["series"]
+        lines.append(f"  seed {k}: verifier AUC (D ranks valid samples first) {_windows(s['critic/verifier_auc'])}")
+        lines.append(f"          score gap teacher-student {_windows(s['critic/score_diff_mean'])}; "
+                     f"overlap {_windows(s['critic/overlap'], 3)}")
+        ident = [v for v in s["critic/identical_pairs"] if v is not None]
+        gap = [v for v in s["critic/identical_pair_gap"] if v is not None]
+        eos = [v for v in s["critic/eos_mismatch"] if v is not None]
+        hack = sum(1 for v in s["reward/hacking_warning"] if v)
+        lines.append(f"          identical pairs {sum(ident) / max(1, len(ident)):.3f} (max gap "
+                     f"{max(gap, default=0.0):.2g}); EOS on one side {sum(eos) / max(1, len(eos)):.3f}; "
+                     f"reward-hacking flags {hack}")
+        lines.append("          inspect: " + ("; ".join(d["warnings"]) if d["warnings"] else "no warnings"))
+    return lines

@@ -74,9 +74,11 @@ def _log(msg: str) -> None:
 # ---------------------------------------------------------------------------------------------- config
 def stage_config(s: DemoSettings, *, mode: str, run_dir: str, model_path: str, train_file: str, seed: int,
                  steps: int, actor_lr: float, critic_warmup: int = 0, init_critic_from: str | None = None,
-                 critic_lr: float | None = None, critic_epochs: int = 1):
-    """The GADConfig of one demo stage (TP=PP=1, float32, one CPU rank per role)."""
+                 critic_lr: float | None = None, critic_epochs: int = 1, verifier: bool = False):
+    """The GADConfig of one demo stage (TP=PP=1, float32, one CPU rank per role). ``verifier``: the
+    task's checker as a weight-0 verifier (logged as ``critic/verifier_auc``, never in the reward)."""
     from megatron_gad.config import config_from_dict, validate
+    from megatron_gad.demo import task
 
     fp32 = {"params_dtype": "float32", "seed": 42 + seed}
     d = {
@@ -103,6 +105,9 @@ def stage_config(s: DemoSettings, *, mode: str, run_dir: str, model_path: str, t
                     "seed": seed + 1, "nnodes": 1, "n_gpus_per_node": 1, "device": "cpu"},
         "ray": {"num_cpus": 2},
     }
+    if verifier:
+        d["custom_reward_function"] = {"path": task.__file__, "name": "compute_score"}
+        d["reward"] = {"verifier_weight": 0.0}
     cfg = config_from_dict(d)
     validate(cfg)
     return cfg
@@ -187,6 +192,25 @@ class _Stage:
         return self.timing
 
 
+_DIAGNOSTICS = ("critic/verifier_auc", "critic/score_diff_mean", "critic/overlap", "critic/identical_pairs",
+                "critic/identical_pair_gap", "critic/eos_mismatch", "reward/hacking_warning")
+
+
+def gad_diagnostics(run_dir: str, metrics: list[dict], cfg) -> dict:
+    """The GAD stage's discriminator view: the controls it ran with, per-step diagnostics (the
+    verifier AUC is the checker's, logged at weight 0) and ``megatron-gad inspect``'s warnings."""
+    from megatron_gad.tools.inspect_run import load_run, summarize
+
+    c = cfg.critic
+    controls = {"eos_policy": c.eos_policy, "score_pooling": c.score_pooling, "loss_type": c.loss_type,
+                "bt_temperature": c.bt_temperature, "label_smoothing": c.label_smoothing, "margin": c.margin,
+                "swap_prob": c.swap_prob, "score_reg_coef": c.score_reg_coef,
+                "saturation_guard": c.saturation_guard.enable, "verifier_weight": cfg.reward.verifier_weight}
+    series = {k: [m.get(k) for m in metrics] for k in _DIAGNOSTICS}
+    summary = summarize(*load_run(run_dir))
+    return {"controls": controls, "series": series, "warnings": summary["warnings"], "advice": summary["advice"]}
+
+
 def _ckpt(run_dir: str, step: int, role: str) -> str:
     return os.path.join(run_dir, f"global_step_{step}", role)
 
@@ -253,7 +277,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     st = _Stage("gad", seed, stage_config(s, mode="gad", run_dir=run["gad"], model_path=sft_actor,
                                           steps=s.gad_steps, actor_lr=s.actor_lr, critic_warmup=0,
                                           init_critic_from=_ckpt(run["warmup"], s.warmup_steps, "critic"),
-                                          **common))
+                                          verifier=True, **common))
     st.fit()
     res["gad_eval"] = st.timed("eval_s", evaluate, st.trainer, items, prompts, s, seed)
     res["gad_probe"] = st.timed("probe_s", probe_critic, st.trainer, items, prompts, s, seed)
@@ -261,6 +285,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     metrics = read_metrics(run["gad"])
     res["gad_d_acc"] = [float(m["critic/d_acc"]) for m in metrics]
     res["gad_step_s"] = _median([float(m["timing_s/step"]) for m in metrics])
+    res["gad_diagnostics"] = gad_diagnostics(run["gad"], metrics, st.cfg)
     _log(f"seed {seed} | gad: held-out valid {res['gad_eval']['valid_rate']:.3f}")
 
     # 4. SFT continued for the same number of steps (the fair baseline)
@@ -302,6 +327,7 @@ def build_report(results: list[dict], s: DemoSettings, quick: bool, wall_s: floa
         "warmup_reached_target": [r["warmup_reached_target"] for r in results],
         "actor_frozen_during_warmup": [r["actor_frozen_during_warmup"] for r in results],
         "gad_d_acc": [r["gad_d_acc"] for r in results],
+        "gad_diagnostics": [r["gad_diagnostics"] for r in results],
         "critic_probe": {"after_warmup": [r["warmup_probe"] for r in results],
                                 "after_gad": [r["gad_probe"] for r in results]},
         "examples": {k: [r[f"{k}_eval"]["examples"] for r in results] for k in ("sft", "gad", "sft_continued")},

@@ -77,6 +77,13 @@ def is_valid(prompt: str, response_text: str) -> bool:
     return len(response_text) == L and is_balanced(response_text)
 
 
+def compute_score(prompt: str, response: str) -> float:
+    """The checker as a reward function (``custom_reward_function.path`` = this file, ``.name`` =
+    ``compute_score``): 1.0 for a valid response, else 0.0. The demo's GAD stage logs it at weight 0,
+    so D never trains on it but ``critic/verifier_auc`` shows whether D ranks valid samples first."""
+    return float(is_valid(prompt, response))
+
+
 def score_samples(prompts: Sequence[str], responses: Sequence[str | Sequence[str]]) -> dict[str, float]:
     """Scores samples; ``responses[i]`` is one string or the n samples of ``prompts[i]``.
 

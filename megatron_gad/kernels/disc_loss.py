@@ -125,8 +125,33 @@ def disc_head_scores(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     if not isinstance(weight, Tensor):  # a TEDiscHead
         return weight(h)
     dtype = torch.promote_types(h.dtype, torch.float32)  # fp32 scores from bf16 hidden
-    s = h.to(dtype) @ weight.to(dtype).reshape(-1)
+    # a row-wise product + sum, not a GEMV: a CPU GEMV computes the remainder rows of its 4-row
+    # blocks another way, so two identical rows scored in one call could differ in the last bit
+    # (the "same tokens, same score" guarantee asks for bitwise equality)
+    s = (h.to(dtype) * weight.to(dtype).reshape(-1)).sum(-1)
     return s + bias.to(dtype) if bias is not None else s
+
+
+def pooled_head_scores(hidden: Tensor, last: Tensor, lengths: Tensor, weight: Tensor,
+                       bias: Tensor | None = None) -> Tensor:
+    """Mean-pooled scores (``critic.score_pooling: mean``): for each sequence, the mean over its last
+    ``lengths[i]`` tokens (its response; ending at packed index ``last[i]``) of ``h_t @ w``, plus the
+    bias. Equal to the head applied to the mean hidden state (the head is linear), but computed on
+    per-token scalars: a [M, L_max] grid of scores instead of a [M, L_max, H] one, and every row
+    summed in the same order, so identical segments get bitwise-identical scores. A sequence with
+    no response token (``lengths`` 0) is scored at its last token.
+
+    hidden [T, H] or [1, T, H] (packed), last / lengths [M] -> scores [M] (>= fp32)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    last = last.to(h.device).long()
+    n = lengths.to(h.device).long().clamp(min=1)
+    width = int(n.max())
+    offs = torch.arange(width, device=h.device)
+    valid = offs[None] < n[:, None]  # [M, L_max]
+    idx = (last - n + 1)[:, None] + offs[None]
+    tok = disc_head_scores(h.index_select(0, idx[valid]), weight)  # [N_valid]
+    s = tok.new_zeros(valid.shape).masked_scatter(valid, tok).sum(-1) / n.to(tok.dtype)
+    return s + bias.to(s.dtype) if bias is not None else s
 
 
 def disc_bt_loss_packed(
@@ -138,6 +163,7 @@ def disc_bt_loss_packed(
     bias: Tensor | None,
     impl: str = "auto",
     score_reg_coef: float = 0.0,
+    pool_len: Tensor | None = None,
     **controls,
 ) -> tuple[Tensor, dict, Tensor, Tensor]:
     """Head + Bradley-Terry loss read from packed (THD) hidden states.
@@ -149,6 +175,8 @@ def disc_bt_loss_packed(
     and student scores [P] (detached, fp32). The hidden gradient is zero except at ``rows``.
     ``controls``: the pair-loss controls of ``algos.discriminator.pair_loss`` (torch path only: the
     fused kernel computes plain Bradley-Terry, and refuses rather than silently ignore them).
+    ``pool_len`` [k + P]: score each sequence by the mean over its last ``pool_len`` tokens (its
+    response, :func:`pooled_head_scores`) instead of its last token (torch path only, likewise).
     """
     k = int(num_teachers)
     assert rows.dim() == 1 and teacher_of.dim() == 1 and rows.numel() == k + teacher_of.numel(), (
@@ -156,6 +184,10 @@ def disc_bt_loss_packed(
     )
     if impl == "te":  # the value head here is a plain weight tensor, never a TE module
         raise ValueError(TE_HEAD_NOT_USED)
+    if pool_len is not None:  # the kernel reads each sequence's last token only
+        if impl == "triton":
+            raise ValueError("the fused Triton disc loss scores the last token only; mean pooling needs impl='torch'")
+        impl = "torch"
     impl = resolve_impl(impl, hidden.device)
     if impl == "triton":
         from .triton_disc import FusedDiscBT
@@ -167,8 +199,11 @@ def disc_bt_loss_packed(
         with torch.no_grad():  # metrics from the scores: O(P), the reference's definitions
             _, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef)
         return loss, metrics, t, s
-    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
-    scores = disc_head_scores(h, weight, bias)  # one GEMV: dw is accumulated in fp32 before any cast
+    if pool_len is not None:
+        scores = pooled_head_scores(hidden, rows, pool_len, weight, bias)
+    else:
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
+        scores = disc_head_scores(h, weight, bias)  # one call for both sides: dw accumulates in fp32 before any cast
     t, s = scores[:k], scores[k:]
     loss, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef, **controls)
     return loss, metrics, t.detach(), s.detach()

@@ -43,11 +43,21 @@ def device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+# How long a collective may wait for the slowest rank before the process group fails the run. The
+# roles' configs set it (``actor_rollout_ref.nccl_timeout``, ``critic.nccl_timeout``); this default
+# serves tools and tests. A checkpoint save or weight export can keep the other ranks waiting minutes.
+DEFAULT_TIMEOUT_S = 7200
+_timeout_s = DEFAULT_TIMEOUT_S  # this process's, for the Megatron groups built after the default group
+
+
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int,
-                     backend: str | None = None, timeout_s: int = 600) -> None:
-    """Join the role's process group (gloo on CPU, NCCL on GPU)."""
+                     backend: str | None = None, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
+    """Join the role's process group (gloo on CPU, NCCL on GPU); ``timeout_s`` also applies to the
+    TP / PP / DP groups :func:`init_model_parallel` builds."""
+    global _timeout_s
     if dist.is_initialized():
         return
+    _timeout_s = timeout_s
     backend = backend or ("nccl" if cuda_available() else "gloo")
     if backend == "gloo":
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if master_addr.startswith("127.") else "")
@@ -77,7 +87,8 @@ def init_model_parallel(tp: int, pp: int, seed: int = 42) -> Layout:
     # distributed optimizer uses them (we do not), and on GPUs across nodes they are one more
     # bootstrap over sockets that can hang. Only a gloo (CPU) run keeps them, where they cost nothing.
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 create_gloo_process_groups=uses_gloo_groups())
+                                 create_gloo_process_groups=uses_gloo_groups(),
+                                 distributed_timeout_minutes=-(-_timeout_s // 60))
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return layout()
 

@@ -12,7 +12,8 @@ score drift, response lengths, the training–inference log-prob mismatch, and t
   invariant; nothing pins the scale);
 * **EOS**: ``critic.eos_policy=none``, or identical texts scored apart (``critic/identical_pair_gap``);
 * **reward hacking**: the reward rises while held-out ``val/d_acc`` rises too (the critic finds the
-  student's samples *easier* to tell apart), or ``critic/verifier_auc`` < 0.55;
+  student's samples *easier* to tell apart), ``critic/verifier_auc`` < 0.55 over the last window
+  (a verifier is configured: ``custom_reward_function``), or ``reward/hacking_warning`` fired;
 * **mismatch**: ``rollout/logprob_diff_max`` > 0.1.
 
 ``--png`` (needs matplotlib) writes ``RUN_DIR/inspect.png``: d_acc with the band, mean scores,
@@ -102,7 +103,10 @@ def summarize(metrics: list[dict], samples: list[dict], cfg: dict, window: int =
     gap = [v for _, v in _series(metrics, "critic/identical_pair_gap")]
     out["identical_pair_gap_max"] = max(gap) if gap else None
     auc = _series(metrics, "critic/verifier_auc")
-    out["verifier_auc_last"] = auc[-1][1] if auc else None
+    recent_auc = [v for _, v in auc[-window:]]
+    out["verifier_auc"] = {"first": auc[0][1] if auc else None, "last": auc[-1][1] if auc else None,
+                           "recent_mean": _mean(recent_auc), "steps": len(auc),
+                           "hacking_warning_steps": sum(v > 0 for _, v in _series(metrics, "reward/hacking_warning"))}
     out["samples_logged"] = len(samples)
 
     warnings, advice = [], []
@@ -128,9 +132,17 @@ def summarize(metrics: list[dict], samples: list[dict], cfg: dict, window: int =
     if out["identical_pair_gap_max"]:
         gap = out["identical_pair_gap_max"]
         warnings.append(f"identical texts scored apart (critic/identical_pair_gap up to {gap:.3g})")
-    if out["verifier_auc_last"] is not None and out["verifier_auc_last"] < 0.55:
-        warnings.append(f"verifier AUC {out['verifier_auc_last']:.2f} < 0.55: D no longer ranks verified-good samples "
-                        "higher: possible reward hacking")
+    va = out["verifier_auc"]
+    if va["recent_mean"] is not None and va["recent_mean"] < BLIND:
+        rising = (out["reward"]["slope_per_step"] or 0) > 0
+        warnings.append(f"critic/verifier_auc {va['recent_mean']:.2f} over the last {len(recent_auc)} steps "
+                        f"(< {BLIND}): D does not rank the verifier's good samples higher"
+                        + ("; with the reward rising: possible reward hacking" if rising else ""))
+        advice.append("give the verifier weight (reward.verifier_weight > 0), or retrain D with softer controls "
+                      "(critic.label_smoothing, critic.swap_prob) before more GAD steps")
+    if va["hacking_warning_steps"]:
+        warnings.append(f"the trainer flagged possible reward hacking on {va['hacking_warning_steps']} steps "
+                        "(reward/hacking_warning)")
     val = _series(metrics, "val/d_acc")
     slope = out["reward"]["slope_per_step"]
     if slope is not None and slope > 0 and len(val) >= 2 and val[-1][1] > val[0][1] + 0.05:
@@ -161,6 +173,11 @@ def format_summary(run_dir: str, s: dict, samples: list[dict]) -> str:
              f"response length: {_fmt(s['response_length']['first'], '.1f')} -> "
              f"{_fmt(s['response_length']['last'], '.1f')}; "
              f"rollout/logprob_diff_max {_fmt(s['logprob_diff_max'], '.2e')}"]
+    va = s["verifier_auc"]
+    if va["steps"]:
+        lines.append(f"verifier AUC (D ranking the verifier's good samples first; 0.5 = blind to them): first "
+                     f"{_fmt(va['first'])}, last {_fmt(va['last'])}, recent mean {_fmt(va['recent_mean'])} over "
+                     f"{va['steps']} steps")
     lines.append("warnings: " + ("none" if not s["warnings"] else ""))
     lines += [f"  - {w}" for w in s["warnings"]]
     if s["advice"]:
@@ -186,7 +203,8 @@ def write_png(run_dir: str, metrics: list[dict], band) -> str:
         raise InputError("--png needs matplotlib: pip install 'megatron-gad[plots]' (or pip install matplotlib)") \
             from None
     fig, ax = plt.subplots(2, 2, figsize=(10, 7))
-    panels = [("critic/d_acc", "d_acc"), (("critic/teacher_value_mean", "critic/student_value_mean"), "mean score"),
+    panels = [(("critic/d_acc", "critic/verifier_auc"), "d_acc (and verifier AUC)"),
+              (("critic/teacher_value_mean", "critic/student_value_mean"), "mean score"),
               ("reward/mean", "reward (GAD steps)"), ("response_length/mean", "response length")]
     for a, (keys, title) in zip(ax.flat, panels):
         for key in (keys if isinstance(keys, tuple) else (keys,)):
@@ -195,7 +213,7 @@ def write_png(run_dir: str, metrics: list[dict], band) -> str:
                 a.plot([p[0] for p in pts], [p[1] for p in pts], label=key.split("/")[-1])
         a.set_title(title)
         a.set_xlabel("step")
-        if isinstance(keys, tuple):
+        if isinstance(keys, tuple) and a.get_lines():
             a.legend()
     if band:
         ax[0, 0].axhspan(band[0], band[1], alpha=0.15, label="warmup band")

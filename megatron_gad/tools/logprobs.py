@@ -35,6 +35,7 @@ class PassJob:
     params_dtype: str = "float32"
     batch_size: int = 8  # rows per worker call (one packed micro-batch)
     temperature: float = 1.0  # log-probs of softmax(logits / T)
+    score_pooling: str = "last"  # critic.score_pooling of the scoring pass
 
 
 # ---------------------------------------------------------------- per-rank bodies
@@ -62,7 +63,7 @@ def critic_config(job: PassJob):
 
     base = CriticConfig()
     return replace(base, model=replace(base.model, path=job.model), megatron=_megatron_config(job),
-                   forward_micro_batch_size_per_gpu=job.batch_size, fused_loss="torch")
+                   forward_micro_batch_size_per_gpu=job.batch_size, fused_loss="torch", score_pooling=job.score_pooling)
 
 
 def run_batches(job: PassJob, method, key: str) -> list | None:

@@ -89,6 +89,21 @@ def _worst_state(arch: Arch, role: str, tp: int, pp: int, dp: int, dtype: str, d
     return best
 
 
+def uses_vllm(cfg: GADConfig) -> bool:
+    """The rollout engine the trainer would pick for a GPU run (``rollout.name``; auto: vLLM where the
+    trainer runs on GPUs, as ``trainer.device=cuda`` says)."""
+    r = cfg.actor_rollout_ref.rollout
+    return cfg.trainer.mode == "gad" and (r.name == "vllm" or (r.name == "auto" and cfg.trainer.device == "cuda"))
+
+
+def _offloaded(cfg: GADConfig, model: str) -> dict[str, bool]:
+    """What ``model`` keeps in host memory between the phases that use it."""
+    if model == "reference":  # frozen: weights only
+        return dict(params=cfg.actor_rollout_ref.ref.megatron.param_offload, grads=False, optimizer=False)
+    m = _megatron(cfg, model)
+    return dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload)
+
+
 def _tokens(rows: int, dynamic: bool, budget: int, seq: int) -> int:
     return budget if dynamic else rows * seq
 
@@ -117,7 +132,7 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
         st = _worst_state(archs["actor"], "actor", m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                           dps["actor"], m.params_dtype, False, vocab, False)
         roles["reference"] = dict(roles["actor"], distributed_optimizer=False, recompute=None, **st.as_dict(),
-                                  total=st.total)
+                                  total=st.total, offload=["param"] if arr.ref.megatron.param_offload else [])
 
     def fwd_transient(role: str, rows: int, dynamic: bool, budget: int) -> float:
         m, a = _megatron(cfg, role), archs[role]
@@ -140,12 +155,25 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
     r, ref, a_ = arr.rollout, arr.ref, arr.actor
     phases: list[tuple[str, str, float]] = []
     detail = {}  # parts of a phase's transient worth showing on their own
-    if gad:
+    vllm = uses_vllm(cfg)
+    # a vLLM engine process on each GPU of the actor: awake it claims gpu_memory_utilization of the device
+    # for its weights, activations and KV cache; asleep (free_cache_engine) its weights are on the host
+    # and its KV cache is freed
+    budget = int(r.gpu_memory_utilization * gpu.memory) if vllm else 0
+    if vllm:
+        engine_weights = sum(p.numel for p in stage_params(archs["actor"], "actor", r.tensor_model_parallel_size, 1, 0,
+                                                            vocab)) * DTYPE_BYTES[am.params_dtype]
+        detail["rollout"] = dict(engine_kind="vllm", engine_budget=budget, engine_weights=engine_weights,
+                                 engine_kv_cache=budget - engine_weights)
+        phases.append(("rollout", "rollout", 0.0))  # the engine's KV cache is inside its budget
+    elif gad:
         kv = kv_cache_bytes(archs["actor"], am.tensor_model_parallel_size, am.pipeline_model_parallel_size,
                             rows_rollout, seq, am.params_dtype)
         prefill = fwd_transient("actor", r.log_prob_micro_batch_size_per_gpu, False, 0) * P / seq
         detail["rollout"] = dict(kv_cache=kv, kv_rows_per_rank=rows_rollout)
-        phases += [("rollout", "actor", kv + prefill),
+        phases.append(("rollout", "actor", kv + prefill))
+    if gad:
+        phases += [
                    ("reward", "critic", fwd_transient("critic", c.forward_micro_batch_size_per_gpu, c.use_dynamic_bsz,
                                                       c.forward_max_token_len_per_gpu)),
                    ("old_log_prob", "actor", fwd_transient(
@@ -159,18 +187,20 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
             c.ppo_micro_batch_size_per_gpu * (n + 1), c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu, seq))))
     phases.append(("actor_update", "actor", train_transient("actor", _tokens(
         a_.ppo_micro_batch_size_per_gpu, a_.use_dynamic_bsz, a_.ppo_max_token_len_per_gpu, seq))))
+    if vllm:  # the actor's weights stream to the awake engine (buckets go through host memory)
+        phases.append(("weight_sync", "actor", 0.0))
 
     colocate = t.placement == "colocate"
 
     def resident_bytes(model: str, phase: str, phase_model: str) -> int:
         """What ``model`` keeps on the device during ``phase``: everything, except offloaded state
         of a model the phase does not use (weights) or does not update (gradients, optimizer)."""
-        r, m = roles[model], _megatron(cfg, "critic" if model == "critic" else "actor")
+        r, off = roles[model], _offloaded(cfg, model)
         uses = model == phase_model
         updating = uses and phase.endswith("_update")
-        return ((r["weights"] if uses or not m.param_offload else 0)
-                + (r["grads"] if updating or not m.grad_offload else 0)
-                + (r["optimizer"] if updating or not m.optimizer_offload else 0))
+        return ((r["weights"] if uses or not off["params"] else 0)
+                + (r["grads"] if updating or not off["grads"] else 0)
+                + (r["optimizer"] if updating or not off["optimizer"] else 0))
 
     rows = []
     for name, role, transient in phases:
@@ -178,10 +208,14 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
         on_gpu = list(roles) if colocate else (["critic"] if role == "critic" else
                                                [k for k in roles if k != "critic"])
         resident = sum(resident_bytes(k, name, role) for k in on_gpu)
-        processes = 2 if colocate and gad else 1
-        total = resident + transient + processes * RESERVE_PER_PROCESS
-        rows.append(dict(phase=name, role=role, resident=resident, transient=int(transient),
-                         reserve=processes * RESERVE_PER_PROCESS, total=int(total), fits=total <= gpu.memory,
+        engine_here = vllm and "actor" in on_gpu
+        awake = name in ("rollout", "weight_sync") or not r.free_cache_engine
+        engine = budget if engine_here and awake else 0
+        processes = (2 if colocate and gad else 1) + int(engine_here)
+        total = resident + engine + transient + processes * RESERVE_PER_PROCESS
+        fits = total <= gpu.memory and not (name == "rollout" and vllm and detail["rollout"]["engine_kv_cache"] <= 0)
+        rows.append(dict(phase=name, role=role, resident=resident, engine=engine, transient=int(transient),
+                         reserve=processes * RESERVE_PER_PROCESS, total=int(total), fits=fits,
                          **detail.get(name, {})))
     peak = max(rows, key=lambda x: x["total"])
     return dict(gpu=gpu.name, device_bytes=gpu.memory, nodes=t.nnodes, gpus_per_node=t.n_gpus_per_node, world=world,
@@ -257,6 +291,10 @@ def _candidates(cfg: GADConfig, gad: bool) -> list[tuple[str, ...]]:
         if not m.param_offload:
             out.append((f"{key}.megatron.param_offload=true",))
     a, c = cfg.actor_rollout_ref, cfg.critic
+    if a.actor.use_kl_loss and not a.ref.megatron.param_offload:
+        out.append(("actor_rollout_ref.ref.megatron.param_offload=true",))
+    if uses_vllm(cfg) and not a.rollout.free_cache_engine:
+        out.append(("actor_rollout_ref.rollout.free_cache_engine=true",))
     halve = [("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", a.actor.ppo_micro_batch_size_per_gpu),
              ("actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
               a.rollout.log_prob_micro_batch_size_per_gpu),
@@ -357,11 +395,20 @@ def render(plan: dict) -> str:
         lines.append(f"{name:<10} {r['tp']:>3} {r['pp']:>3} {r['dp']:>3} {r['params_dtype']:<9} "
                      f"{'yes' if r['distributed_optimizer'] else 'no':<8} {r['recompute'] or '-'!s:<9} "
                      f"{_gib(r['weights']):>8} {_gib(r['grads']):>8} {_gib(r['optimizer']):>8} {_gib(r['total']):>8}")
-    lines += ["", "per GPU and phase, GiB (resident models + the phase's activations / KV cache + reserve):",
-              f"{'phase':<14} {'role':<10} {'resident':>9} {'transient':>10} {'reserve':>8} {'total':>8}  fits"]
+    lines += ["", "per GPU and phase, GiB (resident models + the rollout engine's share + the phase's activations / "
+                  "KV cache + reserve):",
+              f"{'phase':<14} {'role':<10} {'resident':>9} {'engine':>7} {'transient':>10} {'reserve':>8} "
+              f"{'total':>8}  fits"]
     for p in plan["phases"]:
-        lines.append(f"{p['phase']:<14} {p['role']:<10} {_gib(p['resident']):>9} {_gib(p['transient']):>10} "
-                     f"{_gib(p['reserve']):>8} {_gib(p['total']):>8}  {'yes' if p['fits'] else 'NO'}")
+        lines.append(f"{p['phase']:<14} {p['role']:<10} {_gib(p['resident']):>9} {_gib(p['engine']):>7} "
+                     f"{_gib(p['transient']):>10} {_gib(p['reserve']):>8} {_gib(p['total']):>8}  "
+                     f"{'yes' if p['fits'] else 'NO'}")
+    ro = next((p for p in plan["phases"] if p.get("engine_kind") == "vllm"), None)
+    if ro is not None:
+        lines.append(f"vLLM engine per GPU: {_gib(ro['engine_budget'])} GiB while awake (rollout."
+                     f"gpu_memory_utilization), its weights {_gib(ro['engine_weights'])}, KV cache and activations "
+                     f"{_gib(ro['engine_kv_cache'])}" + ("" if ro["engine_kv_cache"] > 0 else
+                                                         ": NO room for a KV cache"))
     verdict = "FITS" if plan["fits"] else "DOES NOT FIT"
     lines += ["", f"verdict: {verdict} (peak {_gib(plan['peak_bytes'])} GiB in {plan['peak_phase']}, device "
                   f"{_gib(plan['device_bytes'])} GiB)"]
@@ -415,7 +462,7 @@ def dry_run_report(cfg: GADConfig, gpu_name: str) -> str:
         lines.append("trainer.workers=local: both roles run in the trainer's process; no Ray, no placement group")
     else:
         r = cfg.actor_rollout_ref.rollout
-        vllm = gad and (r.name == "vllm" or (r.name == "auto" and t.device == "cuda"))
+        vllm = uses_vllm(cfg)
         req = placement_request(worlds["actor"], worlds.get("critic", 0), t.placement == "colocate", gad, vllm)
         if vllm:
             lines.append(f"rollout: {worlds['actor'] // r.tensor_model_parallel_size} vLLM engine(s) (TP "

@@ -3,9 +3,10 @@
 Rows are read and tokenized like ``logprobs`` (and training): both the teacher response and the
 optional ``student_response`` end with exactly one EOS, as the student samples training scores do.
 TP*PP spawned ranks build a :class:`~megatron_gad.workers.critic.CriticWorker` from the critic
-checkpoint and run its packed ``compute_scores`` (each sequence scored at its own last token, the
-reward pass of training). ``d_acc`` over rows with both responses is
-:func:`megatron_gad.algos.discriminator_loss`'s (teacher above student; exact ties count half).
+checkpoint and run its packed ``compute_scores`` (each sequence scored at its own last token, or
+with ``--pooling mean`` averaged over its response: the reward pass of training). ``d_acc`` over
+rows with both responses is :func:`megatron_gad.algos.discriminator_loss`'s (teacher above
+student; exact ties count half).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main_score(args) -> int:
     teachers, students = rows.responses[args.response_key], rows.responses[args.student_key]
     have = [i for i, s in enumerate(students) if s is not None]
     job = PassJob(prompts=rows.prompts + [rows.prompts[i] for i in have],
-                  responses=teachers + [students[i] for i in have], **settings)
+                  responses=teachers + [students[i] for i in have], score_pooling=args.pooling, **settings)
     log(f"score: {len(teachers)} rows, {len(have)} with '{args.student_key}', from {args.data}, "
         f"TP={args.tp} PP={args.pp}; launching {args.tp * args.pp} rank(s)")
     records, summary = score_records(rows, args.response_key, args.student_key, launch(_score_rank, job))

@@ -23,7 +23,7 @@ from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_we
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
-from megatron_gad.workers.base import Worker
+from megatron_gad.workers.base import PhaseMemory, Worker
 from megatron_gad.workers.dispatch import Dispatch, register
 from megatron_gad.workers.micro_batches import (
     Batching,
@@ -53,6 +53,13 @@ class ActorWorker(Worker):
         if init_from:
             self.shard.load_weights(init_from)
         self.ref = shard(init_from or config.model.path, trainable=False) if config.actor.use_kl_loss else None
+        # between passes: the policy's state as actor.megatron.*_offload says; the frozen reference's
+        # weights (it has nothing else) per ref.megatron.param_offload. A pass reloads what it needs.
+        offloads = [(self.shard, dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload))]
+        if self.ref is not None:
+            offloads.append((self.ref, dict(params=config.ref.megatron.param_offload)))
+        self.memory = PhaseMemory("actor", offloads)
+        self.memory.settle()  # before the first rollout
 
     # ---------------------------------------------------------------- helpers
     def _token_logprob(self, shard: ModelShard, logits: torch.Tensor, mb: dict, compute_entropy: bool,
@@ -92,11 +99,13 @@ class ActorWorker(Worker):
         and the sampled tokens' ``rollout_log_prob`` (R: this replica's longest response; the
         controller pads replicas to one width)."""
         r = self.config.rollout
-        return generate(self.shard, batch["prompt_ids"], batch["prompt_mask"],
-                        max_new_tokens=self.max_response_length, eos_id=self.eos_id,
-                        pad_id=self.pad_id, temperature=temperature or r.temperature, top_k=r.top_k,
-                        top_p=r.top_p, greedy=greedy, seed=seed + 7919 * self.layout.dp_rank,
-                        micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
+        with self.memory.phase("generate"):
+            self.shard.reload("params")
+            return generate(self.shard, batch["prompt_ids"], batch["prompt_mask"],
+                            max_new_tokens=self.max_response_length, eos_id=self.eos_id,
+                            pad_id=self.pad_id, temperature=temperature or r.temperature, top_k=r.top_k,
+                            top_p=r.top_p, greedy=greedy, seed=seed + 7919 * self.layout.dp_rank,
+                            micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
 
     @register(Dispatch.ALL)
     def export_weights(self, bucket_mb: int) -> list[tuple]:
@@ -107,9 +116,11 @@ class ActorWorker(Worker):
         lay = self.layout
         if lay.dp_rank != 0:  # every replica holds the same weights: replica 0 sends them
             return []
-        items = stream_hf_weights(self.shard.module, self.shard.arch, state.tp_group() if lay.tp_size > 1 else None,
-                                  lay.tp_size, emit=lay.tp_rank == 0)
-        buckets = list(make_buckets(items, bucket_mb << 20))
+        with self.memory.phase("export_weights"):
+            self.shard.reload("params")
+            items = stream_hf_weights(self.shard.module, self.shard.arch,
+                                      state.tp_group() if lay.tp_size > 1 else None, lay.tp_size, emit=lay.tp_rank == 0)
+            buckets = list(make_buckets(items, bucket_mb << 20))
         out = []
         for k, bucket in enumerate(buckets):
             out.append((describe(bucket, lay.pp_rank, k, len(buckets)), to_transport(bucket)))
@@ -134,16 +145,20 @@ class ActorWorker(Worker):
     def compute_log_prob(self, batch: dict) -> dict:
         """Per-token log-probs [B, R] of the responses under the current policy (the PPO 'old')."""
         r = self.config.rollout
-        return self._log_prob(self.shard, batch, Batching(r.log_prob_micro_batch_size_per_gpu,
-                                                          r.log_prob_use_dynamic_bsz, r.log_prob_max_token_len_per_gpu))
+        with self.memory.phase("log_prob"):
+            return self._log_prob(self.shard, batch, Batching(r.log_prob_micro_batch_size_per_gpu,
+                                                              r.log_prob_use_dynamic_bsz,
+                                                              r.log_prob_max_token_len_per_gpu))
 
     @register(Dispatch.DP, collect="concat")
     def compute_ref_log_prob(self, batch: dict) -> dict:
         if self.ref is None:
             raise RuntimeError("no reference model: set actor_rollout_ref.actor.use_kl_loss=true")
         r = self.config.ref
-        return self._log_prob(self.ref, batch, Batching(r.log_prob_micro_batch_size_per_gpu,
-                                                        r.log_prob_use_dynamic_bsz, r.log_prob_max_token_len_per_gpu))
+        with self.memory.phase("ref_log_prob"):
+            return self._log_prob(self.ref, batch, Batching(r.log_prob_micro_batch_size_per_gpu,
+                                                            r.log_prob_use_dynamic_bsz,
+                                                            r.log_prob_max_token_len_per_gpu))
 
     # ---------------------------------------------------------------- updates
     @register(Dispatch.DP, collect="mean")
@@ -177,7 +192,8 @@ class ActorWorker(Worker):
 
         extra = ["old_log_prob", "advantages"] + (["ref_log_prob"] if kl_fn else [])
         extra += ["rollout_is_weights"] if "rollout_is_weights" in batch else []
-        return self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
+        with self.memory.phase("update"):
+            return self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
 
     @register(Dispatch.DP, collect="mean")
     def sft_step(self, batch: dict) -> dict:
@@ -191,7 +207,8 @@ class ActorWorker(Worker):
 
         b = {"prompt_ids": batch["prompt_ids"], "prompt_mask": batch["prompt_mask"],
              "responses": batch["teacher_response"], "response_mask": batch["teacher_response_mask"]}
-        return self._train(b, [], loss_fn, 1, 1)
+        with self.memory.phase("sft"):
+            return self._train(b, [], loss_fn, 1, 1)
 
     def _train(self, batch, extra, loss_fn, num_mini_batches, epochs) -> dict:
         """``epochs`` x mini-batches, one optimizer step each. A micro-batch's loss is its exact share

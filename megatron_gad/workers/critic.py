@@ -3,8 +3,10 @@ and trains on teacher-vs-student pairs with the fused head + Bradley-Terry loss.
 
 Both sides are scored under one end-of-response rule (``critic.eos_policy``, applied here to every
 sequence the critic sees), so a student whose response ids equal the teacher's gets the teacher's
-score. The pair loss takes the saturation controls of ``algos.discriminator.pair_loss``; with any
-of them on, ``fused_loss: auto`` runs the torch path (the fused kernel computes plain BT)."""
+score, read at its last token or (``critic.score_pooling: mean``) averaged over its response. The
+pair loss takes the saturation controls of ``algos.discriminator.pair_loss``; with any of them or
+mean pooling on, ``fused_loss: auto`` runs the torch path (the fused kernel computes plain BT at
+the last token)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,16 @@ import torch
 from megatron_gad.config import CriticConfig
 from megatron_gad.config_checks import critic_controls_on
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
-from megatron_gad.kernels.disc_loss import TE_HEAD_NOT_USED, disc_bt_loss_packed, disc_head_scores, resolve_impl
+from megatron_gad.kernels.disc_loss import (
+    TE_HEAD_NOT_USED,
+    disc_bt_loss_packed,
+    disc_head_scores,
+    pooled_head_scores,
+    resolve_impl,
+)
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
-from megatron_gad.workers.base import Worker
+from megatron_gad.workers.base import PhaseMemory, Worker
 from megatron_gad.workers.dispatch import Dispatch, register
 from megatron_gad.workers.micro_batches import (
     Batching,
@@ -48,8 +56,9 @@ class CriticWorker(Worker):
         self.loss_impl = config.fused_loss
         if critic_controls_on(config):
             if config.fused_loss == "triton":
-                raise ValueError("critic.fused_loss=triton computes plain Bradley-Terry only; use auto or torch "
-                                 "with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob")
+                raise ValueError("critic.fused_loss=triton computes plain Bradley-Terry at the last token only; use "
+                                 "auto or torch with critic.loss_type/bt_temperature/label_smoothing/margin/swap_prob "
+                                 "or score_pooling=mean")
             self.loss_impl = "torch"
         # fails early for an explicit "triton" that cannot run; "auto" resolves per call on the
         # hidden states' device, so it never picks a kernel that cannot run there
@@ -59,16 +68,11 @@ class CriticWorker(Worker):
         # sequence parallelism splits a packed row's tokens evenly over the TP ranks
         self.align = m.tensor_model_parallel_size if m.sequence_parallel else 1
         # what goes to host memory after each pass (the shard reloads what a pass needs itself)
-        self.offload = dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload)
-        self.phase_bytes: dict[str, float] = {}  # device bytes in this step's passes (memory/critic/...)
+        self.memory = PhaseMemory("critic", [(self.shard, dict(params=m.param_offload, grads=m.grad_offload,
+                                                                optimizer=m.optimizer_offload))])
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)
-
-    def _after(self, phase: str) -> None:
-        """Record the device bytes the pass held, then offload what the config says."""
-        self.phase_bytes[f"memory/critic/{phase}_bytes"] = float(sum(self.shard.held_bytes().values()))
-        self.shard.offload(**self.offload)
-        self.phase_bytes["memory/critic/idle_bytes"] = float(sum(self.shard.held_bytes().values()))
+        self.memory.settle()  # off the device until its first pass (the first rollout runs before it)
 
     def _head(self):
         head = self.shard.module.output_layer
@@ -90,11 +94,14 @@ class CriticWorker(Worker):
 
         def loss_fn(hidden, mb):
             w, bias = self._head()
-            s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
+            if c.score_pooling == "mean":
+                s = pooled_head_scores(hidden[0], mb["last"], mb["resp_len"], w, bias)
+            else:
+                s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
             return s.sum() * 0, {"scores": s.detach().float()}
 
-        res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
-        self._after("reward")
+        with self.memory.phase("reward"):
+            res = self.shard.forward(scoring_micro_batches(batch, groups, align=self.align), loss_fn)
         if not res:  # not the last pipeline stage
             return {"scores": None}
         return {"scores": restore_order([r["scores"] for r in res], groups, batch["prompt_ids"].shape[0]).cpu()}
@@ -148,9 +155,10 @@ class CriticWorker(Worker):
             controls = dict(self.controls)
             if gen is not None:
                 controls["swap"] = (torch.rand(pairs, generator=gen) < self.config.swap_prob).to(hidden.device)
+            pool = mb["resp_len"] if self.config.score_pooling == "mean" else None
             loss, m, t, s = disc_bt_loss_packed(hidden, mb["last"], k, mb["teacher_of"], w, b,
                                                 impl=self.loss_impl, score_reg_coef=self.config.score_reg_coef,
-                                                **(controls if self.loss_impl == "torch" else {}))
+                                                pool_len=pool, **(controls if self.loss_impl == "torch" else {}))
             gap = (t.index_select(0, mb["teacher_of"].to(t.device)) - s).abs().cpu()
             ident = mb["identical"]
             m = dict(m, identical_pairs=ident.float().mean(), eos_mismatch=mb["eos_mismatch"].float().mean(),
@@ -166,9 +174,8 @@ class CriticWorker(Worker):
     @register(Dispatch.DP, collect="mean")
     def evaluate_pairs(self, batch: dict, n: int) -> dict:
         """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
-        out = reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
-        self._after("evaluate")
-        return out
+        with self.memory.phase("evaluate"):
+            return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
 
     @register(Dispatch.DP, collect="mean")
     def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0) -> dict:
@@ -177,14 +184,14 @@ class CriticWorker(Worker):
         loss_fn = self._pair_loss("critic/", swap=True)
         metrics = []
         skipped = 0
-        for epoch in range(self.config.ppo_epochs):
-            results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
-            skipped += int(info["nonfinite"])
-            if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
-                metrics += [dict(r) for r in results]
-            metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
+        with self.memory.phase("update_critic"):
+            for epoch in range(self.config.ppo_epochs):
+                results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
+                skipped += int(info["nonfinite"])
+                if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
+                    metrics += [dict(r) for r in results]
+                metrics.append({"critic/grad_norm": info["grad_norm"], "critic/lr": info["lr"]})
         out = reduce_metrics(metrics)
         out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
-        self._after("update_critic")
-        out.update(self.phase_bytes)  # this step's reward pass (scored before the update) included
+        out.update(self.memory.metrics)  # this step's reward pass (scored before the update) included
         return out

@@ -77,14 +77,15 @@ def actor_micro_batches(batch: dict, groups: list[list[int]], extra: tuple[str, 
 
 def scoring_micro_batches(batch: dict, groups: list[list[int]], align: int = 1, pad_id: int = 0) -> list[dict]:
     """Rows to score (prompt ++ response); each micro-batch: ``packed``, ``last`` (packed position of
-    each row's last token), ``rows``."""
+    each row's last token), ``resp_len`` (its response tokens: mean pooling), ``rows``."""
     ids, mask, _ = build_sequences(batch["prompt_ids"], batch["prompt_mask"], batch["responses"],
                                    batch["response_mask"])
     out = []
     for rows in groups:
         r = torch.tensor(rows, dtype=torch.long)
         packed = pack_rows(ids[r], mask[r], align=align, pad_id=pad_id)
-        out.append({"packed": packed, "last": last_token_indices(packed), "rows": r})
+        out.append({"packed": packed, "last": last_token_indices(packed), "rows": r,
+                    "resp_len": batch["response_mask"][r].sum(-1)})
     return out
 
 
@@ -125,16 +126,19 @@ def pair_micro_batch(batch: dict, parts: list[GroupPart], align: int = 1, pad_id
         return torch.cat([prompt_ids[prompt_mask.bool()], resp[resp_mask.bool()]])
 
     pi, pm = batch["prompt_ids"], batch["prompt_mask"]
-    seqs, teacher_of, students = [], [], []
+    seqs, teacher_of, students, t_len, s_len = [], [], [], [], []
     for k, part in enumerate(parts):
         g = part.group
         seqs.append(tokens(pi[g], pm[g], batch["teacher_response"][g], batch["teacher_response_mask"][g]))
+        t_len.append(int(batch["teacher_response_mask"][g].sum()))
         for j in part.students:
             students.append(tokens(pi[g], pm[g], batch["responses"][g, j], batch["response_mask"][g, j]))
+            s_len.append(int(batch["response_mask"][g, j].sum()))
             teacher_of.append(k)
     packed = pack_sequences(seqs + students, align=align, pad_id=pad_id)
     return {"packed": packed, "last": last_token_indices(packed), "num_teachers": len(parts),
-            "teacher_of": torch.tensor(teacher_of, dtype=torch.long)}
+            "teacher_of": torch.tensor(teacher_of, dtype=torch.long),
+            "resp_len": torch.tensor(t_len + s_len, dtype=torch.long)}
 
 
 def apply_eos_policy(responses: torch.Tensor, mask: torch.Tensor, eos_id: int, policy: str, side: str) -> torch.Tensor:

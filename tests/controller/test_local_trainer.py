@@ -55,6 +55,13 @@ def test_local_workers_run_warmup_then_gad(assets, tmp_path):
     assert {"actor/pg_loss", "actor/kl", "reward/mean", "critic/d_acc", "timing_s/update_actor",
             "timing_s/reward"} <= set(rows[1])
     assert rows[1]["actor/optimizer_state_bytes"] > 0
+    # the actor's per-phase device bytes reach the step's metrics: a frozen-warmup step only samples;
+    # the reference's weights (on the host by default) come in for its pass only, beside the policy's
+    # (no gradient buffers or Adam state before the first update: the same bytes as the reference's)
+    assert "memory/actor/update_bytes" not in rows[0] and rows[0]["memory/actor/generate_bytes"] > 0
+    m = rows[1]
+    assert m["memory/actor/ref_log_prob_bytes"] == 2 * m["memory/actor/generate_bytes"]
+    assert m["memory/actor/update_bytes"] == m["memory/actor/idle_bytes"] > m["memory/actor/generate_bytes"]
     assert os.path.isdir(os.path.join(run, "global_step_3", "critic"))
 
 
@@ -133,6 +140,37 @@ def test_samples_jsonl_every_step(assets, tmp_path):
     assert [r["step"] for r in rows] == [1, 1, 2, 2, 3, 3]
     for r in rows:
         assert (r["prompt"], r["teacher"]) in pairs
-        assert r["teacher_eos"] == 1.0 and r["teacher_len"] >= 1 and 1 <= r["student_len"] <= 12
+        assert r["teacher_eos"] is True and r["teacher_len"] >= 1 and 1 <= r["student_len"] <= 12
     assert [(r["student_score"], r["teacher_score"]) for r in rows[:2]] == [(0.0, 0.0), (0.0, 0.0)]
     assert any(r["teacher_score"] != 0.0 for r in rows[2:])  # the critic learned after step 1
+
+
+def test_hybrid_reward_mixes_a_verifier(assets, tmp_path):
+    """custom_reward_function: the verifier sees each sample's raw prompt (as in the data file) and its
+    decoded response; the actor's reward is D + weight * verifier; critic/verifier_auc is logged."""
+    from megatron_gad.parallel.launch import run_local
+
+    run, calls = str(tmp_path / "run"), tmp_path / "calls.jsonl"
+    rf = tmp_path / "rf.py"
+    rf.write_text("import json\n"
+                  "def check(prompt, response):\n"
+                  f"    with open({str(calls)!r}, 'a') as f:\n"
+                  "        f.write(json.dumps([prompt, response]) + '\\n')\n"
+                  "    return float(len(response))\n")
+    over = [*_overrides(assets, run), f"custom_reward_function.path={rf}", "custom_reward_function.name=check",
+            "reward.verifier_weight=0.25"]
+    run_local(_fit, 1, over)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    with open(assets["train"]) as f:
+        prompts = {json.loads(line)["content"] for line in f if line.strip()}
+    with open(calls) as f:
+        seen = [json.loads(line) for line in f]
+    assert len(seen) == 2 * 2 * 2  # 2 GAD steps x 2 prompts x n=2 (the warmup has no reward pass)
+    assert {p for p, _ in seen} <= prompts
+    assert "reward/verifier_mean" not in rows[0]  # frozen warmup
+    for r in rows[1:]:
+        assert r["reward/verifier_mean"] >= 0 and 0.0 <= r.get("critic/verifier_auc", 0.5) <= 1.0
+        assert r["reward/mean"] == pytest.approx(r["reward/critic_mean"] + 0.25 * r["reward/verifier_mean"], abs=1e-5)
+    lengths = [len(resp) for _, resp in seen[:4]]
+    assert rows[1]["reward/verifier_mean"] == pytest.approx(sum(lengths) / 4)

@@ -30,6 +30,7 @@ def _run(rank, world, path, rows, pairs, tmp):
                                  "critic.optim.lr=0.01", "critic.megatron.params_dtype=bfloat16",
                                  "critic.megatron.use_distributed_optimizer=true", *extra])
         w = CriticWorker(cfg.critic, model_path=path, vocab_divisible_by=8, total_steps=4, eos_id=2)
+        w.shard.reload("params")  # offloaded from the start; writing a parameter directly needs it back
         w.shard.module.output_layer.weight.data.copy_(torch.linspace(-0.5, 0.5, 32)[None])
         trace = []
         for _ in range(2):

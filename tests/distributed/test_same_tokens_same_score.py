@@ -40,7 +40,7 @@ def _batch():
             "teacher_response_mask": t_mask, "responses": students, "response_mask": s_mask}
 
 
-def _run(rank, world, path):
+def _run(rank, world, path, pooling):
     from dataclasses import replace
 
     from megatron_gad.config import CriticConfig
@@ -51,7 +51,8 @@ def _run(rank, world, path):
     for policy in ("append", "strip", "none"):
         for mbs in (1, 3):  # pairs of one prompt per micro-batch, or all three packed together
             cfg = replace(CriticConfig(), eos_policy=policy, head_init_std=0.5, fused_loss="torch",
-                          ppo_micro_batch_size_per_gpu=mbs, forward_micro_batch_size_per_gpu=mbs * 4)
+                          ppo_micro_batch_size_per_gpu=mbs, forward_micro_batch_size_per_gpu=mbs * 4,
+                          score_pooling=pooling)
             w = CriticWorker(cfg, model_path=path, vocab_divisible_by=8, total_steps=1, eos_id=EOS)
             out[policy, mbs] = w.evaluate_pairs(batch, N)
         # scores of the identical rows through the reward path: alone, and inside a mixed batch
@@ -66,15 +67,21 @@ def _run(rank, world, path):
         out[policy, "alone_student"] = w.compute_scores(student)["scores"]
         out[policy, "alone_teacher"] = w.compute_scores(teacher, side="teacher")["scores"]
         out[policy, "mixed"] = w.compute_scores(mixed)["scores"]  # row 1 is student (0, 1)
+        # the teacher row and the student's copy in one pass of 5 rows, the copy last (a CPU GEMV
+        # computes the rows left over after its 4-row blocks another way: the last bit could differ)
+        one = {k: torch.cat([teacher[k], mixed[k][3:6], student[k]]) for k in teacher}
+        out[policy, "one_pass"] = w.compute_scores(one)["scores"]
+    out["head"] = [t.detach().clone() for t in w._head()]
     return out
 
 
-def test_same_tokens_same_score(tmp_path):
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_same_tokens_same_score(tmp_path, pooling):
     from megatron_gad.parallel.launch import run_local
     from megatron_gad.tools.tiny_models import make_hf_model
 
     path = make_hf_model(str(tmp_path / "m"), "llama", seed=4)
-    (out,) = run_local(_run, 1, path)
+    (out,) = run_local(_run, 1, path, pooling)
     for mbs in (1, 3):
         append = out["append", mbs]
         assert append["val/identical_pairs"] == pytest.approx(2 / 9)
@@ -89,6 +96,22 @@ def test_same_tokens_same_score(tmp_path):
         alone_s, alone_t = float(out[policy, "alone_student"][0]), float(out[policy, "alone_teacher"][0])
         assert abs(alone_s - alone_t) <= 1e-6
         assert abs(float(out[policy, "mixed"][1]) - alone_s) <= 1e-6  # other rows packed alongside
+        one = out[policy, "one_pass"]
+        assert one[0].item() == one[4].item()  # bitwise in one forward pass
+    # against transformers: the backbone's final-norm hidden states of the unpadded sequence, read at the
+    # last token or averaged over the response tokens, through the critic's head
+    from transformers import AutoModelForCausalLM
+
+    b = _batch()
+    prompt = b["prompt_ids"][0][b["prompt_mask"][0].bool()]
+    resp = b["teacher_response"][0][b["teacher_response_mask"][0].bool()]  # "append": scored as is
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        h = model(torch.cat([prompt, resp])[None], output_hidden_states=True).hidden_states[-1][0].double()
+    w, bias = (t.double() for t in out["head"])
+    pooled = h[-len(resp):].mean(0) if pooling == "mean" else h[-1]
+    want = float(pooled @ w.reshape(-1) + bias)
+    assert abs(float(out["append", "alone_teacher"][0]) - want) <= 1e-5, (out["append", "alone_teacher"], want)
     # the users' failure: same text, different score
     gap = abs(float(out["none", "alone_student"][0]) - float(out["none", "alone_teacher"][0]))
     assert gap > 1e-3, gap

@@ -60,4 +60,12 @@ def test_demo_quick(tmp_path, capsys):
 
     printed = capsys.readouterr()
     assert "SFT continued" in printed.out and "GAD" in printed.out
+    # the GAD stage logs the task's checker as a weight-0 verifier: D's ranking of valid samples per step
+    diag = r["gad_diagnostics"][0]
+    assert diag["controls"]["verifier_weight"] == 0.0 and diag["controls"]["eos_policy"] == "append"
+    assert len(diag["series"]["critic/verifier_auc"]) == QUICK.gad_steps
+    assert all(v is None or 0.0 <= v <= 1.0 for v in diag["series"]["critic/verifier_auc"])
+    assert all(v == 0.0 for v in diag["series"]["critic/identical_pair_gap"])  # same tokens, same score
+    assert "GAD discriminator controls: eos_policy=append" in printed.out
+    assert "verifier AUC (D ranks valid samples first)" in printed.out
     assert "[demo] seed 0 | warmup" in printed.err

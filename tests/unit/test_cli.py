@@ -22,7 +22,7 @@ _run = run_cli
 def test_top_level_help_lists_commands(capsys):
     code, out, _ = _run(["--help"], capsys)
     assert code == 0
-    for name in ("convert", "generate", "logprobs", "score", "train", "demo"):
+    for name in ("convert", "generate", "logprobs", "score", "train", "demo", "bench"):
         assert name in out
 
 
@@ -37,6 +37,7 @@ def test_top_level_help_lists_commands(capsys):
                  "--batch-size", "--json"]),
     (["train"], ["CONFIG", "KEY=VALUE", "--print-config"]),
     (["demo"], ["--seeds", "--out", "--quick"]),
+    (["bench"], ["CONFIG", "KEY=VALUE", "--steps", "--stages", "--out", "--save", "--gpu", "--aggregate", "--stage"]),
 ])
 def test_subcommand_help(argv, options, capsys):
     code, out, _ = _run(argv + ["--help"], capsys)
@@ -282,3 +283,10 @@ def test_logprobs_score_tables():
     _, summary = score_records(rows, "teacher_response", "student_response", [1.0, 2.0])
     assert summary["d_acc"] is None and "no d_acc" in score_table(*score_records(
         rows, "teacher_response", "student_response", [1.0, 2.0]))[-1]
+
+
+def test_gpu_kinds_match_the_planner():
+    from megatron_gad.cli import GPU_KINDS
+    from megatron_gad.tools.plan import GPUS
+
+    assert set(GPU_KINDS) == set(GPUS)

@@ -98,6 +98,9 @@ class _FakeShard:  # just the critic's value head: the loss function needs nothi
             head.weight.copy_(torch.randn(1, 8, generator=g))
         self.module = type("M", (), {"output_layer": head})()
 
+    def offload(self, **kinds):  # the worker settles its memory at construction; nothing to move here
+        pass
+
 
 def _critic_mb(T=30, k=2, teacher_of=(0, 0, 0, 1, 1)):
     last = torch.tensor([4, 9, 13, 18, 22, 26, 29])[: k + len(teacher_of)]
@@ -270,3 +273,60 @@ def test_gather_last_hidden_grad():
     for b in range(3):
         want[last[b], b] = g[b]
     assert torch.equal(hidden.grad, want)
+
+
+def test_pooled_head_scores_matches_fp64_mean_of_hidden():
+    """critic.score_pooling=mean: the packed per-token-score path == head(mean of the response's hidden
+    states) computed per sequence in fp64, values and gradients; an empty response falls back to the
+    last token."""
+    from megatron_gad.kernels.disc_loss import pooled_head_scores
+
+    g = torch.Generator().manual_seed(3)
+    lens, resp = [5, 9, 3, 7], [2, 9, 0, 4]  # sequence lengths in the packed row; response tokens of each
+    T, H = sum(lens) + 2, 6  # + a tail segment of padding
+    hidden = torch.randn(1, T, H, generator=g, requires_grad=True)
+    w, b = torch.randn(1, H, generator=g, requires_grad=True), torch.randn(1, generator=g, requires_grad=True)
+    last = torch.tensor(lens).cumsum(0) - 1
+    got = pooled_head_scores(hidden, last, torch.tensor(resp), w, b)
+
+    h64, w64, b64 = hidden.detach().double()[0].requires_grad_(), w.detach().double().requires_grad_(), \
+        b.detach().double().requires_grad_()
+    want = []
+    for end, r in zip(last.tolist(), resp):
+        rows = h64[end - max(r, 1) + 1:end + 1]  # the response's tokens (the last token when it has none)
+        want.append(rows.mean(0) @ w64[0] + b64[0])
+    want = torch.stack(want)
+    assert torch.allclose(got.double(), want, atol=1e-6, rtol=0)
+    up = torch.randn(len(lens), generator=g)
+    got.backward(up)
+    want.backward(up.double())
+    assert torch.allclose(hidden.grad[0].double(), h64.grad, atol=1e-6)
+    assert torch.allclose(w.grad.double(), w64.grad, atol=1e-5)
+    assert torch.allclose(b.grad.double(), b64.grad, atol=1e-6)
+    assert not hidden.grad[0, sum(lens):].any()  # padding receives no gradient
+
+
+def test_pooled_identical_segments_bitwise_equal():
+    from megatron_gad.kernels.disc_loss import pooled_head_scores
+
+    seg = torch.randn(11, 8)
+    hidden = torch.cat([torch.randn(4, 8), seg, torch.randn(3, 8), seg])  # the same 11-token sequence twice
+    last = torch.tensor([3, 14, 17, 28])
+    s = pooled_head_scores(hidden, last, torch.tensor([2, 7, 1, 7]), torch.randn(1, 8), torch.zeros(1))
+    assert s[1].item() == s[3].item()
+
+
+def test_packed_loss_mean_pooling_torch_only():
+    from megatron_gad.kernels.disc_loss import disc_bt_loss_packed, pooled_head_scores
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(20, 4, generator=g)
+    rows, pool = torch.tensor([4, 9, 14, 19]), torch.tensor([3, 2, 4, 5])
+    w, b = torch.randn(1, 4, generator=g), torch.zeros(1)
+    loss, _, t, s = disc_bt_loss_packed(hidden, rows, 2, torch.tensor([0, 1]), w, b, impl="torch", pool_len=pool)
+    scores = pooled_head_scores(hidden, rows, pool, w, b)
+    assert torch.equal(t, scores[:2]) and torch.equal(s, scores[2:])
+    ref, _ = discriminator_loss_paired(scores[2:], scores[:2], torch.tensor([0, 1]))
+    assert torch.allclose(loss, ref)
+    with pytest.raises(ValueError, match="mean pooling"):
+        disc_bt_loss_packed(hidden, rows, 2, torch.tensor([0, 1]), w, b, impl="triton", pool_len=pool)

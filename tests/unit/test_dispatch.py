@@ -105,7 +105,7 @@ def test_real_workers_declare_their_methods():
     from megatron_gad.workers.critic import CriticWorker
 
     for name in ("generate", "compute_log_prob", "compute_ref_log_prob", "update_actor", "sft_step",
-                 "save", "load", "optimizer_state_bytes", "weights_fingerprint"):
+                 "save", "load", "optimizer_state_bytes", "weights_fingerprint", "memory_metrics", "export_weights"):
         dispatch_spec(ActorWorker, name)
     for name in ("compute_scores", "update_critic", "evaluate_pairs", "save", "load"):
         dispatch_spec(CriticWorker, name)

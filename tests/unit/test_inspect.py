@@ -69,3 +69,22 @@ def test_missing_run_is_a_clear_error(tmp_path, capsys):
     rc, _out, err = run_cli(["inspect", str(tmp_path / "nope")], capsys)
     assert rc == 2 and "no such directory; pass a run's trainer.default_local_dir" in err
     assert "Traceback" not in err
+
+
+def test_verifier_auc_and_hacking_flags(tmp_path, capsys):
+    """A run whose D stopped ranking the verifier's good samples first while its reward rose."""
+    from megatron_gad.tools.inspect_run import summarize
+
+    rows = [{"step": i + 1, "stage": "gad", "critic/d_acc": 0.7, "reward/mean": 0.1 * i,
+             "critic/verifier_auc": auc, "reward/hacking_warning": float(i >= 4)}
+            for i, auc in enumerate([0.8, 0.7, 0.5, 0.45, 0.4, 0.42])]
+    s = summarize(rows, [], {}, window=3)
+    assert s["verifier_auc"]["recent_mean"] == pytest.approx((0.45 + 0.4 + 0.42) / 3)
+    assert (s["verifier_auc"]["first"], s["verifier_auc"]["steps"], s["verifier_auc"]["hacking_warning_steps"]) \
+        == (0.8, 6, 2)
+    text = " | ".join(s["warnings"])
+    assert "critic/verifier_auc 0.42 over the last 3 steps (< 0.55)" in text and "possible reward hacking" in text
+    assert "flagged possible reward hacking on 2 steps" in text
+    assert "reward.verifier_weight" in " ".join(s["advice"])
+    ok = summarize([dict(r, **{"critic/verifier_auc": 0.9, "reward/hacking_warning": 0.0}) for r in rows], [], {})
+    assert not any("verifier" in w or "hacking" in w for w in ok["warnings"])

@@ -20,6 +20,8 @@ def _check(*overrides):
     ["critic.megatron.use_distributed_optimizer=true"],
     ["critic.megatron.param_offload=true", "critic.megatron.grad_offload=true",
      "critic.megatron.optimizer_offload=true"],
+    ["actor_rollout_ref.actor.megatron.param_offload=true", "actor_rollout_ref.actor.megatron.grad_offload=true",
+     "actor_rollout_ref.actor.megatron.optimizer_offload=true", "actor_rollout_ref.ref.megatron.param_offload=false"],
     ["critic.megatron.tensor_model_parallel_size=2", "critic.megatron.sequence_parallel=true"],
     [f"critic.megatron.override_transformer_config={FULL}"],
     ["actor_rollout_ref.actor.megatron.use_distributed_optimizer=true",
@@ -48,8 +50,7 @@ def test_supported_settings_validate(overrides):
     (["actor_rollout_ref.actor.megatron.tensor_model_parallel_size=2",
       "actor_rollout_ref.actor.megatron.sequence_parallel=true"],
      "its native rollout decodes one token per step"),
-    (["actor_rollout_ref.actor.megatron.optimizer_offload=true"],
-     "actor_rollout_ref.actor.megatron.optimizer_offload is not applied to the actor yet"),
+    (["actor_rollout_ref.nccl_timeout=0"], "actor_rollout_ref.nccl_timeout"),
     (["critic.megatron.override_transformer_config={recompute_granularity: partial}"],
      "recompute_granularity: expected one of 'full', 'selective'; got 'partial'"),
 ])

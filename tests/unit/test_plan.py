@@ -52,7 +52,8 @@ def test_gad_yaml_on_h100_does_not_fit_and_suggestions_fit(capsys):
     from megatron_gad.config import apply_overrides
     from megatron_gad.tools.plan import GPUS, build_plan, load_archs
 
-    code, out, err = run_cli(["plan", GAD, f"actor_rollout_ref.model.path={ARCHS}/qwen2.5-3b", "--gpu",
+    native = "actor_rollout_ref.rollout.name=megatron"  # the native sampler's KV cache is what is planned
+    code, out, err = run_cli(["plan", GAD, f"actor_rollout_ref.model.path={ARCHS}/qwen2.5-3b", native, "--gpu",
                               "h100-80gb", "--json"], capsys)
     assert code == 0, err
     plan = json.loads(out)
@@ -63,7 +64,7 @@ def test_gad_yaml_on_h100_does_not_fit_and_suggestions_fit(capsys):
     assert rollout["kv_cache"] == (256 * 8 // 4) * 3584 * 36 * 2 * 1 * 128 * 2
     assert {p["phase"] for p in plan["phases"]} == {"rollout", "reward", "old_log_prob", "ref_log_prob",
                                                     "critic_update", "actor_update"}
-    cfg = _cfg()
+    cfg = _cfg(native)
     archs = load_archs(cfg)
     for s in plan["suggestions"]:
         assert build_plan(apply_overrides(cfg, s["overrides"]), archs, GPUS["h100-80gb"])["fits"], s
@@ -102,8 +103,8 @@ def test_distributed_optimizer_and_recompute_shrink_the_right_numbers():
 
 
 def test_more_nodes_lower_the_rollout_cache(capsys):
-    code, out, _ = run_cli(["plan", GAD, f"actor_rollout_ref.model.path={ARCHS}/qwen2.5-3b", "--nodes", "2",
-                            "--json"], capsys)
+    code, out, _ = run_cli(["plan", GAD, f"actor_rollout_ref.model.path={ARCHS}/qwen2.5-3b",
+                            "actor_rollout_ref.rollout.name=megatron", "--nodes", "2", "--json"], capsys)
     assert code == 0
     plan = json.loads(out)
     assert plan["world"] == 16 and plan["roles"]["actor"]["dp"] == 8
@@ -201,3 +202,64 @@ def test_offload_frees_a_role_only_outside_its_phases():
     # scoring needs the critic's weights only; its update needs everything
     assert off["reward"]["resident"] == base["reward"]["resident"] - critic["grads"] - critic["optimizer"]
     assert off["critic_update"]["resident"] == base["critic_update"]["resident"]
+
+
+def test_actor_offload_and_the_reference_on_the_host():
+    """The actor's offloaded state and the reference's weights count only in the phases that use them."""
+    from megatron_gad.tools.plan import GPUS, build_plan, load_archs
+
+    ref_on_device = "actor_rollout_ref.ref.megatron.param_offload=false"
+    base_cfg = _cfg(ref_on_device)
+    archs = load_archs(base_cfg)
+    base = {p["phase"]: p for p in build_plan(base_cfg, archs, GPUS["h100-80gb"])["phases"]}
+    plan = build_plan(_cfg("actor_rollout_ref.actor.megatron.param_offload=true",
+                           "actor_rollout_ref.actor.megatron.grad_offload=true",
+                           "actor_rollout_ref.actor.megatron.optimizer_offload=true"), archs, GPUS["h100-80gb"])
+    actor, ref = plan["roles"]["actor"], plan["roles"]["reference"]
+    assert ref["offload"] == ["param"] and ref["total"] == ref["weights"] > 0
+    off = {p["phase"]: p for p in plan["phases"]}
+    # vLLM samples (configs/gad.yaml): the actor's weights are not used in the rollout
+    for phase in ("rollout", "reward", "critic_update"):
+        assert off[phase]["resident"] == base[phase]["resident"] - actor["total"] - ref["weights"], phase
+    for phase in ("old_log_prob", "weight_sync"):  # the actor's weights only
+        assert off[phase]["resident"] == base[phase]["resident"] - actor["grads"] - actor["optimizer"] - ref["weights"]
+    assert off["ref_log_prob"]["resident"] == base["ref_log_prob"]["resident"] - actor["total"]
+    assert off["actor_update"]["resident"] == base["actor_update"]["resident"] - ref["weights"]
+    # the native sampler needs the actor's weights in the rollout
+    native = {p["phase"]: p for p in build_plan(_cfg("actor_rollout_ref.actor.megatron.param_offload=true",
+                                                     "actor_rollout_ref.rollout.name=megatron"),
+                                                archs, GPUS["h100-80gb"])["phases"]}
+    native_base = {p["phase"]: p for p in build_plan(_cfg("actor_rollout_ref.rollout.name=megatron"), archs,
+                                                     GPUS["h100-80gb"])["phases"]}
+    assert native["rollout"]["resident"] == native_base["rollout"]["resident"]
+    assert native["reward"]["resident"] == native_base["reward"]["resident"] - actor["weights"]
+
+
+@pytest.mark.parametrize("placement", ["colocate", "split"])
+def test_vllm_claims_its_share_while_awake(placement):
+    from megatron_gad.tools.plan import GPUS, RESERVE_PER_PROCESS, build_plan, load_archs
+
+    gpu = GPUS["h100-80gb"]
+    cfg = _cfg(f"trainer.placement={placement}", "actor_rollout_ref.rollout.gpu_memory_utilization=0.4")
+    archs = load_archs(cfg)
+    phases = {p["phase"]: p for p in build_plan(cfg, archs, gpu)["phases"]}
+    budget = int(0.4 * gpu.memory)
+    assert phases["rollout"]["engine"] == phases["weight_sync"]["engine"] == budget
+    assert phases["rollout"]["transient"] == 0  # the KV cache is inside the engine's share
+    # Qwen2.5-3B whole on each engine's GPU (engine TP 1), bf16, written out: the tied embedding, per
+    # layer QKV (16 + 2 x 2 heads of 128) with bias, the output projection, SwiGLU FC1 / FC2, two norms
+    h, layer = 2048, (20 * 128 * 2048 + 20 * 128) + 2048 * 2048 + 3 * 2048 * 11008 + 2 * 2048
+    assert phases["rollout"]["engine_weights"] == 2 * (151936 * h + 36 * layer + h)
+    assert phases["rollout"]["engine_kv_cache"] == budget - phases["rollout"]["engine_weights"] > 0
+    for name in ("reward", "old_log_prob", "critic_update", "actor_update"):  # asleep: weights on the host
+        assert phases[name]["engine"] == 0, name
+    own = 1 if placement == "split" else 2
+    engine_process = {"reward": 0 if placement == "split" else 1, "actor_update": 1}
+    for name, extra in engine_process.items():  # the engine's process keeps its CUDA context on its GPUs
+        assert phases[name]["reserve"] == (own + extra) * RESERVE_PER_PROCESS, name
+    awake = {p["phase"]: p for p in build_plan(_cfg(f"trainer.placement={placement}",
+                                                    "actor_rollout_ref.rollout.gpu_memory_utilization=0.4",
+                                                    "actor_rollout_ref.rollout.free_cache_engine=false"),
+                                               archs, gpu)["phases"]}
+    assert awake["actor_update"]["engine"] == budget
+    assert awake["reward"]["engine"] == (budget if placement == "colocate" else 0)  # no engine on critic GPUs

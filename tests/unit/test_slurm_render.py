@@ -85,3 +85,69 @@ def test_cli_render_writes_script_and_refuses_in_one_line(tmp_path, capsys):
     code, _, err = run_cli(["slurm", "render", GAD, "--nodes", "1", "--gpus-per-node", "8",
                             "--container", "img", "--venv", "v"], capsys)
     assert code == 2 and "not allowed" in err
+
+
+def test_bench_job_runs_bench_with_a_report_per_node_count():
+    text = render_script(GAD, [OUT], Request(nodes=2, gpus_per_node=8, bench="--steps 5 --stages warmup,gad"))
+    line = text[text.index("python3 -m megatron_gad.cli bench"):].split("> \"$TRAIN_LOG\"")[0]
+    args = shlex.split(line.replace("\\\n", " "))
+    assert args[3] == "bench" and "trainer.nnodes=2" in args and "trainer.resume_mode=auto" not in args
+    assert args[-8:] == ["--steps", "5", "--stages", "warmup,gad", "--out", "/shared/runs/gad/bench",
+                         "--name", "bench_gad_2x8"]
+    train = render_script(GAD, [OUT], Request(nodes=2, gpus_per_node=8))
+    assert "megatron_gad.cli train" in train and "--steps" not in train
+    with pytest.raises(ConfigError, match="--aggregate runs on a login node"):
+        render_script(GAD, [OUT], Request(nodes=2, gpus_per_node=8, bench="--aggregate a.json"))
+    with pytest.raises(ConfigError, match="--bench and --pipeline are alternatives"):
+        render_script(str(ROOT / "configs" / "pipelines" / "qwen2.5-7b.yaml"), [], Request(nodes=4, gpus_per_node=8,
+                      bench="--steps 5"), pipeline=True)
+
+
+def _header(text: str) -> str:
+    return text.split("#SBATCH --job-name")[0]
+
+
+def test_vllm_engines_are_in_the_layout_and_ray_resources_hold_them():
+    """With vLLM the engines share the actor's bundles: the header says what the trainer will ask Ray for
+    (controller/placement.py), and every node's Ray (GPUS_PER_NODE GPUs, --cpus-per-task CPUs) holds it."""
+    from megatron_gad.config import load_config
+    from megatron_gad.controller.placement import placement_request
+
+    req = Request(nodes=4, gpus_per_node=8)
+    text = render_script(GAD, [OUT], req)  # gad.yaml: rollout.name=vllm, colocated, TP2 both roles
+    cfg = load_config(GAD, [OUT, "trainer.nnodes=4", "trainer.n_gpus_per_node=8"])
+    pr = placement_request(32, 32, colocate=True, with_critic=True, with_vllm=True)
+    head = _header(text)
+    assert f"Ray placement group: {pr.bundles} bundles" in head and pr.bundles == 32
+    assert "rollout: 32 vLLM engine(s) (TP 1) on the actor's bundles" in head
+    assert "0.3333 GPU and 0.3333 CPU" in head  # actor + critic + engine share each GPU
+    sb = _sbatch(text)
+    per_node = pr.bundles // req.nodes
+    assert int(sb["gpus-per-node"]) >= per_node and int(sb["cpus-per-task"]) >= per_node
+    assert 'ray start --head' in text and '--num-gpus="$GPUS_PER_NODE" --num-cpus="$SLURM_CPUS_PER_TASK"' in text
+    assert cfg.actor_rollout_ref.rollout.name == "vllm"
+    # the native sampler: no engines, the two roles split each GPU in half
+    native = _header(render_script(GAD, [OUT, "actor_rollout_ref.rollout.name=megatron"], req))
+    assert "vLLM" not in native and "0.5 GPU and 0.5 CPU" in native
+
+
+@pytest.mark.parametrize("extra", [[], ["actor_rollout_ref.rollout.name=megatron"]])
+def test_refuses_too_few_ray_cpus_for_the_placement_group(extra):
+    with pytest.raises(ConfigError, match=r"Ray gets 4 CPUs per node \(--cpus-per-task\), but the trainer's "
+                                          r"placement group asks 1 CPU per GPU bundle, 8 bundles per node"):
+        render_script(GAD, [OUT, *extra], Request(nodes=1, gpus_per_node=8, cpus_per_task=4))
+    render_script(GAD, [OUT, *extra], Request(nodes=1, gpus_per_node=8, cpus_per_task=8))  # enough
+
+
+def test_vllm_engine_groups_must_fit_the_nodes(monkeypatch):
+    """Engines follow the actor's bundles, so an engine TP group is checked like a Megatron TP group
+    (validation allows engine TP 1 only today; the check stands for when that changes)."""
+    from megatron_gad.config import load_config
+    from megatron_gad.tools.slurm import check_request
+
+    req = Request(nodes=2, gpus_per_node=2)
+    cfg = load_config(GAD, [OUT, "trainer.nnodes=2", "trainer.n_gpus_per_node=2", "data.train_batch_size=128",
+                            "actor_rollout_ref.rollout.tensor_model_parallel_size=4"])
+    monkeypatch.setattr("megatron_gad.tools.slurm.validate", lambda c: None)  # past today's engine-TP refusal
+    with pytest.raises(ConfigError, match="a vLLM engine of TP=4 needs 4 GPUs on one node"):
+        check_request(cfg, req)
