@@ -231,18 +231,14 @@ class GADDataset:
         max_prompt_length: int = 2048,
         max_response_length: int = 1536,
         on_bad_row: str = "error",
-<<<<<<< HEAD
+        keep_keys: Sequence[str] = (),
         cache_dir: str | os.PathLike | None = None,
         num_workers: int | None = None,
     ):
-        from megatron_gad import tokenized
-
-=======
-        keep_keys: Sequence[str] = (),
-    ):
         """``keep_keys``: fields of each kept row to keep as read (``self.rows[i]``; e.g. the prompt
         text and ground truth a verifier reads); none by default."""
->>>>>>> main
+        from megatron_gad import tokenized
+
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if isinstance(files, (str, os.PathLike)):
@@ -265,34 +261,13 @@ class GADDataset:
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
         self.on_bad_row = on_bad_row
-<<<<<<< HEAD
         workers = tokenized.default_workers() if num_workers is None else num_workers
         rows = tokenized.load_or_build(None if cache_dir is None else str(cache_dir), self.files, tokenizer,
                                        prompt_key, teacher_response_key, lambda: self._read_and_tokenize(workers))
         kept, skipped = self._select(rows)
         self.prompt_ids = tokenized.RaggedIds(rows.prompt.values, rows.prompt.offsets, kept)
         self.teacher_response_ids = tokenized.RaggedIds(rows.response.values, rows.response.offsets, kept)
-=======
-        self.prompt_ids: list[list[int]] = []
-        self.teacher_response_ids: list[list[int]] = []
-        self.rows: list[dict[str, Any]] = []
-        self.skipped: dict[str, int] = {}
-
-        skipped: Counter[str] = Counter()
-        for path in self.files:
-            for loc, row in iter_file(path, (prompt_key, teacher_response_key, *keep_keys)):
-                try:
-                    p_ids, r_ids = self._tokenize_row(row)
-                except BadRow as bad:
-                    if on_bad_row == "error":
-                        raise DataError(f"{loc}: {bad.problem}") from None
-                    skipped[bad.reason] += 1
-                    continue
-                self.prompt_ids.append(p_ids)
-                self.teacher_response_ids.append(r_ids)
-                if keep_keys:
-                    self.rows.append({k: row[k] for k in keep_keys if k in row})
->>>>>>> main
+        self.rows: list[dict[str, Any]] = self._kept_fields(kept, keep_keys) if keep_keys else []
         self.skipped = dict(sorted(skipped.items()))
         if self.skipped:
             logger.warning(
@@ -339,6 +314,19 @@ class GADDataset:
             sides.append(tokenized.RaggedIds(ids.values, offsets))
         return tokenized.TokenizedRows(sides[0], sides[1], np.asarray(file_index, dtype=np.int32),
                                        np.asarray(line, dtype=np.int64), sorted((r, *v) for r, v in bad.items()))
+
+    def _kept_fields(self, kept: np.ndarray, keys: Sequence[str]) -> list[dict[str, Any]]:
+        """``keys`` of each kept row as the file has them (not cached: read again, in the order the rows
+        were numbered, only when asked for, e.g. by a verifier)."""
+        want = set(kept.tolist())
+        out: list[dict[str, Any]] = []
+        r = 0
+        for path in self.files:
+            for _, row in iter_numbered(path, (self.prompt_key, self.teacher_response_key, *keys)):
+                if r in want:
+                    out.append({k: row[k] for k in keys if k in row})
+                r += 1
+        return out
 
     def _select(self, rows) -> tuple[np.ndarray, Counter[str]]:
         """Indices of the rows kept under the length limits and the bad-row policy, and skip counts per

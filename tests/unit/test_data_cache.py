@@ -102,6 +102,18 @@ def test_cached_equals_fresh_tokenization(tmp_path, two_files, chat_tok, caplog)
     assert build(two_files, chat_tok, None).skipped == ref_skip  # no cache at all: same result
 
 
+def test_kept_row_fields_line_up_with_the_kept_rows(tmp_path, two_files, chat_tok):
+    """keep_keys (a verifier's prompt text): one dict per kept row, in the dataset's order, skipped rows
+    (bad JSON, empty, too long, across both files) left out; from the cache as from a fresh start."""
+    cache = str(tmp_path / "cache")
+    for _ in range(2):  # fill the cache, then read it
+        ds = build(two_files, chat_tok, cache, keep_keys=("content",))
+        assert len(ds.rows) == len(ds)
+        for i, row in enumerate(ds.rows):
+            assert encode_prompt(chat_tok, row["content"]) == ds[i]["prompt_ids"]
+    assert build(two_files, chat_tok, cache).rows == []  # not asked for: nothing kept
+
+
 def test_length_limits_apply_on_top_of_the_cache(tmp_path, two_files, chat_tok, caplog):
     cache = str(tmp_path / "cache")
     build(two_files, chat_tok, cache)
