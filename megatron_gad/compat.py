@@ -97,6 +97,8 @@ RULES: tuple[Rule, ...] = (
          "key too", accepts=lambda v: True, accepted="any"),
     Rule("data.filter_overlong_prompts", "map", "drop prompts longer than data.max_prompt_length",
          ("data.on_bad_row",), convert=lambda v: "skip" if v else "error"),
+    Rule("data.filter_overlong_prompts_workers", "map", "processes that tokenize the dataset",
+         ("data.tokenize_workers",)),
     Rule("data.truncation", "accept",
          "prompts are never truncated: a prompt over data.max_prompt_length is an error, or is dropped with "
          "`data.on_bad_row=skip` (verl's filter_overlong_prompts); raise data.max_prompt_length to keep it",

@@ -63,6 +63,11 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 1
     on_bad_row: Literal["error", "skip"] = "error"
+    # Tokenized rows are cached (keyed by the files' bytes, the tokenizer and the row keys) so a resume or
+    # requeue does not tokenize again; null: <trainer.default_local_dir>/.cache/data. Docs: README "Data".
+    cache_dir: str | None = None
+    use_cache: bool = True
+    tokenize_workers: int | None = None  # processes tokenizing a large set; null: one per CPU, at most 16
 
 
 @dataclass(frozen=True)

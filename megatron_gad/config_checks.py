@@ -39,7 +39,8 @@ _BATCH_KEYS = ["data.train_batch_size", "actor_rollout_ref.actor.ppo_mini_batch_
 _OPS = {">=": operator.ge, ">": operator.gt, "<=": operator.le}
 # (key, op, bound): single-field ranges; None values (unset optional fields) are skipped.
 _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
-    "data.max_prompt_length", "data.max_response_length", "actor_rollout_ref.model.make_vocab_size_divisible_by",
+    "data.max_prompt_length", "data.max_response_length", "data.tokenize_workers",
+    "actor_rollout_ref.model.make_vocab_size_divisible_by",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
     "actor_rollout_ref.actor.logprob_chunk_size", "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
     "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", "critic.ppo_micro_batch_size_per_gpu",

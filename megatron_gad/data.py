@@ -55,27 +55,31 @@ class BadRow(DataError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _iter_jsonl(path: str) -> Iterator[tuple[str, Any]]:
-    """Yields (location, row-or-BadRow); blank lines (e.g. a trailing newline) are not rows."""
+def location(path: str, number: int) -> str:
+    """How messages name a row: ``file:line`` for JSONL, ``file row N`` for Parquet (1-based)."""
+    return f"{path} row {number}" if path.lower().endswith(PARQUET_SUFFIXES) else f"{path}:{number}"
+
+
+def _iter_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    """Yields (line number, row-or-BadRow); blank lines (e.g. a trailing newline) are not rows."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
-            loc = f"{path}:{line_no}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield loc, BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start}")
+                yield line_no, BadRow("invalid_utf8", f"invalid UTF-8 at byte {e.start}")
                 continue
             if not text.strip():
                 continue
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
-                yield loc, BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
+                yield line_no, BadRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
-            yield loc, row
+            yield line_no, row
 
 
-def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[int, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -87,7 +91,7 @@ def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
         for batch in pf.iter_batches(columns=columns, batch_size=4096):
             for row in batch.to_pylist():
                 row_no += 1
-                yield f"{path} row {row_no}", row
+                yield row_no, row
     except (pa.ArrowException, OSError) as e:
         # a truncated or overwritten file fails in the footer, or in a row group half way through
         where = f" after row {row_no}" if row_no else ""
@@ -95,15 +99,20 @@ def _iter_parquet(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
                          "write it again (e.g. pandas.DataFrame.to_parquet) or convert it to JSONL") from None
 
 
-def iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
-    """(location, row) for every row of a JSONL or Parquet file (``keys``: the Parquet columns to read);
-    a row that cannot be parsed comes as a :class:`BadRow` for :func:`check_row` to raise."""
+def iter_numbered(path: str, keys: Sequence[str]) -> Iterator[tuple[int, Any]]:
+    """(line or row number, row) for every row of a JSONL or Parquet file (``keys``: the Parquet columns
+    to read); a row that cannot be parsed comes as a :class:`BadRow` for :func:`check_row` to raise."""
     lower = path.lower()
     if lower.endswith(JSONL_SUFFIXES):
         return _iter_jsonl(path)
     if lower.endswith(PARQUET_SUFFIXES):
         return _iter_parquet(path, keys)
     raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+
+
+def iter_file(path: str, keys: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """:func:`iter_numbered` with each row's :func:`location` string."""
+    return ((location(path, n), row) for n, row in iter_numbered(path, keys))
 
 
 def _check_prompt(value: Any, key: str) -> str | list[dict[str, str]]:
@@ -204,7 +213,14 @@ def no_eos_message(tokenizer: Any) -> str:
 
 
 class GADDataset:
-    """Tokenised (prompt, teacher response) pairs, checked and tokenised once at construction."""
+    """Tokenised (prompt, teacher response) pairs, checked and tokenised once at construction.
+
+    Rows are tokenized in batches, in ``num_workers`` processes for large sets (None: one per CPU, at
+    most 16), and cached under ``cache_dir`` (None: no cache) keyed by the files' bytes, the tokenizer
+    and the row keys (:mod:`megatron_gad.tokenized`); the length limits and ``on_bad_row`` apply on
+    top, so changing them reuses the cache. ``prompt_ids`` / ``teacher_response_ids`` are read-only
+    sequences of ``list[int]`` backed by flat int32 arrays.
+    """
 
     def __init__(
         self,
@@ -216,9 +232,13 @@ class GADDataset:
         max_response_length: int = 1536,
         on_bad_row: str = "error",
         keep_keys: Sequence[str] = (),
+        cache_dir: str | os.PathLike | None = None,
+        num_workers: int | None = None,
     ):
         """``keep_keys``: fields of each kept row to keep as read (``self.rows[i]``; e.g. the prompt
         text and ground truth a verifier reads); none by default."""
+        from megatron_gad import tokenized
+
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
         if isinstance(files, (str, os.PathLike)):
@@ -230,31 +250,24 @@ class GADDataset:
         if tokenizer.eos_token_id is None:
             raise InputError(no_eos_message(tokenizer))
         self.files = [str(f) for f in files]
+        for path in self.files:  # before hashing them for the cache
+            if not path.lower().endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+                raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .parquet)")
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such data file")
         self.tokenizer = tokenizer
         self.prompt_key = prompt_key
         self.teacher_response_key = teacher_response_key
         self.max_prompt_length = max_prompt_length
         self.max_response_length = max_response_length
         self.on_bad_row = on_bad_row
-        self.prompt_ids: list[list[int]] = []
-        self.teacher_response_ids: list[list[int]] = []
-        self.rows: list[dict[str, Any]] = []
-        self.skipped: dict[str, int] = {}
-
-        skipped: Counter[str] = Counter()
-        for path in self.files:
-            for loc, row in iter_file(path, (prompt_key, teacher_response_key, *keep_keys)):
-                try:
-                    p_ids, r_ids = self._tokenize_row(row)
-                except BadRow as bad:
-                    if on_bad_row == "error":
-                        raise DataError(f"{loc}: {bad.problem}") from None
-                    skipped[bad.reason] += 1
-                    continue
-                self.prompt_ids.append(p_ids)
-                self.teacher_response_ids.append(r_ids)
-                if keep_keys:
-                    self.rows.append({k: row[k] for k in keep_keys if k in row})
+        workers = tokenized.default_workers() if num_workers is None else num_workers
+        rows = tokenized.load_or_build(None if cache_dir is None else str(cache_dir), self.files, tokenizer,
+                                       prompt_key, teacher_response_key, lambda: self._read_and_tokenize(workers))
+        kept, skipped = self._select(rows)
+        self.prompt_ids = tokenized.RaggedIds(rows.prompt.values, rows.prompt.offsets, kept)
+        self.teacher_response_ids = tokenized.RaggedIds(rows.response.values, rows.response.offsets, kept)
+        self.rows: list[dict[str, Any]] = self._kept_fields(kept, keep_keys) if keep_keys else []
         self.skipped = dict(sorted(skipped.items()))
         if self.skipped:
             logger.warning(
@@ -264,21 +277,76 @@ class GADDataset:
                 ", ".join(f"{k}={v}" for k, v in self.skipped.items()),
             )
 
-    def _tokenize_row(self, row: Any) -> tuple[list[int], list[int]]:
-        prompt, response = check_row(row, self.prompt_key, self.teacher_response_key)
-        p_ids = encode_prompt(self.tokenizer, prompt)
-        if len(p_ids) > self.max_prompt_length:
-            raise BadRow(
-                "prompt_too_long", f"prompt has {len(p_ids)} tokens > max_prompt_length {self.max_prompt_length}"
-            )
-        r_ids = encode_teacher_response(self.tokenizer, response)
-        if len(r_ids) > self.max_response_length:
-            raise BadRow(
-                "response_too_long",
-                f"teacher response has {len(r_ids)} tokens (with EOS) > max_response_length "
-                f"{self.max_response_length}",
-            )
-        return p_ids, r_ids
+    def _read_and_tokenize(self, num_workers: int):
+        """Every row of the files checked and tokenized (bad rows kept, with their reason)."""
+        from megatron_gad import tokenized
+
+        prompts: list[Any] = []
+        responses: list[str] = []
+        good: list[int] = []
+        file_index: list[int] = []
+        line: list[int] = []
+        bad: dict[int, tuple[str, str]] = {}
+        for fi, path in enumerate(self.files):
+            for number, row in iter_numbered(path, (self.prompt_key, self.teacher_response_key)):
+                r = len(line)
+                file_index.append(fi)
+                line.append(number)
+                try:
+                    prompt, response = check_row(row, self.prompt_key, self.teacher_response_key)
+                except BadRow as e:
+                    bad[r] = (e.reason, e.problem)
+                    continue
+                good.append(r)
+                prompts.append(prompt)
+                responses.append(response)
+        p_ids, r_ids, tok_bad = tokenized.tokenize_all(self.tokenizer, prompts, responses, num_workers)
+        for i, reason, problem in tok_bad:
+            bad[good[i]] = (reason, problem)
+        # lay the good rows' ids out over all rows (bad rows: no ids)
+        good_idx = np.asarray(good, dtype=np.int64)
+        sides = []
+        for ids in (p_ids, r_ids):
+            lengths = np.zeros(len(line), dtype=np.int64)
+            lengths[good_idx] = ids.lengths()
+            offsets = np.zeros(len(line) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            sides.append(tokenized.RaggedIds(ids.values, offsets))
+        return tokenized.TokenizedRows(sides[0], sides[1], np.asarray(file_index, dtype=np.int32),
+                                       np.asarray(line, dtype=np.int64), sorted((r, *v) for r, v in bad.items()))
+
+    def _kept_fields(self, kept: np.ndarray, keys: Sequence[str]) -> list[dict[str, Any]]:
+        """``keys`` of each kept row as the file has them (not cached: read again, in the order the rows
+        were numbered, only when asked for, e.g. by a verifier)."""
+        want = set(kept.tolist())
+        out: list[dict[str, Any]] = []
+        r = 0
+        for path in self.files:
+            for _, row in iter_numbered(path, (self.prompt_key, self.teacher_response_key, *keys)):
+                if r in want:
+                    out.append({k: row[k] for k in keys if k in row})
+                r += 1
+        return out
+
+    def _select(self, rows) -> tuple[np.ndarray, Counter[str]]:
+        """Indices of the rows kept under the length limits and the bad-row policy, and skip counts per
+        reason; with on_bad_row='error', the first bad row (in file order) raises."""
+        p_len, r_len = rows.prompt.lengths(), rows.response.lengths()
+        bad: dict[int, tuple[str, str]] = {}
+        # the reason a row gets is the first check it fails: row checks, prompt length, response length
+        for r in np.flatnonzero(r_len > self.max_response_length).tolist():
+            bad[r] = ("response_too_long", f"teacher response has {int(r_len[r])} tokens (with EOS) > "
+                      f"max_response_length {self.max_response_length}")
+        for r in np.flatnonzero(p_len > self.max_prompt_length).tolist():
+            bad[r] = ("prompt_too_long", f"prompt has {int(p_len[r])} tokens > max_prompt_length "
+                      f"{self.max_prompt_length}")
+        bad.update({r: (reason, problem) for r, reason, problem in rows.bad})
+        if bad and self.on_bad_row == "error":
+            r = min(bad)
+            raise DataError(f"{location(self.files[rows.file_index[r]], int(rows.line[r]))}: {bad[r][1]}")
+        keep = np.ones(len(rows), dtype=bool)
+        keep[list(bad)] = False
+        return np.flatnonzero(keep), Counter(reason for reason, _ in bad.values())
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

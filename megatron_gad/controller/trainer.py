@@ -87,13 +87,14 @@ class GADTrainer(TrainerEvaluation):
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        self.dataset = GADDataset(d.train_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
-                                  d.max_prompt_length, d.max_response_length, d.on_bad_row, verifier_row_keys(cfg))
+        cache = (d.cache_dir or os.path.join(t.default_local_dir, ".cache", "data")) if d.use_cache else None
+        data_args = (self.tokenizer, d.prompt_key, d.teacher_response_key, d.max_prompt_length,
+                     d.max_response_length, d.on_bad_row)
+        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers}
+        self.dataset = GADDataset(d.train_files, *data_args, verifier_row_keys(cfg), **data_kw)
         self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_row_keys(cfg) else None  # verifier mix
         self.loader = PromptLoader(self.dataset, d.train_batch_size, d.shuffle, d.seed)
-        self.val_dataset = GADDataset(d.val_files, self.tokenizer, d.prompt_key, d.teacher_response_key,
-                                      d.max_prompt_length, d.max_response_length, d.on_bad_row) \
-            if d.val_files and t.test_freq > 0 else None
+        self.val_dataset = GADDataset(d.val_files, *data_args, **data_kw) if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
         self.n = cfg.actor_rollout_ref.rollout.n
         self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)

@@ -267,6 +267,7 @@ def test_collate_exact_tensors():
         "prompt_mask": [[1, 1], [0, 1]],
         "teacher_response": [[8, 2, 0], [9, 10, 2]],
         "teacher_response_mask": [[1, 1, 0], [1, 1, 1]],
+        "index": [4, 1],  # the items' dataset rows (a verifier looks their fields up)
     }
     assert sorted(out) == sorted(expected)
     for key, value in expected.items():

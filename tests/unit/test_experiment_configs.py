@@ -1,0 +1,49 @@
+"""configs/experiments: each Qwen2.5 config passes `train --dry-run` and the planner says it fits on
+H100-80GB at its own node count, with a margin (the planner's estimates will change)."""
+
+import glob
+import json
+import os
+import shutil
+
+import pytest
+from cli_helpers import run_cli
+
+from megatron_gad.tools.tiny_models import make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "experiments", "*.yaml")))
+
+
+def _arch(path):
+    return os.path.join(ROOT, "configs", "archs", os.path.basename(path).rsplit("-", 1)[0])
+
+
+def test_six_configs():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert names == {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "gad")}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_plan_fits_h100_at_the_configs_node_count(path, capsys):
+    code, out, err = run_cli(["plan", path, f"actor_rollout_ref.model.path={_arch(path)}", "--gpu", "h100-80gb",
+                              "--json"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["fits"], plan["peak_phase"]
+    assert plan["peak_bytes"] <= 0.85 * plan["device_bytes"]  # room for the planner's estimate to grow
+    assert plan["nodes"] == {"3b": 1, "7b": 2, "14b": 4}[os.path.basename(path).split("-")[1]]
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_dry_run(path, tmp_path, capsys):
+    model = tmp_path / "model"  # the bundled architecture plus a tokenizer: no weights needed
+    model.mkdir()
+    shutil.copy(os.path.join(_arch(path), "config.json"), model / "config.json")
+    make_tokenizer(str(model), 16)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"content": "w3", "teacher_response": "w4"}) + "\n")
+    code, out, err = run_cli(["train", path, f"actor_rollout_ref.model.path={model}", f"data.train_files=[{data}]",
+                              f"data.val_files=[{data}]", "--dry-run", "--gpu", "h100-80gb"], capsys)
+    assert code == 0, err
+    assert "dry run: nothing started" in out and "verdict: FITS" in out
