@@ -8,8 +8,9 @@ budget (``*_max_token_len_per_gpu``) balanced by token count; results come back 
 order either way.
 
 Alignment: ``align`` rounds each packed row up to a multiple (a tail segment of pad tokens that no
-real token attends to). It is 1 today; sequence parallelism (not enabled yet) would need the TP
-size, since it splits the packed tokens evenly over the TP ranks.
+real token attends to). It is 1 except under sequence parallelism (the critic's
+``critic.megatron.sequence_parallel``), which needs the TP size: it splits the packed tokens evenly
+over the TP ranks.
 """
 
 from __future__ import annotations
