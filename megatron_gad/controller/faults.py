@@ -159,3 +159,27 @@ def raise_failure(role: str, method: str, failures: dict[int, BaseException], pi
     if isinstance(cause, UserError):
         raise cause from None  # its message already says what to fix; Ray's wrapper adds a traceback
     raise first
+
+
+class RayStartError(RunFailure):
+    """Ray did not start (or the cluster at ``ray.address`` could not be joined)."""
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """``ray.init`` for the trainer, its failure as one line: Ray raises a bare ``Exception`` (e.g. "The
+    current node timed out during startup" on an overloaded machine) or ``ConnectionError`` with a long
+    traceback that names neither the setting nor what to do."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+    except Exception as e:  # any start-up failure of Ray: nothing of the run exists yet
+        reason = " ".join(str(e).split()) or type(e).__name__
+        where = f"the Ray cluster at ray.address={address}" if address else "a local Ray instance"
+        hint = ("check that the cluster is up and reachable from this node (`ray status`) and that RAY_AUTH_* "
+                "matches it" if address else "the machine may be overloaded or out of memory: retry, or set "
+                "ray.num_cpus lower; trainer.workers=local runs one rank per role without Ray")
+        raise RayStartError(f"could not start {where}: {reason}; {hint}") from None

@@ -158,14 +158,11 @@ class GADTrainer(TrainerEvaluation):
 
     def _ray_group_factory(self, world_actor: int, world_critic: int):
         """trainer.workers=ray: each role's ranks as Ray processes (placement on GPUs)."""
-        import ray
-
+        from megatron_gad.controller.faults import init_ray
         from megatron_gad.controller.worker_group import WorkerGroup
 
         cfg = self.cfg
-        if not ray.is_initialized():
-            ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, include_dashboard=False,
-                     log_to_driver=True, configure_logging=False)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)  # a failure to start Ray is one line, exit 3
         gpu = _use_gpu(cfg)
         pg, actor_bundles, critic_bundles, frac = self._placement(gpu, world_actor, world_critic)
 

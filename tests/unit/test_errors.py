@@ -347,3 +347,30 @@ def test_worker_read_paths(world, tmp_path, caplog):
     with pytest.raises(InputError, match=r"^actor_rollout_ref.model.path=.*no_tok_missing: no such file or directory; "
                                          r"set actor_rollout_ref.model.path to .* \(checked here\)$"):
         check_worker_paths("critic", kwargs, where="here")
+
+
+@pytest.mark.parametrize("address", [None, "10.0.0.1:6379"])
+def test_ray_start_failure_is_one_line(address, monkeypatch):
+    """Ray's start-up failures (a bare Exception when the local node times out on an overloaded machine,
+    ConnectionError for an unreachable cluster) become a RunFailure naming the setting and what to do."""
+    import ray
+
+    from megatron_gad.controller.faults import RayStartError, init_ray
+    from megatron_gad.errors import RunFailure
+
+    def fail(**kw):
+        assert kw["address"] == address and kw["num_cpus"] == 3
+        raise Exception("The current node timed out during startup. This could happen because\n some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fail)
+    with pytest.raises(RayStartError) as e:
+        init_ray(address, 3)
+    msg = str(e.value)
+    assert isinstance(e.value, RunFailure) and "\n" not in msg
+    assert "The current node timed out during startup. This could happen because some of the raylet" in msg
+    if address:
+        assert "ray.address=10.0.0.1:6379" in msg and "ray status" in msg
+    else:
+        assert "a local Ray instance" in msg and "trainer.workers=local" in msg
