@@ -119,8 +119,11 @@ def test_rendered_script_runs_tiny_job_and_refuses_tokenless_client(job):
     assert not any(c["cmd"] == "scontrol" and c["argv"][0] == "requeue" for c in calls)
 
 
+STEPS = 12  # enough that USR1, sent once step 1 is logged, lands before the last step on a fast machine
+
+
 def test_usr1_saves_requeues_and_resumes(job):
-    script = job["render"](steps=4)
+    script = job["render"](steps=STEPS)
     proc = subprocess.Popen(["sbatch", str(script)], env=job["env"])
     metrics = job["run"] / "metrics.jsonl"
     pid_file = job["state"] / "batch.pid"
@@ -135,15 +138,15 @@ def test_usr1_saves_requeues_and_resumes(job):
             proc.kill()
     run, jid = job["run"], job["job_id"]
     first = (run / "logs" / f"train-{jid}-0.log").read_text()
-    m = re.search(r"stopped on signal at step (\d+) of 4", first)
+    m = re.search(rf"stopped on signal at step (\d+) of {STEPS}", first)
     assert m, first[-3000:]
     saved = int(m.group(1))
-    assert 1 <= saved < 4 and (run / f"global_step_{saved}" / "trainer_state.json").is_file()
+    assert 1 <= saved < STEPS and (run / f"global_step_{saved}" / "trainer_state.json").is_file()
     calls = _calls(job["state"])
     assert ["requeue", jid] in [c["argv"] for c in calls if c["cmd"] == "scontrol"]
     second = (run / "logs" / f"train-{jid}-1.log").read_text()
     assert f"resumed from {run}/global_step_{saved} at step {saved}" in second, second[-3000:]
-    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert (run / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEPS)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == list(range(1, STEPS + 1))
     assert "trainer.resume_mode=auto" in script.read_text()
