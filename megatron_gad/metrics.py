@@ -92,6 +92,17 @@ def fullest_rank(per_rank: Iterable[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
+
+def trend_slope(points: Sequence[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (x, y) points; None with fewer than two points or a single x (a metric's
+    trend over steps: ``inspect``'s reward trend, the trainer's reward-hacking monitor)."""
+    if len(points) < 2:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    den = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, (str, bool)):  # e.g. a sample's student_eos stays true/false, not 1.0
         return value

@@ -91,8 +91,9 @@ class GADTrainer(TrainerEvaluation):
         data_args = (self.tokenizer, d.prompt_key, d.teacher_response_key, d.max_prompt_length,
                      d.max_response_length, d.on_bad_row)
         data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers}
-        self.dataset = GADDataset(d.train_files, *data_args, verifier_row_keys(cfg), **data_kw)
-        self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_row_keys(cfg) else None  # verifier mix
+        verifier_keys = verifier_row_keys(cfg)  # () without a verifier: the dataset keeps no raw fields
+        self.dataset = GADDataset(d.train_files, *data_args, verifier_keys, **data_kw)
+        self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_keys else None  # verifier mix
         self.loader = PromptLoader(self.dataset, d.train_batch_size, d.shuffle, d.seed)
         self.val_dataset = GADDataset(d.val_files, *data_args, **data_kw) if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs

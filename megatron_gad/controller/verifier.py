@@ -33,6 +33,7 @@ import torch
 
 from megatron_gad.algos import ranking_auc
 from megatron_gad.errors import InputError
+from megatron_gad.metrics import trend_slope
 
 log = logging.getLogger("megatron_gad")
 
@@ -128,7 +129,7 @@ class HackingMonitor:
             self.held = 0
             return out
         mean_auc = sum(self.auc) / len(self.auc)
-        slope = _slope(list(self.reward))
+        slope = trend_slope(list(enumerate(self.reward)))  # per step; a full window has >= 2 points
         if mean_auc < self.threshold and slope > 0:
             if self.held % self.window == 0:
                 log.warning("possible reward hacking: the critic's reward rises (%+.3g per step over the last %d "
@@ -150,13 +151,6 @@ class HackingMonitor:
         self.reward.clear()
         self.reward.extend(state["reward"])
         self.held = int(state["held"])
-
-
-def _slope(ys: list[float]) -> float:
-    n = len(ys)
-    xm, ym = (n - 1) / 2, sum(ys) / n
-    den = sum((x - xm) ** 2 for x in range(n))
-    return sum((x - xm) * (y - ym) for x, y in enumerate(ys)) / den if den else 0.0
 
 
 VERIFIER_ROW_KEYS = ("data_source", "reward_model", "ground_truth", "extra_info")

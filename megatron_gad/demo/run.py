@@ -131,14 +131,6 @@ def evaluate(trainer, items: list[dict], prompts: list[str], s: DemoSettings, se
             "greedy_valid_rate": g["valid_rate"], "examples": [x[0] for x in sampled[:4]]}
 
 
-def _auc(pos: list[float], neg: list[float]) -> float | None:
-    """P(score of a positive > score of a negative), ties half; None when a side is empty."""
-    if not pos or not neg:
-        return None
-    wins = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg)
-    return wins / (len(pos) * len(neg))
-
-
 def probe_critic(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
     """Held-out view of the critic (GAD's discriminator) against the current actor's samples.
 
@@ -146,15 +138,17 @@ def probe_critic(trainer, items: list[dict], prompts: list[str], s: DemoSettings
     ``valid_vs_invalid_auc``: does D rank the actor's *valid* samples above its invalid ones (the thing
     the reward should encode; ~0.5 means it judges something else).
     """
-    from megatron_gad.demo.task import is_valid
+    import torch
+
+    from megatron_gad.algos import ranking_auc
+    from megatron_gad.demo.task import compute_score
 
     view = trainer.evaluate_critic(items, s.eval_n, seed=seed + 17, temperature=s.temperature)
-    pos, neg = [], []
-    for prompt, texts, scores in zip(prompts, view["student_texts"], view["student_scores"]):
-        for text, score in zip(texts, scores.tolist()):
-            (pos if is_valid(prompt, text) else neg).append(score)
-    return {"heldout_d_acc": view["d_acc"], "valid_vs_invalid_auc": _auc(pos, neg),
-            "student_valid_rate": len(pos) / max(1, len(pos) + len(neg))}
+    valid = torch.tensor([compute_score(prompt, text) for prompt, texts in zip(prompts, view["student_texts"])
+                          for text in texts])  # 1.0 valid, 0.0 not: the AUC is the binary one, ties half
+    auc = ranking_auc(view["student_scores"].flatten(), valid)
+    return {"heldout_d_acc": view["d_acc"], "valid_vs_invalid_auc": auc,
+            "student_valid_rate": float(valid.sum()) / max(1, valid.numel())}
 
 
 # ---------------------------------------------------------------------------------------------- one seed

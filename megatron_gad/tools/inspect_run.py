@@ -28,7 +28,7 @@ import os
 from typing import Any
 
 from megatron_gad.errors import InputError
-from megatron_gad.metrics import read_step_records
+from megatron_gad.metrics import read_step_records, trend_slope
 
 SATURATED, BLIND, DRIFT, MISMATCH = 0.95, 0.55, 5.0, 0.1
 
@@ -63,15 +63,6 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _slope(points: list[tuple[int, float]]) -> float | None:
-    if len(points) < 2:
-        return None
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    mx, my = _mean(xs), _mean(ys)
-    den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else None
-
-
 def summarize(metrics: list[dict], samples: list[dict], cfg: dict, window: int = 10) -> dict[str, Any]:
     """The numbers and warnings of a run (pure: tests feed it records)."""
     gad = [r for r in metrics if r.get("stage") == "gad"]
@@ -89,7 +80,7 @@ def summarize(metrics: list[dict], samples: list[dict], cfg: dict, window: int =
     }
     reward = _series(gad, "reward/mean")
     out["reward"] = {"first": reward[0][1] if reward else None, "last": reward[-1][1] if reward else None,
-                     "slope_per_step": _slope(reward)}
+                     "slope_per_step": trend_slope(reward)}
     scores = {}
     for side in ("teacher", "student"):
         s = _series(metrics, f"critic/{side}_value_mean")
