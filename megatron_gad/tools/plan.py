@@ -90,10 +90,11 @@ def _worst_state(arch: Arch, role: str, tp: int, pp: int, dp: int, dtype: str, d
 
 
 def uses_vllm(cfg: GADConfig) -> bool:
-    """The rollout engine the trainer would pick for a GPU run (``rollout.name``; auto: vLLM where the
-    trainer runs on GPUs, as ``trainer.device=cuda`` says)."""
-    r = cfg.actor_rollout_ref.rollout
-    return cfg.trainer.mode == "gad" and (r.name == "vllm" or (r.name == "auto" and cfg.trainer.device == "cuda"))
+    """Whether the trainer starts vLLM engines on a GPU cluster (``controller/trainer.py:rollout_engine``:
+    ``rollout.name``; auto = vLLM with Ray workers on GPUs; assumed importable there, since a login node
+    may lack it). The planner and ``slurm render`` both ask this."""
+    r, t = cfg.actor_rollout_ref.rollout, cfg.trainer
+    return t.mode == "gad" and t.workers == "ray" and (r.name == "vllm" or (r.name == "auto" and t.device != "cpu"))
 
 
 def _offloaded(cfg: GADConfig, model: str) -> dict[str, bool]:

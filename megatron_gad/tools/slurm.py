@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_gad.config import ConfigError, GADConfig, actor_dp, critic_dp, load_config, validate
+from megatron_gad.tools.plan import uses_vllm
 
 TEMPLATE = Path(__file__).with_name("templates") / "gad.sbatch"
 # The trainer's exit code after saving a checkpoint on SIGUSR1 (controller/trainer.py, which imports
@@ -47,13 +48,6 @@ class Request:
 def layout_overrides(req: Request) -> list[str]:
     """The overrides that make the config's world size the allocation's."""
     return [f"trainer.nnodes={req.nodes}", f"trainer.n_gpus_per_node={req.gpus_per_node}"]
-
-
-def uses_vllm(cfg: GADConfig) -> bool:
-    """Whether the trainer will start vLLM engines on the cluster (``trainer.rollout_engine``: ``auto``
-    is vLLM on GPUs; assumed importable there, since the login node may lack it)."""
-    r, t = cfg.actor_rollout_ref.rollout, cfg.trainer
-    return t.mode == "gad" and t.workers == "ray" and (r.name == "vllm" or (r.name == "auto" and t.device != "cpu"))
 
 
 def cpus_per_node(req: Request) -> int:
