@@ -154,6 +154,17 @@ def pooled_head_scores(hidden: Tensor, last: Tensor, lengths: Tensor, weight: Te
     return s + bias.to(s.dtype) if bias is not None else s
 
 
+def sequence_scores(hidden: Tensor, rows: Tensor, weight: Tensor, bias: Tensor | None = None,
+                    pool_len: Tensor | None = None) -> Tensor:
+    """D of each packed sequence: the head at its last token (``rows``: packed index of each
+    sequence's last token), or with ``pool_len`` the mean over its last ``pool_len`` tokens
+    (:func:`pooled_head_scores`). hidden [T, H] or [1, T, H] -> [len(rows)] (>= fp32)."""
+    if pool_len is not None:
+        return pooled_head_scores(hidden, rows, pool_len, weight, bias)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
+    return disc_head_scores(h, weight, bias)
+
+
 def disc_bt_loss_packed(
     hidden: Tensor,
     rows: Tensor,
@@ -199,11 +210,7 @@ def disc_bt_loss_packed(
         with torch.no_grad():  # metrics from the scores: O(P), the reference's definitions
             _, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef)
         return loss, metrics, t, s
-    if pool_len is not None:
-        scores = pooled_head_scores(hidden, rows, pool_len, weight, bias)
-    else:
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
-        scores = disc_head_scores(h, weight, bias)  # one call for both sides: dw accumulates in fp32 before any cast
+    scores = sequence_scores(hidden, rows, weight, bias, pool_len)  # both sides in one call: dw accumulates in fp32
     t, s = scores[:k], scores[k:]
     loss, metrics = discriminator_loss_paired(s, t, teacher_of, score_reg_coef, **controls)
     return loss, metrics, t.detach(), s.detach()

@@ -18,9 +18,8 @@ from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
 from megatron_gad.kernels.disc_loss import (
     TE_HEAD_NOT_USED,
     disc_bt_loss_packed,
-    disc_head_scores,
-    pooled_head_scores,
     resolve_impl,
+    sequence_scores,
 )
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
@@ -94,10 +93,7 @@ class CriticWorker(Worker):
 
         def loss_fn(hidden, mb):
             w, bias = self._head()
-            if c.score_pooling == "mean":
-                s = pooled_head_scores(hidden[0], mb["last"], mb["resp_len"], w, bias)
-            else:
-                s = disc_head_scores(hidden[0].index_select(0, mb["last"]), w, bias)
+            s = sequence_scores(hidden, mb["last"], w, bias, mb["resp_len"] if c.score_pooling == "mean" else None)
             return s.sum() * 0, {"scores": s.detach().float()}
 
         with self.memory.phase("reward"):
