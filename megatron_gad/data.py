@@ -244,9 +244,9 @@ class GADDataset:
         if isinstance(files, (str, os.PathLike)):
             files = [files]
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
+            from megatron_gad.tokenizer import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer.eos_token_id is None:
             raise InputError(no_eos_message(tokenizer))
         self.files = [str(f) for f in files]

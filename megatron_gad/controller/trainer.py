@@ -75,7 +75,7 @@ def rollout_engine(cfg: GADConfig) -> str:
 
 class GADTrainer(TrainerEvaluation):
     def __init__(self, cfg: GADConfig):
-        from transformers import AutoTokenizer
+        from megatron_gad.tokenizer import load_tokenizer
 
         self.cfg = cfg
         t, d = cfg.trainer, cfg.data
@@ -84,7 +84,7 @@ class GADTrainer(TrainerEvaluation):
         os.makedirs(self.run_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+        self.tokenizer = load_tokenizer(cfg.actor_rollout_ref.model.path)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         cache = (d.cache_dir or os.path.join(t.default_local_dir, ".cache", "data")) if d.use_cache else None

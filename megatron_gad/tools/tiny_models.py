@@ -22,13 +22,15 @@ def make_tokenizer(out_dir: str, vocab_size: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    from megatron_gad.tokenizer import save_generic
+
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     for i in range(3, vocab_size):
         vocab[f"w{i}"] = i
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(out_dir)
+    save_generic(fast, out_dir)  # declares its class: every family's directory loads this same tokenizer
 
 
 def make_hf_model(out_dir: str, family: str = "llama", seed: int = 0, **overrides) -> str:
