@@ -340,6 +340,13 @@ class GADDataset:
         for r in np.flatnonzero(p_len > self.max_prompt_length).tolist():
             bad[r] = ("prompt_too_long", f"prompt has {int(p_len[r])} tokens > max_prompt_length "
                       f"{self.max_prompt_length}")
+        # Text that the tokenizer maps to no token (characters it drops, a response that is only the EOS
+        # string) passes the row checks; as a training row it would die at its first rollout or pair.
+        for r in np.flatnonzero(p_len == 0).tolist():
+            bad[r] = ("empty_prompt_tokens", "prompt tokenizes to no token (the tokenizer drops all of its text)")
+        for r in np.flatnonzero(r_len <= 1).tolist():
+            bad[r] = ("empty_response_tokens", "teacher response tokenizes to no token before EOS (the tokenizer "
+                      "drops all of its text, or it is only the EOS string)")
         bad.update({r: (reason, problem) for r, reason, problem in rows.bad})
         if bad and self.on_bad_row == "error":
             r = min(bad)
