@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_gad.errors import InputError, UserError
+from megatron_gad.tokenized import as_ids
 
 logger = logging.getLogger(__name__)
 
@@ -167,25 +168,18 @@ def check_row(row: Any, prompt_key: str, response_key: str) -> tuple[Any, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_ids(out: Any) -> list[int]:
-    # transformers 5 may return a BatchEncoding even with return_dict=False on some tokenizers.
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return [int(t) for t in out]
-
-
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
     """Token ids of a prompt, following the module's template policy."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return _as_ids(
+        return as_ids(
             tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         )
     if not isinstance(prompt, str):
         raise BadRow("no_chat_template", "prompt is a message list but the tokenizer has no chat template")
-    return _as_ids(tokenizer.encode(prompt))
+    return as_ids(tokenizer.encode(prompt))
 
 
 def encode_teacher_response(tokenizer: Any, text: str) -> list[int]:
@@ -194,7 +188,7 @@ def encode_teacher_response(tokenizer: Any, text: str) -> list[int]:
     eos = tokenizer.eos_token
     if eos and text.endswith(eos):
         text = text[: -len(eos)]
-    ids = _as_ids(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    ids = as_ids(tokenizer.encode(text, add_special_tokens=False)) if text else []
     if not ids or ids[-1] != eos_id:
         ids.append(int(eos_id))
     return ids
