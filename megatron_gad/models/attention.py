@@ -40,6 +40,7 @@ import itertools
 import logging
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -158,7 +159,11 @@ def announce(role: str, name: str, dtype: torch.dtype, head_dim: int) -> None:
     if key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
         src = f" (from {BACKEND_ENV})" if os.environ.get(BACKEND_ENV, "").strip() else ""
-        log.info("%s attention backend %s%s: %s", role, name, src, describe(name, device_type, dtype, head_dim))
+        msg = f"{role} attention backend {name}{src}: {describe(name, device_type, dtype, head_dim)}"
+        if log.hasHandlers():  # train / demo configure logging
+            log.info(msg)
+        elif not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            print(f"[megatron-gad] {msg}", file=sys.stderr, flush=True)  # the tools' progress lines
 
 
 # ---------------------------------------------------------------- per micro-batch state
