@@ -31,7 +31,7 @@ Here (CPU):  PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_
 
 On the GPU machine, once per checkout bring the megatron-core wheel (``sh benchmarks/gpu_wheels.sh``:
 ``.wheels/`` is git-ignored, 2.6 MB), then the device tool's ``run`` with ``carry: [".wheels"]``,
-``timeout_s: 420`` and this ``command`` (it runs in the repository root):
+``timeout_s: 480`` and this ``command`` (it runs in the repository root):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \
