@@ -22,18 +22,23 @@ Checks (thresholds are next to each check below and in docs/gpu-check.md):
   gad_steps       3 trainer steps (1 warmup + 2 GAD) with trainer.workers=local (no Ray)
   throughput      forward+backward of a ~1B-parameter random Llama in bf16: tokens/s, TFLOP/s, MFU
                   (local spec, unfused attention: a lower bound for TE clusters)
+  attention_packed  packed causal attention, 1/8/64 sequences in 16k tokens, fwd+bwd: the fused backend
+                  vs eager (>= 5x at 64 sequences; outputs and q/k/v grads equal within bf16 tolerance)
+  vs_transformers the 1B fwd+bwd beside transformers attn_implementation="sdpa" in the same process:
+                  >= 0.95x its tokens/s, <= 1.1x its peak (benchmarks/gpu_checks_attention.py)
 
 Here (CPU):  PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
 
 On the GPU machine, once per checkout bring the megatron-core wheel (``sh benchmarks/gpu_wheels.sh``:
 ``.wheels/`` is git-ignored, 2.6 MB), then the device tool's ``run`` with ``carry: [".wheels"]``,
-``timeout_s: 420`` and this ``command`` (it runs in the repository root):
+``timeout_s: 480`` and this ``command`` (it runs in the repository root):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
       .wheels/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \
       python3 benchmarks/gpu_check.py --out $OUT
 
-The whole run is capped at ``--budget-s`` (300 s on a GPU): a rerun fits the 15-minute device budget.
+The whole run is capped at ``--budget-s`` (420 s on a GPU since the attention rows; run a rerun with
+``--only`` the checks that failed, so it fits the 15-minute device budget).
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ RESULTS = "results.jsonl"
 # name -> timeout (s) on a GPU; --smoke multiplies by SMOKE_SCALE (a loaded 2-core CPU box).
 CHECKS = {"import": 45, "cluster_only": 30, "kernels": 75, "megatron_vs_hf": 75, "checkpoint": 60,
           "gad_steps": 75, "throughput": 120}
+# issue 20: attention backends (benchmarks/gpu_checks_attention.py)
+CHECKS.update({"attention_packed": 90, "vs_transformers": 150})
 SMOKE_SCALE = 4
 # GPU_CHECK_BF16=1: the checkpoint and GAD-step checks use bf16 on CPU too (what they use on a GPU).
 BF16_ON_CPU = os.environ.get("GPU_CHECK_BF16") == "1"
@@ -630,6 +637,9 @@ def check_throughput(rec: Recorder, smoke: bool) -> None:
                          peak_tflops=peak / 1e12, tflops=tflops)
 
 
+from gpu_checks_attention import check_attention_packed, check_vs_transformers  # noqa: E402,F401
+
+
 # ----------------------------------------------------------------------------------------------
 # Child and parent
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +679,7 @@ def parent(args) -> int:
     res_path = os.path.join(args.out, RESULTS)
     log_path = os.path.join(args.out, "checks.log")
     start = time.perf_counter()
-    budget = args.budget_s or (300 * SMOKE_SCALE if args.smoke else 300)
+    budget = args.budget_s or (420 * SMOKE_SCALE if args.smoke else 420)
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
     if args.smoke:
@@ -736,7 +746,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="folder for results.jsonl, checks.log, summary.txt")
     ap.add_argument("--smoke", action="store_true", help="CPU: tiny shapes, gloo, TRITON_INTERPRET=1")
     ap.add_argument("--only", nargs="*", choices=list(CHECKS), help="run only these checks")
-    ap.add_argument("--budget-s", type=float, default=None, help="whole-run cap (default 300; smoke 1200)")
+    ap.add_argument("--budget-s", type=float, default=None, help="whole-run cap (default 420; smoke 1680)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:

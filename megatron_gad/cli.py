@@ -362,6 +362,12 @@ def _check_environment() -> None:
     problem = broken_torchvision()
     if problem:
         raise InputError(problem)
+    from megatron_gad.config import ATTENTION_BACKENDS
+
+    backend = os.environ.get("MEGATRON_GAD_ATTENTION_BACKEND", "").strip().lower()
+    if backend and backend not in ATTENTION_BACKENDS:  # read by every command's model build
+        raise InputError(f"MEGATRON_GAD_ATTENTION_BACKEND={backend!r}: choose one of {', '.join(ATTENTION_BACKENDS)} "
+                         "(or unset it to use ...megatron.attention_backend)")
 
 
 def _user_error(command: str, e: BaseException, debug: bool, code: int = 2) -> int:

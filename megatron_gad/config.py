@@ -89,6 +89,10 @@ class OverrideTransformerConfig:
     recompute_num_layers: int | None = None
 
 
+ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "varlen", "flex", "flash")
+AttentionBackend = Literal["auto", "eager", "sdpa", "varlen", "flex", "flash"]
+
+
 @dataclass(frozen=True)
 class MegatronConfig:
     tensor_model_parallel_size: int = 1
@@ -113,6 +117,8 @@ class MegatronConfig:
     param_offload: bool = False
     grad_offload: bool = False
     optimizer_offload: bool = False
+    # Core attention of the local (non-TE) spec, docs/attention.md; MEGATRON_GAD_ATTENTION_BACKEND overrides.
+    attention_backend: AttentionBackend = "auto"
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,8 @@ class RefMegatronConfig:
     between passes is its own (verl's key). Default true, unlike verl: the reference is used once per step,
     so its weights stay in host memory and come to the device for its log-prob pass only."""
     param_offload: bool = True
+    # null: the actor's actor.megatron.attention_backend
+    attention_backend: AttentionBackend | None = None
 
 
 @dataclass(frozen=True)

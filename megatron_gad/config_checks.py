@@ -316,6 +316,13 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
             if _get(cfg, role).megatron.params_dtype == "float16":
                 bad.append(f"{role}.megatron.params_dtype=float16 is not supported with trainer.device=cpu "
                            f"(fp16 needs loss scaling and GPU kernels); use bfloat16 or float32 on CPU")
+    if trainer.device == "cpu":
+        env = os.environ.get("MEGATRON_GAD_ATTENTION_BACKEND", "").strip().lower()
+        for key, value in [(f"{r}.megatron.attention_backend", _get(cfg, r).megatron.attention_backend)
+                           for r in _ROLES] + [("MEGATRON_GAD_ATTENTION_BACKEND", env)]:
+            if value in ("varlen", "flash"):
+                bad.append(f"{key}={value} runs only on a CUDA device in bf16/fp16; with trainer.device=cpu use "
+                           "auto, eager, sdpa or flex (forward only)")
     for role in _ROLES:
         m = _get(cfg, role).megatron
         if m.fp8 is None:

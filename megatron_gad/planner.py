@@ -184,6 +184,28 @@ def attention_scores_elems(arch: Arch, tp: int, seq_lens: list[int], copies: int
     return copies * (arch.num_heads / tp) * sum(s * s for s in seq_lens)
 
 
+# Backends whose kernels keep no [heads, s, s] score matrix (flash / memory-efficient / varlen / flex).
+FUSED_ATTENTION = ("sdpa", "varlen", "flex", "flash")
+
+
+def attention_score_copies(backend: str, params_dtype: str) -> int:
+    """[heads/TP, s, s] tensors per sequence and layer, in units of ``params_dtype`` elements, that the
+    local spec's core attention (``models/attention.py``) keeps for backward with ``backend``
+    (``...megatron.attention_backend`` after ``MEGATRON_GAD_ATTENTION_BACKEND``): 0 for the fused kernels
+    (``auto`` picks one in bf16/fp16); eager keeps its softmax output, fp32 (1 copy in fp32; in bf16/fp16
+    the fp32 probabilities count 2 plus their half-precision cast for the AV GEMM, 3)."""
+    half = params_dtype in ("bfloat16", "float16")
+    if backend in FUSED_ATTENTION or (backend == "auto" and half):
+        return 0
+    return 3 if half else 1
+
+
+def worst_seq_lens(tokens: int, seq: int) -> list[int]:
+    """Sequences of a micro-batch of ``tokens`` as long as allowed (``seq``): the largest sum of s^2."""
+    full, rest = divmod(tokens, max(1, seq))
+    return [seq] * full + ([rest] if rest else [])
+
+
 def train_activation_bytes(arch: Arch, tp: int, pp: int, tokens: int, params_dtype: str,
                            sequence_parallel: bool = False, recompute: Recompute = Recompute(),
                            in_flight: int = 1, score_copies: int = 0, seq_lens: list[int] | None = None) -> float:

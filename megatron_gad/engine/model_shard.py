@@ -43,7 +43,8 @@ def megatron_kwargs(m: MegatronConfig) -> dict:
     return dict(tp=m.tensor_model_parallel_size, pp=m.pipeline_model_parallel_size, params_dtype=m.params_dtype,
                 seed=m.seed, fp8=m.fp8, fp8_recipe=m.fp8_recipe, use_distributed_optimizer=m.use_distributed_optimizer,
                 sequence_parallel=m.sequence_parallel, recompute_granularity=o.recompute_granularity,
-                recompute_method=o.recompute_method, recompute_num_layers=o.recompute_num_layers)
+                recompute_method=o.recompute_method, recompute_num_layers=o.recompute_num_layers,
+                attention_backend=m.attention_backend)
 
 
 class ModelShard:
@@ -57,7 +58,7 @@ class ModelShard:
                  total_steps: int = 0, head_init_std: float = 0.0, trainable: bool = True, fp8: str | None = None,
                  fp8_recipe: str = "delayed", use_distributed_optimizer: bool = False, sequence_parallel: bool = False,
                  recompute_granularity: str | None = None, recompute_method: str | None = None,
-                 recompute_num_layers: int | None = None):
+                 recompute_num_layers: int | None = None, attention_backend: str = "auto"):
         self.role = role
         self.model_path = model_path
         self.hf_config = read_hf_config(model_path)
@@ -69,7 +70,7 @@ class ModelShard:
         self.module = build_model(self.arch, role, tp, pp, params_dtype, vocab_divisible_by, head_init_std,
                                   fp8, fp8_recipe, sequence_parallel=sequence_parallel,
                                   recompute_granularity=recompute_granularity, recompute_method=recompute_method,
-                                  recompute_num_layers=recompute_num_layers)
+                                  recompute_num_layers=recompute_num_layers, attention_backend=attention_backend)
         self.use_distributed_optimizer = use_distributed_optimizer
         self._offloaded: dict[str, list] = {}  # kind -> [(storage, host copy or None)], see offload()
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved

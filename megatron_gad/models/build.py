@@ -55,7 +55,8 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        # Megatron's RoPE hooks: TE's kernels where TE loads, else models/rope.py's (no host sync in THD)
+        apply_rope_fusion=_local_rope_fusion(),
         variable_seq_lengths=True,  # micro-batches may differ in length (p2p sends shapes)
         moe_token_dispatcher_type="alltoall",  # (dense model; only to satisfy the check above)
         deallocate_pipeline_outputs=False,
@@ -68,9 +69,17 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
     )
 
 
-def layer_spec(arch: Arch):
+def _local_rope_fusion() -> bool:
+    """True when this process runs Megatron's RoPE through models/rope.py's sync-free functions (no
+    Transformer Engine); False keeps Megatron's unfused RoPE beside TE's spec, as before."""
+    from megatron_gad.models import rope
+
+    return rope.install()
+
+
+def layer_spec(arch: Arch, attention_backend: str = "auto"):
     """Transformer Engine spec on a GPU with TE installed; Megatron's local spec (core attention
-    :class:`~megatron_gad.models.packed_attention.PackedDotProductAttention`) otherwise."""
+    :class:`~megatron_gad.models.attention.CoreAttention` on ``attention_backend``) otherwise."""
     if torch.cuda.is_available():
         try:
             import transformer_engine  # noqa: F401
@@ -88,11 +97,12 @@ def layer_spec(arch: Arch):
             for name in [m for m in sys.modules if m.split(".")[0] == "transformer_engine"]:
                 del sys.modules[name]
             sys.modules["transformer_engine"] = None
-    # Megatron's local spec with a core attention that also takes packed (THD) input and, under
-    # MEGATRON_GAD_EMULATE_TE_MASKING=1, masks only what TE would (unpacked: exactly Megatron's).
-    from megatron_gad.models.packed_attention import packed_local_layer_spec
+    # Megatron's local spec with a core attention that also takes packed (THD) input, runs the chosen
+    # backend (eager: exactly Megatron's math) and, under MEGATRON_GAD_EMULATE_TE_MASKING=1, masks
+    # only what TE would.
+    from megatron_gad.models.attention import local_layer_spec
 
-    return packed_local_layer_spec(normalization="RMSNorm")
+    return local_layer_spec(normalization="RMSNorm", backend=attention_backend)
 
 
 def is_te_spec(spec) -> bool:
@@ -161,9 +171,10 @@ class ValueHead(nn.Linear):
 
 def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "float32",
                 vocab_divisible_by: int = 128, head_init_std: float = 0.0, fp8: str | None = None,
-                fp8_recipe: str = "delayed", **config_kw):
+                fp8_recipe: str = "delayed", attention_backend: str = "auto", **config_kw):
     """This rank's stage of the actor (``role="actor"``) or discriminator (``role="critic"``).
     ``config_kw``: the further :func:`transformer_config` settings (sequence parallel, recompute).
+    ``attention_backend``: the local spec's core attention (``MEGATRON_GAD_ATTENTION_BACKEND`` wins).
 
     Call after ``parallel.state.init_model_parallel``.
     """
@@ -174,7 +185,12 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
     if role not in ("actor", "critic"):
         raise ValueError(f"role must be 'actor' or 'critic', got {role!r}")
     config = transformer_config(arch, tp, pp, params_dtype, fp8, fp8_recipe, **config_kw)
-    spec = layer_spec(arch)
+    from megatron_gad.models import attention
+
+    backend = attention.requested_backend(attention_backend)
+    spec = layer_spec(arch, backend)
+    if not is_te_spec(spec):
+        attention.announce(role, backend, config.params_dtype, arch.head_dim)
     if config.sequence_parallel and not is_te_spec(spec):
         spec = sequence_parallel_local_spec(spec, config)
     elif fp8 and not is_te_spec(spec):

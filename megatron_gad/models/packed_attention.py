@@ -53,8 +53,29 @@ def emulate_te_masking() -> bool:
     return os.environ.get(EMULATE_TE_MASKING_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+_CACHE_ATTR = "_megatron_gad_attention_cache"
+
+
+def micro_batch_cache(cu: torch.Tensor) -> dict:
+    """Dict stored on the ``cu_seqlens`` tensor of this micro-batch: every layer reuses its entries
+    (host bounds, block masks, RoPE tables) and they die with the micro-batch."""
+    c = getattr(cu, _CACHE_ATTR, None)
+    if c is None:
+        c = {}
+        setattr(cu, _CACHE_ATTR, c)
+    return c
+
+
+def host_bounds(cu: torch.Tensor) -> list[int]:
+    """``cu_seqlens`` as host ints: one device->host copy per micro-batch, not one per layer."""
+    c = micro_batch_cache(cu)
+    if "bounds" not in c:
+        c["bounds"] = cu.detach().to("cpu", torch.long).tolist()
+    return c["bounds"]
+
+
 def _segments(cu: torch.Tensor) -> list[tuple[int, int]]:
-    bounds = cu.detach().to("cpu", torch.long).tolist()
+    bounds = host_bounds(cu)
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
@@ -94,6 +115,8 @@ class PackedDotProductAttention(DotProductAttention):
             probs = self._softmax_no_mask(scores)
         else:
             probs = self.scale_mask_softmax(scores, masked, self.softmax_offset)
+        if self.attention_dropout.p == 0:  # identity: no RNG-tracker fork (x * 1.0 would be bit-equal)
+            return probs
         if not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 return self.attention_dropout(probs)
@@ -136,7 +159,7 @@ class PackedDotProductAttention(DotProductAttention):
         if segs[-1][1] != T or segs[0][0] != 0:
             raise ValueError(f"cu_seqlens {[s for s, _ in segs] + [segs[-1][1]]} do not cover the {T} packed tokens")
         key, value = self._expand_kv(key, value, head_dim=1)
-        out = query.new_empty(T, query.shape[1], value.shape[-1])
+        outs = []
         causal_cache: dict[int, torch.Tensor] = {}
         for s, e in segs:
             n = e - s
@@ -149,8 +172,10 @@ class PackedDotProductAttention(DotProductAttention):
             k = key[s:e].transpose(0, 1)[None]
             v = value[s:e].transpose(0, 1)[None]
             ctx = self._attend(q, k, v, causal_cache[n])
-            out[s:e] = ctx[0].transpose(0, 1)
-        return out.reshape(T, self.hidden_size_per_partition)
+            outs.append(ctx[0].transpose(0, 1))
+        # concatenated (not written into slices of one buffer): the backward then splits the gradient
+        # instead of copying all of it once per segment; the values are the same bits
+        return torch.cat(outs, dim=0).reshape(T, self.hidden_size_per_partition)
 
     # ------------------------------------------------------------------ unpacked, TE-like masking
     def _unpacked_te_like(self, query, key, value, attn_mask_type, attention_bias):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -32,6 +33,8 @@ from megatron_gad.planner import (
     DTYPE_BYTES,
     Recompute,
     StateBytes,
+    attention_score_copies,
+    attention_scores_elems,
     forward_flops,
     kv_cache_bytes,
     layer_activation_elems_per_token,
@@ -39,6 +42,7 @@ from megatron_gad.planner import (
     rank_state_bytes,
     stage_params,
     train_activation_bytes,
+    worst_seq_lens,
 )
 
 GiB = 2**30
@@ -67,6 +71,11 @@ ROLE_KEYS = {"actor": "actor_rollout_ref.actor", "critic": "critic"}
 
 def _megatron(cfg: GADConfig, role: str) -> MegatronConfig:
     return cfg.actor_rollout_ref.actor.megatron if role == "actor" else cfg.critic.megatron
+
+
+def _attention_backend(m: MegatronConfig) -> str:
+    """The role's core attention backend as its model build resolves it (environment override first)."""
+    return os.environ.get("MEGATRON_GAD_ATTENTION_BACKEND", "").strip().lower() or m.attention_backend
 
 
 def _recompute(m: MegatronConfig) -> Recompute:
@@ -139,15 +148,19 @@ def build_plan(cfg: GADConfig, archs: dict[str, Arch], gpu: Gpu) -> dict:
         m, a = _megatron(cfg, role), archs[role]
         tp = m.tensor_model_parallel_size
         tokens = _tokens(rows, dynamic, budget, seq)
-        # forward only: one layer's working set at a time, plus the actor's logits
-        work = layer_activation_elems_per_token(a, tp, m.sequence_parallel) * tokens * DTYPE_BYTES[m.params_dtype]
+        # forward only: one layer's working set at a time (eager attention: its score matrices), plus the
+        # actor's logits
+        elems = layer_activation_elems_per_token(a, tp, m.sequence_parallel) * tokens + attention_scores_elems(
+            a, tp, worst_seq_lens(tokens, seq), attention_score_copies(_attention_backend(m), m.params_dtype))
+        work = elems * DTYPE_BYTES[m.params_dtype]
         return work + (logits_bytes(vocab, tp, tokens, m.params_dtype) if role == "actor" else 0)
 
     def train_transient(role: str, tokens: int) -> float:
         m, a = _megatron(cfg, role), archs[role]
         tp, pp = m.tensor_model_parallel_size, m.pipeline_model_parallel_size
         act = train_activation_bytes(a, tp, pp, tokens, m.params_dtype, m.sequence_parallel, _recompute(m),
-                                     in_flight=pp)
+                                     in_flight=pp, seq_lens=worst_seq_lens(tokens, seq),
+                                     score_copies=attention_score_copies(_attention_backend(m), m.params_dtype))
         # the actor's logits and their gradient live through its loss's backward
         return act + (2 * logits_bytes(vocab, tp, tokens, m.params_dtype) if role == "actor" else 0)
 

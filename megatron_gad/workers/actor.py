@@ -46,13 +46,15 @@ class ActorWorker(Worker):
         self.eos_id, self.pad_id = eos_id, pad_id
 
         def shard(path: str, **kw) -> ModelShard:
-            return ModelShard("actor", path, **megatron_kwargs(m),
-                              vocab_divisible_by=config.model.make_vocab_size_divisible_by, **kw)
+            return ModelShard("actor", path, **{**megatron_kwargs(m), **kw},
+                              vocab_divisible_by=config.model.make_vocab_size_divisible_by)
 
         self.shard = shard(config.model.path, optim=config.actor.optim, total_steps=total_steps)
         if init_from:
             self.shard.load_weights(init_from)
-        self.ref = shard(init_from or config.model.path, trainable=False) if config.actor.use_kl_loss else None
+        ref_attn = config.ref.megatron.attention_backend or m.attention_backend  # null: the actor's
+        self.ref = (shard(init_from or config.model.path, trainable=False, attention_backend=ref_attn)
+                    if config.actor.use_kl_loss else None)
         # between passes: the policy's state as actor.megatron.*_offload says; the frozen reference's
         # weights (it has nothing else) per ref.megatron.param_offload. A pass reloads what it needs.
         offloads = [(self.shard, dict(params=m.param_offload, grads=m.grad_offload, optimizer=m.optimizer_offload))]
