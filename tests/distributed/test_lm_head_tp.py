@@ -85,8 +85,10 @@ def _model(rank, world, path, sp):
     model.train()
     g = torch.Generator().manual_seed(1)
     B, P, R = 3, 6, 7
-    batch = {"prompt_ids": torch.randint(3, 96, (B, P), generator=g), "prompt_mask": torch.ones(B, P, dtype=torch.long),
-             "responses": torch.randint(3, 96, (B, R), generator=g), "response_mask": torch.ones(B, R, dtype=torch.long)}
+    batch = {"prompt_ids": torch.randint(3, 96, (B, P), generator=g),
+             "prompt_mask": torch.ones(B, P, dtype=torch.long),
+             "responses": torch.randint(3, 96, (B, R), generator=g),
+             "response_mask": torch.ones(B, R, dtype=torch.long)}
     batch["prompt_mask"][0, :4] = 0  # rows of different lengths in the pack
     batch["response_mask"][1, 3:] = 0
     mb = actor_micro_batches(batch, [list(range(B))], align=world if sp else 1)[0]
