@@ -39,11 +39,11 @@ def _blocks(n: int, size: int):
         yield s, min(s + size, n)
 
 
-def _logits(h: Tensor, w: Tensor, inv_t: float) -> Tensor:
+def _logits(h: Tensor, w: Tensor, temp: float) -> Tensor:
     """One [C, Vc] block of logits / temperature in fp32 (the GEMM in the parameters' dtype, as the
-    output layer runs it)."""
+    output layer runs it; a division, not a multiplication by 1/T: the rounding of ``logits / T``)."""
     x = (h @ w.t()).float()
-    return x.mul_(inv_t) if inv_t != 1.0 else x
+    return x.div_(temp) if temp != 1.0 else x
 
 
 def _in_block(local_t: Tensor, owned: Tensor, j0: int, j1: int) -> tuple[Tensor, Tensor]:
@@ -55,7 +55,7 @@ def _in_block(local_t: Tensor, owned: Tensor, j0: int, j1: int) -> tuple[Tensor,
 
 class _LMHeadLogProb(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, group, vocab_start, n_valid, inv_t, token_chunk, vocab_chunk,
+    def forward(ctx, hidden, weight, target, group, vocab_start, n_valid, temp, token_chunk, vocab_chunk,
                 compute_entropy):
         N = hidden.shape[0]
         dev = hidden.device
@@ -71,7 +71,7 @@ class _LMHeadLogProb(torch.autograd.Function):
                 w = weight[j0:j1]
                 hit, col = _in_block(local_t, owned, j0, j1)
                 for s, e in _blocks(N, token_chunk):
-                    x = _logits(hidden[s:e], w, inv_t)  # [C, Vc]
+                    x = _logits(hidden[s:e], w, temp)  # [C, Vc]
                     tgt[s:e] += torch.where(hit[s:e], x.gather(1, col[s:e, None]).squeeze(1), 0.0)
                     m_old = m[s:e]
                     m_new = torch.maximum(m_old, x.amax(dim=1))
@@ -105,7 +105,7 @@ class _LMHeadLogProb(torch.autograd.Function):
             # H = lse - E_p[x] = log S - E_p[x - m]; relative to the max, no cancellation
             entropy = S.log() - Q / S if compute_entropy else None
         ctx.save_for_backward(hidden, weight, target, lse, entropy if compute_entropy else lse)
-        ctx.cfg = (group, vocab_start, n_valid, inv_t, token_chunk, vocab_chunk, compute_entropy)
+        ctx.cfg = (group, vocab_start, n_valid, temp, token_chunk, vocab_chunk, compute_entropy)
         if compute_entropy:
             return log_prob, entropy
         empty = torch.zeros(0, device=dev)  # autograd.Function outputs must be tensors
@@ -115,7 +115,7 @@ class _LMHeadLogProb(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lp, grad_ent):
         hidden, weight, target, lse, entropy = ctx.saved_tensors
-        group, vocab_start, n_valid, inv_t, token_chunk, vocab_chunk, compute_entropy = ctx.cfg
+        group, vocab_start, n_valid, temp, token_chunk, vocab_chunk, compute_entropy = ctx.cfg
         N, Hd = hidden.shape
         dt = weight.dtype
         grad_lp = grad_lp.float() if grad_lp is not None else torch.zeros_like(lse)
@@ -134,7 +134,7 @@ class _LMHeadLogProb(torch.autograd.Function):
             gw = torch.zeros(j1 - j0, Hd, dtype=torch.float32, device=hidden.device) if need_w else None
             for s, e in _blocks(N, token_chunk):
                 h = hidden[s:e]
-                x = _logits(h, w, inv_t)  # recomputed block of logits / T
+                x = _logits(h, w, temp)  # recomputed block of logits / T
                 g = (x - lse[s:e, None]).exp_()  # softmax p of the block
                 if use_ent:
                     # dH/dx_j = -p_j (x_j - E_p[x])
@@ -146,8 +146,8 @@ class _LMHeadLogProb(torch.autograd.Function):
                 del x
                 rows = torch.arange(e - s, device=hidden.device)
                 g[rows, col[s:e]] += torch.where(hit[s:e], grad_lp[s:e], 0.0)
-                if inv_t != 1.0:
-                    g.mul_(inv_t)  # x = logits / T
+                if temp != 1.0:
+                    g.div_(temp)  # x = logits / T
                 g = g.to(dt)
                 if need_h:
                     grad_h[s:e] += (g @ w).float()
@@ -193,7 +193,7 @@ def lm_head_logprob(
         flat = flat.to(weight.dtype)
     n_valid = _n_valid(weight.shape[0], vocab_start, vocab_size)
     lp, ent = _LMHeadLogProb.apply(
-        flat, weight, target.reshape(-1).long(), tp_group, vocab_start, n_valid, 1.0 / float(temperature),
+        flat, weight, target.reshape(-1).long(), tp_group, vocab_start, n_valid, float(temperature),
         max(1, int(token_chunk)), max(1, int(vocab_chunk)), compute_entropy,
     )
     return lp.view(lead), (ent.view(lead) if compute_entropy else None)
