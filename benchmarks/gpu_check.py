@@ -354,6 +354,51 @@ def check_kernels(rec: Recorder, smoke: bool) -> None:
                     rec.report(f"logprob_{dn}_{variant}_peak_vs_naive", ratio, peak_mib=m / 2**20,
                                naive_mib=m_naive / 2**20)
         del base
+    _check_lm_head(rec, smoke, dev, reps)
+
+
+def _check_lm_head(rec, smoke: bool, dev, reps: int) -> None:
+    """lm_head_logprob (hidden -> log-prob + entropy through the LM head in chunks, temperature 0.7)
+    vs the naive head: full [T, V] logits, / T, log_softmax in fp32. Same thresholds as the logits
+    kernel (relative max error of log-probs, entropy and both gradients); its peak memory must stay
+    below the naive head's, which holds the [T, V] logits, their softmax and gradient."""
+    import torch
+
+    from megatron_gad.kernels.lm_head import lm_head_logprob
+
+    T, H, V = (64, 32, 1000) if smoke else (4096, 2048, 151936)
+    temp = 0.7
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = str(dtype).split(".")[-1]
+        g = torch.Generator(device=dev).manual_seed(2)
+        hidden = torch.randn(T, H, generator=g, device=dev).to(dtype)
+        weight = (torch.randn(V, H, generator=g, device=dev) * H ** -0.5 * 2).to(dtype)
+        target = torch.randint(0, V, (T,), generator=g, device=dev)
+
+        def step(variant, hidden=hidden, weight=weight, target=target):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            if variant == "naive":
+                logp = torch.log_softmax((h @ w.t()).float() / temp, -1)
+                lp, ent = logp.gather(-1, target[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+            else:
+                lp, ent = lm_head_logprob(h, w, target, temperature=temp, compute_entropy=True,
+                                          token_chunk=256 if smoke else 4096, vocab_chunk=128 if smoke else 8192)
+            (lp.sum() + ent.sum()).backward()
+            return {"lp": lp.detach(), "entropy": ent.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
+
+        ref, got = step("naive"), step("fused")
+        errs = {k: _rel(got[k], ref[k]) for k in ref}
+        tol = TOL["logprob_fp32_rel" if dtype == torch.float32 else "logprob_bf16_rel"]
+        rec.check_le(f"lm_head_{dn}_max_rel_err", max(errs.values()), tol, **errs)
+        t_naive = _timed(lambda: step("naive"), max(1, reps // 2))
+        t = _timed(lambda: step("fused"), max(1, reps // 2))
+        rec.report(f"lm_head_{dn}_time", t * 1e3, "ms", naive_ms=t_naive * 1e3, time_vs_naive=t / t_naive,
+                   shape=f"T={T} H={H} V={V}")
+        m_naive, m = _peak_bytes(lambda: step("naive")), _peak_bytes(lambda: step("fused"))
+        if m is not None:
+            rec.check_le(f"lm_head_{dn}_peak_vs_naive", m / m_naive, TOL["logprob_peak_ratio"],
+                         peak_mib=m / 2**20, naive_mib=m_naive / 2**20)
+        del hidden, weight
 
 
 def _mixed_rows(smoke: bool, vocab: int):

@@ -23,7 +23,8 @@ from functools import partial
 import torch
 
 # loss_fn(output, micro_batch) -> (loss: 0-d tensor, results: dict[str, tensor | float])
-# ``output`` is [B, S, V/tp] logits for the actor and [B, S, H] normed hidden states for the critic.
+# ``output`` is [B, S, V/tp] logits for the actor ([B, S, H] final hidden states inside
+# ``kernels.lm_head.hidden_head``, as the actor's passes run) and [B, S, H] normed hidden states for the critic.
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 

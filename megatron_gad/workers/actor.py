@@ -20,7 +20,7 @@ from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
 from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights, to_transport
-from megatron_gad.kernels.logprob import vocab_parallel_logprob
+from megatron_gad.kernels.lm_head import hidden_head, lm_head_logprob, output_weight
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
 from megatron_gad.workers.base import PhaseMemory, Worker
@@ -64,24 +64,21 @@ class ActorWorker(Worker):
         self.memory.settle()  # before the first rollout
 
     # ---------------------------------------------------------------- helpers
-    def _token_logprob(self, shard: ModelShard, logits: torch.Tensor, mb: dict, compute_entropy: bool,
-                       training: bool = False, temperature: float = 1.0):
-        """Log-probs (and entropy) [b, R] of the response tokens of a packed micro-batch, from this
-        rank's vocab shard of the logits [1, T, V/TP]. Only the positions that predict a response
-        token are gathered (no prompt or padding position reaches the vocab kernel); padding is 0.
-        In training the kernel's backward writes into the gathered buffer (nothing reads it later).
+    def _token_logprob(self, shard: ModelShard, hidden: torch.Tensor, mb: dict, compute_entropy: bool,
+                       temperature: float = 1.0):
+        """Log-probs (and entropy) [b, R] of the response tokens of a packed micro-batch, from the final
+        hidden states [1, T, H] (the model's output under ``hidden_head``). Only the positions that
+        predict a response token go through the LM head, in vocabulary chunks with the temperature
+        folded in (``kernels.lm_head``): no [T, V/TP] logits exist. Padding is 0.
         ``temperature``: log-probs of softmax(logits / T), the distribution the rollout samples."""
         idx = mb["resp_index"]
         valid = idx >= 0
-        sel = logits[0].index_select(0, idx[valid])  # [N, V/TP]
-        if temperature != 1.0:
-            sel = sel / temperature
-        v_local = sel.shape[-1]
-        lp, ent = vocab_parallel_logprob(
-            sel, mb["responses"][valid], state.tp_group() if self.layout.tp_size > 1 else None,
-            vocab_start=self.layout.tp_rank * v_local, vocab_size=shard.arch.vocab_size,
-            chunk_size=self.config.actor.logprob_chunk_size, compute_entropy=compute_entropy,
-            inplace_backward=training)
+        weight = output_weight(shard.module)  # [V/TP, H], this rank's vocabulary shard
+        lp, ent = lm_head_logprob(
+            hidden[0].index_select(0, idx[valid]), weight, mb["responses"][valid],
+            state.tp_group() if self.layout.tp_size > 1 else None, vocab_start=self.layout.tp_rank * weight.shape[0],
+            vocab_size=shard.arch.vocab_size, temperature=temperature,
+            token_chunk=self.config.actor.logprob_chunk_size, compute_entropy=compute_entropy)
 
         def rows(flat):
             return None if flat is None else flat.new_zeros(idx.shape).masked_scatter(valid, flat)
@@ -132,12 +129,13 @@ class ActorWorker(Worker):
     def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:
         temperature = self.config.rollout.temperature
 
-        def loss_fn(logits, mb):
-            lp, _ = self._token_logprob(shard, logits, mb, compute_entropy=False, temperature=temperature)
+        def loss_fn(hidden, mb):
+            lp, _ = self._token_logprob(shard, hidden, mb, compute_entropy=False, temperature=temperature)
             return lp.sum() * 0, {"log_prob": lp}
 
         groups = self._groups(batch, b, sync_count=False)
-        res = shard.forward(actor_micro_batches(batch, groups, pad_id=self.pad_id), loss_fn)
+        with hidden_head(shard.module):
+            res = shard.forward(actor_micro_batches(batch, groups, pad_id=self.pad_id), loss_fn)
         if not res:  # not the last pipeline stage: nothing to return
             return {"log_prob": None}
         lp = restore_order([r["log_prob"] for r in res], groups, batch["prompt_ids"].shape[0])
@@ -172,8 +170,8 @@ class ActorWorker(Worker):
 
         temperature = self.config.rollout.temperature
 
-        def loss_fn(logits, mb):
-            lp, ent = self._token_logprob(self.shard, logits, mb, compute_entropy=a.entropy_coeff > 0, training=True,
+        def loss_fn(hidden, mb):
+            lp, ent = self._token_logprob(self.shard, hidden, mb, compute_entropy=a.entropy_coeff > 0,
                                           temperature=temperature)
             mask, agg = mb["response_mask"], mb["agg"]  # agg: this mini-batch's global denominators
             loss, m = policy_loss(mb["old_log_prob"], lp, mb["advantages"], mask,
@@ -202,8 +200,8 @@ class ActorWorker(Worker):
         """Cross-entropy on the teacher responses (the paper's warmup for the generator)."""
         a = self.config.actor
 
-        def loss_fn(logits, mb):
-            lp, _ = self._token_logprob(self.shard, logits, mb, compute_entropy=False, training=True)
+        def loss_fn(hidden, mb):
+            lp, _ = self._token_logprob(self.shard, hidden, mb, compute_entropy=False)
             loss, _ = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode, **mb["agg"])
             return loss * mb["share_scale"], {"actor/sft_loss": float(loss) * mb["share_scale"]}
 
@@ -234,7 +232,8 @@ class ActorWorker(Worker):
                 mbs = actor_micro_batches(part, groups, tuple(extra), pad_id=self.pad_id)
                 for mb in mbs:
                     mb["agg"], mb["share_scale"] = agg, float(len(mbs) * self.layout.dp_size)
-                results, info = self.shard.train_step(mbs, loss_fn)
+                with hidden_head(self.shard.module):  # loss_fn gets hidden states, applies the head itself
+                    results, info = self.shard.train_step(mbs, loss_fn)
                 skipped += int(info["nonfinite"])
                 metrics += [dict(r) for r in results]
                 metrics.append({"actor/grad_norm": info["grad_norm"], "actor/lr": info["lr"]})
