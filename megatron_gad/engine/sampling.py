@@ -76,13 +76,13 @@ def sample_next(logits: torch.Tensor, vocab_size: int, temperature: float, top_k
     under the distribution sampled from; padded ids are never chosen. ``uniforms`` [B] in (0, 1)
     (:func:`row_uniforms`): the inverse CDF picks the token (unused when greedy)."""
     logits = process_logits(logits, vocab_size, temperature, top_k, top_p, greedy)
-    logp = logits.log_softmax(-1)
-    if greedy:
+    if greedy:  # no [B, V] log-softmax written: the chosen logit minus the log-partition
         nxt = logits.argmax(-1)
-    else:
-        # float64 running sum: its total is exact enough that u * total stays inside the last kept bin
-        cdf = logp.exp().double().cumsum(-1)
-        target = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
-        # first id whose cumulative mass exceeds the target: a zero-probability id (flat cdf) never is
-        nxt = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(vocab_size - 1)
+        return nxt, logits.gather(-1, nxt[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    logp = logits.log_softmax(-1)
+    # float64 running sum: its total is exact enough that u * total stays inside the last kept bin
+    cdf = logp.exp().double().cumsum(-1)
+    target = (uniforms.to(cdf.device) * cdf[:, -1])[:, None]
+    # first id whose cumulative mass exceeds the target: a zero-probability id (flat cdf) never is
+    nxt = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(vocab_size - 1)
     return nxt, logp.gather(-1, nxt[:, None]).squeeze(-1)

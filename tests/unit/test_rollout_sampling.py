@@ -100,7 +100,7 @@ def _brute_best(lengths: list[int], new: int, F: float, limit: int) -> float:
     for k in range(n):
         for cuts in itertools.combinations(range(1, n), k):
             bounds = [0, *cuts, n]
-            parts = [srt[a:b] for a, b in zip(bounds, bounds[1:])]
+            parts = [srt[a:b] for a, b in itertools.pairwise(bounds)]
             if any(len(p) > limit for p in parts):
                 continue
             best = min(best, sum(rp.bucket_cost(p, new, F) for p in parts))
