@@ -13,7 +13,9 @@ algorithm (its ``StaticInferenceContext``), per length bucket (``engine/rollout_
   and their cache rows copied to the others.
 * **Lockstep decode**: step ``t`` feeds position ``t`` of every row (``[rows, 1]``, one forward): the
   row's own prompt token while ``t`` is inside its prompt, else its sampled token (``pad_id`` once it
-  is done). Megatron switches to ``no_mask`` (offset > 0): the new token attends to every cached key,
+  is done). The bucket's rows are sorted by prompt length, so the rows that have produced their last
+  position (``length + max_new_tokens - 1``, known on the host) form a prefix of the cache: later
+  forwards skip them through the context's batch offset. Megatron switches to ``no_mask`` (offset > 0): the new token attends to every cached key,
   all of which are this row's own tokens at positions ``0 .. t`` — so every row sees exactly its
   unpadded sequence, with its true positions (RoPE takes them from the cache offset), what TE does too.
   The logits of a row still inside its prompt are not sampled from (its next token is forced).
@@ -36,6 +38,8 @@ last pipeline stage samples and broadcasts the tokens to the other stages.
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 import torch.distributed as dist
 
@@ -57,17 +61,17 @@ class _Runner:
     def start(self, rows: int, max_len: int) -> None:
         self.ctx = _new_context(rows, max_len) if self.kv else None
 
-    def forward(self, tokens: torch.Tensor, start: int, positions: torch.Tensor) -> torch.Tensor | None:
-        """tokens [b, s] at positions ``start .. start+s-1`` (KV cache: appended to it; recompute:
-        start is 0) -> the last position's logits [b, V_padded] gathered over TP (last stage; None
-        elsewhere)."""
+    def forward(self, tokens: torch.Tensor, start: int, positions: torch.Tensor, first_row: int = 0):
+        """tokens [b, s] at positions ``start .. start+s-1`` of the cache rows ``first_row ..
+        first_row+b-1`` (KV cache: appended; recompute: start is 0) -> the last position's logits
+        [b, V_padded] gathered over TP (last stage; None elsewhere)."""
         b, s = tokens.shape
         pos = positions[start:start + s].expand(b, s)
         self.stats["forwards"] += 1
         if self.lay.pp_size == 1:
-            out = self._call(tokens, pos, 0)
+            out = self._call(tokens, pos, first_row)
         else:
-            out = self._pipelined(tokens, pos)
+            out = self._pipelined(tokens, pos, first_row)
         if self.ctx is not None:
             self.ctx.sequence_len_offset += s
             if s > 0 and not self.ctx.decode_mode:
@@ -84,7 +88,7 @@ class _Runner:
         self.ctx.batch_size_offset = batch_offset
         return self._last(self.role.model(tokens, pos, None, inference_context=self.ctx, runtime_gather_output=True))
 
-    def _pipelined(self, tokens, pos) -> torch.Tensor | None:
+    def _pipelined(self, tokens, pos, first_row: int) -> torch.Tensor | None:
         from megatron_gad.engine.forward_backward import forward_backward
 
         chunks = torch.arange(tokens.shape[0]).tensor_split(min(self.lay.pp_size, tokens.shape[0]))
@@ -92,7 +96,7 @@ class _Runner:
         for c in chunks:
             mb = {"input_ids": tokens[c[0]:c[-1] + 1], "position_ids": pos[c[0]:c[-1] + 1], "mask_4d": None}
             if self.ctx is not None:
-                mb.update(inference_context=self.ctx, batch_offset=int(c[0]))
+                mb.update(inference_context=self.ctx, batch_offset=first_row + int(c[0]))
             mbs.append(mb)
 
         def loss_fn(output, mb):
@@ -146,9 +150,9 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     runner = _Runner(role, use_kv_cache, stats)
     sampling = dict(vocab_size=role.arch.vocab_size, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
     for rows in buckets if max_new_tokens > 0 else []:
-        lens = lengths[rows]
-        out = _decode_bucket(runner, aligned[rows].to(dev), lens.to(dev), int(lens.min()), int(lens.max()),
-                             keys[rows.to(dev)], max_new_tokens, eos_id, pad_id, seed, sampling, done_check_every)
+        lens = lengths[rows]  # ascending (plan_buckets sorts each bucket by length)
+        out = _decode_bucket(runner, aligned[rows].to(dev), lens.to(dev), lens.tolist(), keys[rows.to(dev)],
+                             max_new_tokens, eos_id, pad_id, seed, sampling, done_check_every)
         idx = rows.to(dev)
         responses[idx], mask[idx] = out[0], out[1]
         if out[2] is not None:
@@ -162,18 +166,20 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     return res
 
 
-def _decode_bucket(runner: _Runner, prompts: torch.Tensor, lens: torch.Tensor, m: int, M: int, keys: torch.Tensor,
-                   new: int, eos_id: int, pad_id: int, seed: int, sampling: dict, check_every: int):
-    """One bucket (rows with prompt lengths ``m .. M``) -> responses, mask [b, new] and log-probs
-    (last stage; else None), aligned at each row's first response token."""
+def _decode_bucket(runner: _Runner, prompts: torch.Tensor, lens: torch.Tensor, host_lens: list[int],
+                   keys: torch.Tensor, new: int, eos_id: int, pad_id: int, seed: int, sampling: dict, check_every: int):
+    """One bucket (rows sorted by prompt length, ``host_lens`` their lengths) -> responses, mask
+    [b, new] and log-probs (last stage; else None), aligned at each row's first response token."""
     lay, stats = runner.lay, runner.stats
     b, dev = prompts.shape[0], prompts.device
+    m, M = host_lens[0], host_lens[-1]
     T = M + new  # positions 0 .. T-1: the longest prompt and its last response token
     tokens = torch.full((b, T), pad_id, dtype=torch.long, device=dev)
     tokens[:, :M] = prompts[:, :M]
     steps = torch.arange(T, device=dev)
     in_prompt = steps[None] < lens[:, None]  # [b, T]: forced positions
     end = lens + new  # a row's response occupies positions lens .. end-1
+    last = [n + new - 1 for n in host_lens]  # ascending: each row's last response position
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     gen_mask = torch.zeros(b, T, dtype=torch.bool, device=dev)
     lp_buf = torch.zeros(b, T, dtype=torch.float32, device=dev) if lay.is_last_stage else None
@@ -188,33 +194,35 @@ def _decode_bucket(runner: _Runner, prompts: torch.Tensor, lens: torch.Tensor, m
     else:
         stats["prefill_rows"] += b
         logits = runner.forward(tokens[:, :m], 0, steps)
+    lo = 0  # rows lo .. b-1 take part in this step; rows before lo have produced their last position
     for t in range(m, T):
         stats["steps"] += 1
-        forced = in_prompt[:, t]
+        forced, done_now, rows_end = in_prompt[lo:, t], done[lo:], end[lo:]
         if lay.is_last_stage:
-            u = None if sampling["greedy"] else row_uniforms(seed, keys, (t - lens).clamp(min=0))
+            u = None if sampling["greedy"] else row_uniforms(seed, keys[lo:], (t - lens[lo:]).clamp(min=0))
             nxt, nxt_lp = sample_next(logits, uniforms=u, **sampling)
         else:
-            nxt = torch.empty(b, dtype=torch.long, device=dev)
+            nxt = torch.empty(b - lo, dtype=torch.long, device=dev)
         if lay.tp_size > 1:  # identical already (same gathered logits and keys); explicit and robust
             dist.broadcast(nxt, src=state.tp_src_global_rank(), group=state.tp_group())
         nxt = state.broadcast_from_last_stage(nxt)
-        gen = ~forced & ~done
-        tokens[:, t] = torch.where(forced, tokens[:, t], torch.where(done, pad_id, nxt))
-        gen_mask[:, t] = gen
+        gen = ~forced & ~done_now
+        tokens[lo:, t] = torch.where(forced, tokens[lo:, t], torch.where(done_now, pad_id, nxt))
+        gen_mask[lo:, t] = gen
         if lp_buf is not None:
-            lp_buf[:, t] = torch.where(gen, nxt_lp, 0.0)
-        done |= gen & ((nxt == eos_id) | (t + 1 >= end))
+            lp_buf[lo:, t] = torch.where(gen, nxt_lp, 0.0)
+        done_now |= gen & ((nxt == eos_id) | (t + 1 >= rows_end))
         if t == T - 1:
             break
         if (t - m) % check_every == check_every - 1:
             stats["host_syncs"] += 1
             if bool(done.all()):
                 break
+        lo = bisect.bisect_right(last, t)  # known on the host: no sync
         if runner.kv:
-            logits = runner.forward(tokens[:, t:t + 1], t, steps)
+            logits = runner.forward(tokens[lo:, t:t + 1], t, steps, first_row=lo)
         else:
-            logits = runner.forward(tokens[:, :t + 1], 0, steps)
+            logits = runner.forward(tokens[lo:, :t + 1], 0, steps)
     runner.ctx = None  # free this bucket's cache before the next one
     idx = lens[:, None] + torch.arange(new, device=dev)[None]
     lp = lp_buf.gather(1, idx) if lp_buf is not None else None

@@ -1,13 +1,16 @@
 """How the native rollout groups rows: length buckets chosen by a cost model, and shared prefills.
 
 The sampler (``engine/generate.py``) decodes each bucket in lockstep, Megatron's static algorithm: the
-bucket's rows are prefilled up to its shortest prompt, then every step runs **one forward for all rows
-of the bucket**, feeding a row's own prompt token while it is still inside its prompt and its sampled
-token after. A bucket whose prompts span ``spread`` tokens therefore runs ``spread + new`` forwards of
-all its rows. One bucket for everything costs the fewest forwards (what a host-bound GPU step pays
-for); on a CPU, where every row-step costs compute, a large spread is cheaper split. The cost model:
+bucket's rows are prefilled up to its shortest prompt ``m``, then every step runs **one forward for all
+rows of the bucket** that still have a token to produce, feeding a row's own prompt token while it is
+still inside its prompt and its sampled token after. A bucket whose prompts span ``spread`` tokens
+therefore runs ``spread + new`` forwards; a row of length ``l`` takes part in ``l - m + new`` of them
+(rows are sorted by length, so the rows whose last response position has passed form a prefix of the
+cache and are dropped from the forward by its batch offset). One bucket for everything costs the fewest
+forwards (what a host-bound GPU step pays for); on a CPU, where every row-step costs compute, a large
+spread is cheaper split. The cost model:
 
-    cost(bucket) = (spread + new) * (forward_cost_rows + rows)
+    cost(bucket) = (spread + new) * forward_cost_rows + sum over its rows of (l - m + new)
 
 ``forward_cost_rows``: the fixed cost of one forward (launches, Python, collectives) in units of one
 row's compute — small on a CPU (compute-bound), large on a GPU (host-bound). Buckets are contiguous
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import torch
 
-# fixed cost of one forward in row-steps (see the module docstring); measured orders of magnitude:
-# a 2-core CPU spends ~0.5 ms per row-step of a 40M model and a few ms per forward in Python; an H200
-# spends ~20 ms of host time per forward of a 24-layer model and microseconds per row
-FORWARD_COST_ROWS = {"cpu": 8.0, "cuda": 4096.0}
+# fixed cost of one forward in row-steps (see the module docstring); orders of magnitude: a 2-core CPU
+# spends ~2.5 ms per row-step of a 40M model and tens of ms per forward (Python, small matmuls less
+# efficient than large ones); an H200 ~20 ms of host time per forward of a 24-layer model, microseconds
+# per row
+FORWARD_COST_ROWS = {"cpu": 32.0, "cuda": 4096.0}
 
 
 def plan_buckets(lengths: torch.Tensor, new_tokens: int, forward_cost_rows: float,
@@ -43,6 +47,9 @@ def plan_buckets(lengths: torch.Tensor, new_tokens: int, forward_cost_rows: floa
     else:
         cuts = list(range(1, B + 1))
     starts = [0] + cuts[:-1]
+    prefix = [0]
+    for n in srt:
+        prefix.append(prefix[-1] + n)
     best = {0: (0.0, -1)}  # end -> (cost of rows [0, end), previous end)
     for end in cuts:
         cand = None
@@ -53,7 +60,9 @@ def plan_buckets(lengths: torch.Tensor, new_tokens: int, forward_cost_rows: floa
                 break
             if start not in best:
                 continue
-            cost = best[start][0] + (srt[end - 1] - srt[start] + new_tokens) * (forward_cost_rows + end - start)
+            m = srt[start]
+            rows = prefix[end] - prefix[start] - (end - start) * (m - new_tokens)
+            cost = best[start][0] + (srt[end - 1] - m + new_tokens) * forward_cost_rows + rows
             if cand is None or cost < cand[0]:
                 cand = (cost, start)
         best[end] = cand
@@ -67,7 +76,8 @@ def plan_buckets(lengths: torch.Tensor, new_tokens: int, forward_cost_rows: floa
 
 def bucket_cost(lengths: list[int], new_tokens: int, forward_cost_rows: float) -> float:
     """The cost model of one bucket (for reports and tests)."""
-    return (max(lengths) - min(lengths) + new_tokens) * (forward_cost_rows + len(lengths))
+    m = min(lengths)
+    return (max(lengths) - m + new_tokens) * forward_cost_rows + sum(n - m + new_tokens for n in lengths)
 
 
 def left_align(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
