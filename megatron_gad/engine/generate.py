@@ -15,10 +15,11 @@ algorithm (its ``StaticInferenceContext``), per length bucket (``engine/rollout_
   row's own prompt token while ``t`` is inside its prompt, else its sampled token (``pad_id`` once it
   is done). The bucket's rows are sorted by prompt length, so the rows that have produced their last
   position (``length + max_new_tokens - 1``, known on the host) form a prefix of the cache: later
-  forwards skip them through the context's batch offset. Megatron switches to ``no_mask`` (offset > 0): the new token attends to every cached key,
-  all of which are this row's own tokens at positions ``0 .. t`` — so every row sees exactly its
-  unpadded sequence, with its true positions (RoPE takes them from the cache offset), what TE does too.
-  The logits of a row still inside its prompt are not sampled from (its next token is forced).
+  forwards skip them through the context's batch offset. Megatron switches to ``no_mask`` (offset >
+  0): the new token attends to every cached key, all of which are this row's own tokens at positions
+  ``0 .. t`` — so every row sees exactly its unpadded sequence, with its true positions (RoPE takes
+  them from the cache offset), what TE does too. The logits of a row still inside its prompt are not
+  sampled from (its next token is forced).
 * **Without the KV cache** (``use_kv_cache=False``, the reference the cached path is tested against)
   each step re-runs ``[rows, t + 1]`` from position 0, also with ``attention_mask=None``.
 
@@ -117,7 +118,7 @@ class _Runner:
 def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
              eos_id: int, pad_id: int, temperature: float = 1.0, top_k: int = -1, top_p: float = 1.0,
              greedy: bool = False, seed: int = 0, micro_batch_size: int | None = None, use_kv_cache: bool = True,
-             row_ids: torch.Tensor | None = None, forward_cost_rows: float | None = None,
+             row_ids: torch.Tensor | None = None, forward_cost_rows: float | None = None, single_bucket: bool = False,
              done_check_every: int = DONE_CHECK_EVERY, stats: dict | None = None) -> dict:
     """prompt_ids/prompt_mask [B, P] (padded on either side) -> {"responses": [B, R],
     "response_mask": [B, R]}, rows in the input's order.
@@ -128,7 +129,9 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     longest response. ``micro_batch_size``: at most this many rows per bucket (None: all rows may
     share one); ``row_ids`` [B]: each row's sampling key (default ``0 .. B-1``);
     ``forward_cost_rows``: the bucketing cost model's fixed cost of a forward (default by device,
-    ``rollout_plan.FORWARD_COST_ROWS``); ``stats``: filled with forwards, steps, host syncs, buckets.
+    ``rollout_plan.FORWARD_COST_ROWS``); ``single_bucket``: every row in one lockstep bucket (Megatron's
+    plain static algorithm; ``micro_batch_size`` still caps it); ``stats``: filled with forwards, steps,
+    host syncs, buckets.
     See the module docstring.
     """
     B = prompt_ids.shape[0]
@@ -140,7 +143,11 @@ def generate(role, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_n
     aligned, lengths = left_align(prompt_ids.cpu(), prompt_mask.cpu(), pad_id)
     if forward_cost_rows is None:
         forward_cost_rows = FORWARD_COST_ROWS[dev.type if dev.type in FORWARD_COST_ROWS else "cuda"]
-    buckets = plan_buckets(lengths, max_new_tokens, forward_cost_rows, micro_batch_size)
+    if single_bucket:
+        order = torch.argsort(lengths, stable=True)
+        buckets = list(order.split(micro_batch_size or B)) if B else []
+    else:
+        buckets = plan_buckets(lengths, max_new_tokens, forward_cost_rows, micro_batch_size)
     stats["buckets"] = len(buckets)
     responses = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     mask = torch.zeros(B, max_new_tokens, dtype=torch.bool, device=dev)
