@@ -146,3 +146,13 @@ def test_left_align_and_shared_prefixes():
     assert inverse.tolist() == [0, 1, 0, 2]
     for r in range(4):
         assert torch.equal(aligned[first[inverse[r]], :2], aligned[r, :2])
+
+
+def test_rollout_micro_batch_size_key():
+    from megatron_gad.config import ConfigError, load_config, validate
+
+    assert load_config(None, []).actor_rollout_ref.rollout.micro_batch_size is None  # all rows of the rank
+    assert load_config(None, ["actor_rollout_ref.rollout.micro_batch_size=64"]).actor_rollout_ref.rollout \
+        .micro_batch_size == 64
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref\.rollout\.micro_batch_size"):
+        validate(load_config(None, ["actor_rollout_ref.rollout.micro_batch_size=0"]))
