@@ -66,30 +66,6 @@ def _native(rank, world, path, ps, new):
             "prefill_rows": stats["prefill_rows"], "new_positions": out["responses"].shape[1], "rows": rows}
 
 
-def _native_before_rank(rank, world, path, ps, new):
-    """The engine as it was before (any older checkout: no ``stats``; its own micro-batch argument)."""
-    from megatron_gad.data import pad_sequences
-    from megatron_gad.engine.generate import generate
-    from megatron_gad.engine.model_shard import ModelShard
-
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    shard = ModelShard("actor", path, 1, 1, vocab_divisible_by=128, trainable=False)
-    ids, mask = pad_sequences(ps, 0, left=True)
-    generate(shard, ids[:2], mask[:2], max_new_tokens=4, eos_id=EOS, pad_id=0, greedy=True)  # warm-up
-    t = time.perf_counter()
-    out = generate(shard, ids, mask, max_new_tokens=new, eos_id=EOS, pad_id=0, greedy=True, micro_batch_size=len(ps))
-    return {"seconds": time.perf_counter() - t, "tokens": int(out["response_mask"].sum())}
-
-
-def _native_before(src, path, ps, new):
-    """In a fresh process whose ranks import megatron_gad from the checkout ``src`` (spawned ranks
-    inherit this process's sys.path)."""
-    sys.path.insert(0, os.path.abspath(src))
-    from megatron_gad.parallel.launch import run_local
-
-    return run_local(_native_before_rank, 1, path, ps, new)[0]
-
-
 def _transformers(path, ps, new):
     from transformers import AutoModelForCausalLM
 
@@ -153,12 +129,8 @@ def bench_engines(args, root: str) -> dict:
     path = make_model(os.path.join(root, "engines"), args.hidden, args.layers, args.vocab, args.heads,
                       args.kv_heads, args.ffn)
     ps = prompts(args.prompts, 15, 48, args.vocab)
-    res = {}
-    if args.before_src:  # the engine of another checkout, same prompts, same run
-        res["native before (" + args.before_label + ")"] = in_fresh_process(_native_before, args.before_src, path, ps,
-                                                                            args.new)
-    res.update({"native": run_local(_native, 1, path, ps, args.new)[0],
-                "transformers": in_fresh_process(_transformers, path, ps, args.new)})
+    res = {"native": run_local(_native, 1, path, ps, args.new)[0],
+           "transformers": in_fresh_process(_transformers, path, ps, args.new)}
     v = in_fresh_process(_vllm, path, ps, args.new, args.repeats)
     res["vllm (megatron-gad wrapper)"] = v["ours"]
     res["vllm (plain LLM.generate, same outputs)"] = v["plain_same"]  # token ids + sampled log-probs
@@ -271,8 +243,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small model, few prompts (smoke run)")
     p.add_argument("--out", default=RESULTS)
     p.add_argument("--before", help="JSON of an earlier native measurement (seconds, tokens) shown as a row")
-    p.add_argument("--before-src", help="also time the native engine of this checkout (e.g. /work/main), same run")
-    p.add_argument("--before-label", default="before", help="its name in the table")
     args = p.parse_args()
     if args.quick:
         args.hidden, args.layers, args.vocab, args.heads, args.kv_heads, args.ffn = 128, 2, 1024, 2, 1, 256
