@@ -1,8 +1,10 @@
 """Rollout throughput and Megatron -> vLLM weight-sync cost, measured side by side on this machine.
 
 Part 1, tokens/s on the same random Qwen2 and the same prompts (greedy, ``--new`` tokens each):
-  * megatron-gad native engine (``engine.generate``, KV cache, TP1 on one gloo rank);
-  * ``transformers`` ``generate`` (left-padded batch);
+  * megatron-gad native engine (``engine.generate``: static lockstep decode per cost-model length bucket,
+    KV cache, TP1 on one gloo rank), with its model forwards, forwards per response position and host
+    syncs per decode step;
+  * ``transformers`` ``generate`` (left-padded batch; its model forwards counted by a hook);
   * vLLM through our wrapper (``engine.vllm_engine.VLLMEngine.generate``: per-row seeds, sampled
     log-probs, our stop rule) and plain vLLM (``LLM.generate`` with one ``SamplingParams``) on the *same*
     engine, alternated, best of ``--repeats``: the wrapper's overhead.
@@ -54,10 +56,14 @@ def _native(rank, world, path, ps, new):
     shard = ModelShard("actor", path, 1, 1, vocab_divisible_by=128, trainable=False)
     ids, mask = pad_sequences(ps, 0, left=True)
     generate(shard, ids[:2], mask[:2], max_new_tokens=4, eos_id=EOS, pad_id=0, greedy=True)  # warm-up
+    stats: dict = {}
     t = time.perf_counter()
-    out = generate(shard, ids, mask, max_new_tokens=new, eos_id=EOS, pad_id=0, greedy=True,
-                   micro_batch_size=len(ps))
-    return {"seconds": time.perf_counter() - t, "tokens": int(out["response_mask"].sum())}
+    out = generate(shard, ids, mask, max_new_tokens=new, eos_id=EOS, pad_id=0, greedy=True, stats=stats)
+    seconds = time.perf_counter() - t
+    rows = [r[m.bool()].tolist() for r, m in zip(out["responses"], out["response_mask"])]
+    return {"seconds": seconds, "tokens": int(out["response_mask"].sum()), "forwards": stats["forwards"],
+            "steps": stats["steps"], "host_syncs": stats["host_syncs"], "buckets": stats["buckets"],
+            "prefill_rows": stats["prefill_rows"], "new_positions": out["responses"].shape[1], "rows": rows}
 
 
 def _transformers(path, ps, new):
@@ -68,18 +74,19 @@ def _transformers(path, ps, new):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids, mask = pad_sequences(ps, 0, left=True)
+    calls = [0]
+    hf.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     with torch.no_grad():
         hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        calls[0] = 0
         t = time.perf_counter()
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=EOS,
                           pad_token_id=0)
     seconds = time.perf_counter() - t
     gen = out[:, ids.shape[1]:]
-    # tokens up to and including the first EOS of each row
-    tokens = 0
-    for row in gen.tolist():
-        tokens += (row.index(EOS) + 1) if EOS in row else len(row)
-    return {"seconds": seconds, "tokens": tokens}
+    rows = [row[: row.index(EOS) + 1] if EOS in row else row for row in gen.tolist()]  # up to and with EOS
+    return {"seconds": seconds, "tokens": sum(map(len, rows)), "forwards": calls[0], "new_positions": gen.shape[1],
+            "rows": rows}
 
 
 def _vllm(path, ps, new, repeats):
@@ -130,10 +137,15 @@ def bench_engines(args, root: str) -> dict:
     res["vllm (plain LLM.generate, ids only)"] = v["plain_minimal"]
     for r in res.values():
         r["tok_per_s"] = r["tokens"] / r["seconds"]
+        if "forwards" in r:  # model forwards per response position (prefill and forced prompt steps included)
+            r["forwards_per_token"] = r["forwards"] / max(r["new_positions"], 1)
+        if "steps" in r:
+            r["host_syncs_per_step"] = r["host_syncs"] / max(r["steps"], 1)
+    same = [a == b for a, b in zip(res["native"].pop("rows"), res["transformers"].pop("rows"))]
     params = sum(t.numel() for t in __import__("megatron_gad.models.hf", fromlist=["x"]).read_hf_state_dict(
         path).values())
     return {"model_params": params, "prompts": len(ps), "new_tokens": args.new, "vllm_start_s": v["start_s"],
-            "engines": res,
+            "engines": res, "greedy_rows_equal_transformers": sum(same) / len(same),
             "wrapper_overhead": res["vllm (plain LLM.generate, same outputs)"]["tok_per_s"]
             / res["vllm (megatron-gad wrapper)"]["tok_per_s"] - 1,
             "logprob_cost": res["vllm (plain LLM.generate, ids only)"]["tok_per_s"]
@@ -196,10 +208,22 @@ def write(report: dict, out_dir: str) -> None:
     lines = ["# Rollout engines and weight sync (2-core CPU, fp32)", "",
              f"Random Qwen2, {e['model_params'] / 1e6:.1f}M parameters; {e['prompts']} prompts of 15–48 tokens; "
              f"greedy, up to {e['new_tokens']} new tokens each. vLLM start-up: {e['vllm_start_s']:.1f} s.", "",
-             "| engine | tokens | seconds | tok/s | vs native |", "|---|---|---|---|---|"]
-    for name, r in e["engines"].items():
+             "| engine | tokens | seconds | tok/s | vs native | vs transformers | forwards | forwards / position "
+             "| host syncs / step |", "|---|---|---|---|---|---|---|---|---|"]
+    hf = e["engines"]["transformers"]["tok_per_s"]
+    rows = dict(e["engines"])
+    if report.get("before"):  # today's engine before the rewrite, measured in an earlier run (--before)
+        rows = {"native before (separate run)": report["before"], **rows}
+    for name, r in rows.items():
+        fwd = f"{r['forwards']} | {r['forwards_per_token']:.2f}" if "forwards_per_token" in r else "- | -"
+        sync = f"{r['host_syncs_per_step']:.3f}" if "host_syncs_per_step" in r else "-"
         lines.append(f"| {name} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_per_s']:.0f} | "
-                     f"{r['tok_per_s'] / native:.2f}x |")
+                     f"{r['tok_per_s'] / native:.2f}x | {r['tok_per_s'] / hf:.2f}x | {fwd} | {sync} |")
+    n = e["engines"]["native"]
+    lines += ["", f"Native: {n['buckets']} length bucket(s), {n['prefill_rows']} prefill rows, {n['steps']} decode "
+                  f"steps; greedy rows equal to transformers token for token: "
+                  f"{100 * e['greedy_rows_equal_transformers']:.0f} % (fp32; a random model's near-ties may flip "
+                  "an argmax between the left-padded and the unpadded computation)."]
     lines += ["", f"Wrapper overhead over plain vLLM asked for the same outputs (same engine, best of "
                   f"{report['args']['repeats']}): {100 * e['wrapper_overhead']:+.1f} %; the sampled log-probs "
                   f"themselves cost {100 * e['logprob_cost']:+.1f} % over ids only.", "",
@@ -218,6 +242,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model, few prompts (smoke run)")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--before", help="JSON of an earlier native measurement (seconds, tokens) shown as a row")
     args = p.parse_args()
     if args.quick:
         args.hidden, args.layers, args.vocab, args.heads, args.kv_heads, args.ffn = 128, 2, 1024, 2, 1, 256
@@ -235,6 +260,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as root:
         report = {"args": {k: v for k, v in vars(args).items() if k != "out"},
                   "engines": bench_engines(args, root), "sync": bench_sync(args, root)}
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+        before["tok_per_s"] = before["tokens"] / before["seconds"]
+        report["before"] = before
     write(report, args.out)
 
 

@@ -26,6 +26,8 @@ Checks (thresholds are next to each check below and in docs/gpu-check.md):
                   vs eager (>= 5x at 64 sequences; outputs and q/k/v grads equal within bf16 tolerance)
   vs_transformers the 1B fwd+bwd beside transformers attn_implementation="sdpa" in the same process:
                   >= 0.95x its tokens/s, <= 1.1x its peak (benchmarks/gpu_checks_attention.py)
+  rollout_native  native rollout vs transformers.generate, Qwen2.5-0.5B shape, 64 rows, greedy 32 tokens:
+                  tok/s ratio >= 1.0, forwards per position, host syncs per step (gpu_checks_rollout.py)
 
 Here (CPU):  PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
 
@@ -57,12 +59,15 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = "results.jsonl"
+sys.path.insert(0, HERE)
+from gpu_checks_rollout import check_rollout_native  # noqa: E402,F401  (a check_<name> of this module)
 
 # name -> timeout (s) on a GPU; --smoke multiplies by SMOKE_SCALE (a loaded 2-core CPU box).
 CHECKS = {"import": 45, "cluster_only": 30, "kernels": 75, "megatron_vs_hf": 75, "checkpoint": 60,
           "gad_steps": 75, "throughput": 120}
 # issue 20: attention backends (benchmarks/gpu_checks_attention.py)
 CHECKS.update({"attention_packed": 90, "vs_transformers": 150})
+CHECKS["rollout_native"] = 120  # benchmarks/gpu_checks_rollout.py
 SMOKE_SCALE = 4
 # GPU_CHECK_BF16=1: the checkpoint and GAD-step checks use bf16 on CPU too (what they use on a GPU).
 BF16_ON_CPU = os.environ.get("GPU_CHECK_BF16") == "1"

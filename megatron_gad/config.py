@@ -175,6 +175,9 @@ class RolloutConfig:
     free_cache_engine: bool = True  # vLLM sleep mode between rollouts (GPU): weights and KV cache leave the GPU
     enforce_eager: bool = False  # vLLM without CUDA graphs (always eager on CPU)
     weight_sync_bucket_mb: int = 512  # Megatron -> vLLM weights travel in buckets of about this size
+    # native (megatron) rollout: at most this many rows decode together in one length bucket; null: all rows of
+    # the rank (one forward per step for all of them); set it where their KV cache would not fit
+    micro_batch_size: int | None = None
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
     "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
     "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus", "trainer.max_nonfinite_steps",
     "trainer.max_actor_ckpt_to_keep", "trainer.max_critic_ckpt_to_keep", "actor_rollout_ref.nccl_timeout",
-    "critic.nccl_timeout",
+    "critic.nccl_timeout", "actor_rollout_ref.rollout.micro_batch_size",
 ]] + [(k, ">=", 0) for k in [
     "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
 ] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [

@@ -66,7 +66,8 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
     mask = batch["mask_4d"] if "mask_4d" in batch else attention_mask_4d(batch["attention_mask"])
     if ctx is None:
         output = model(batch["input_ids"], batch["position_ids"], mask)
-    else:  # KV-cached sampling: logits come gathered over TP
+    else:  # KV-cached sampling: logits come gathered over TP; micro-batches of one cache at their row offset
+        ctx.batch_size_offset = batch.get("batch_offset", 0)
         output = model(batch["input_ids"], batch["position_ids"], mask, inference_context=ctx,
                        runtime_gather_output=True)
     return output, partial(_loss_wrapper, loss_fn, batch)

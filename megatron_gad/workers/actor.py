@@ -96,15 +96,20 @@ class ActorWorker(Worker):
     def generate(self, batch: dict, seed: int, temperature: float | None = None, greedy: bool = False) -> dict:
         """batch: prompt_ids/prompt_mask [B, P] (one row per sample) -> responses/response_mask [B, R]
         and the sampled tokens' ``rollout_log_prob`` (R: this replica's longest response; the
-        controller pads replicas to one width)."""
+        controller pads replicas to one width). With ``row_seed`` [B] in the batch (the controller's
+        per-row keys, as the vLLM engines get them) a row's sample depends only on (seed, its key,
+        the model), wherever it lands; without, rows are keyed by their index in this replica's share.
+        All rows of the share may decode together: ``rollout.micro_batch_size`` bounds a bucket."""
         r = self.config.rollout
+        keys = batch.get("row_seed")
         with self.memory.phase("generate"):
             self.shard.reload("params")
             return generate(self.shard, batch["prompt_ids"], batch["prompt_mask"],
                             max_new_tokens=self.max_response_length, eos_id=self.eos_id,
                             pad_id=self.pad_id, temperature=temperature or r.temperature, top_k=r.top_k,
-                            top_p=r.top_p, greedy=greedy, seed=seed + 7919 * self.layout.dp_rank,
-                            micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
+                            top_p=r.top_p, greedy=greedy,
+                            seed=seed if keys is not None else seed + 7919 * self.layout.dp_rank,
+                            row_ids=keys, micro_batch_size=r.micro_batch_size)
 
     @register(Dispatch.ALL)
     def export_weights(self, bucket_mb: int) -> list[tuple]:
