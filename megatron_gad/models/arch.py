@@ -10,10 +10,13 @@ import os
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from megatron_gad.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
 SUPPORTED = ("llama", "qwen2")
+ROPE_TYPES = ("default",)
 # torch is imported only where a dtype is needed: the memory planner reads architectures without it
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -42,14 +45,41 @@ class Arch:
         return asdict(self)
 
 
+class UnsupportedArch(UserError, ValueError):
+    """A ``config.json`` this project cannot run faithfully: an input error (exit 2), never a silent approximation."""
+
+
+def _rope_type(cfg: dict) -> str:
+    """The RoPE variant, from transformers < 5 (``rope_scaling``, old key ``type``) or >= 5 (``rope_parameters``).
+
+    Both keys are read: a config saved by transformers 5 holds only ``rope_parameters``, and running its
+    scaled RoPE as plain RoPE would change every position past the original window without a warning.
+    """
+    kinds = set()
+    for key in ("rope_scaling", "rope_parameters"):
+        section = cfg.get(key)
+        if section:
+            if not isinstance(section, dict):
+                raise UnsupportedArch(f"{key}={section!r} is not a mapping")
+            kinds.add(section.get("rope_type") or section.get("type") or "default")
+    if len(kinds) > 1:
+        raise UnsupportedArch(f"rope_scaling and rope_parameters name different RoPE types ({sorted(kinds)}); "
+                              "keep one")
+    return kinds.pop() if kinds else "default"
+
+
 def arch_from_hf_config(cfg: dict) -> Arch:
     model_type = cfg.get("model_type", "llama")
     if model_type not in SUPPORTED:
-        raise ValueError(f"model_type {model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
-    if cfg.get("rope_scaling"):
-        raise ValueError("rope_scaling is not supported yet; use a checkpoint with plain RoPE")
+        raise UnsupportedArch(f"model_type {model_type!r} is not supported (supported model families: "
+                              f"{', '.join(SUPPORTED)})")
+    rope_type = _rope_type(cfg)
+    if rope_type not in ROPE_TYPES:
+        raise UnsupportedArch(f"rope_type {rope_type!r} (rope_scaling / rope_parameters) is not supported "
+                              f"(supported: {', '.join(ROPE_TYPES)}); running it as plain RoPE would change "
+                              "the model's outputs")
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu / SwiGLU)")
+        raise UnsupportedArch(f"hidden_act {cfg.get('hidden_act')!r} is not supported (only silu / SwiGLU)")
     heads = cfg["num_attention_heads"]
     rope = cfg.get("rope_theta")
     if rope is None:  # transformers >= 5 nests it under rope_parameters
