@@ -39,6 +39,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -76,7 +77,7 @@ def layer_spec(arch: Arch):
             import transformer_engine  # noqa: F401
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-            return get_gpt_layer_with_transformer_engine_spec()
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
         # Not only ImportError: a wheel whose shared library does not load (wrong CUDA, missing
         # .so) raises OSError or RuntimeError from the import. Any of them means "no TE here".
         except Exception as exc:
@@ -92,7 +93,7 @@ def layer_spec(arch: Arch):
     # MEGATRON_GAD_EMULATE_TE_MASKING=1, masks only what TE would (unpacked: exactly Megatron's).
     from megatron_gad.models.packed_attention import packed_local_layer_spec
 
-    return packed_local_layer_spec(normalization="RMSNorm")
+    return packed_local_layer_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm)
 
 
 def is_te_spec(spec) -> bool:
@@ -121,9 +122,24 @@ def sequence_parallel_local_spec(spec, config):
 
     sub = dataclasses.replace(spec.submodules, input_layernorm=SequenceParallelRMSNorm,
                               pre_mlp_layernorm=SequenceParallelRMSNorm)
+    if config.qk_layernorm:  # per-head q/k norms (Qwen3): Megatron's torch norm refuses sequence parallel too
+        attn = sub.self_attention
+        sub = dataclasses.replace(sub, self_attention=dataclasses.replace(attn, submodules=dataclasses.replace(
+            attn.submodules, q_layernorm=SequenceParallelRMSNorm, k_layernorm=SequenceParallelRMSNorm)))
     layer = dataclasses.replace(spec, submodules=sub)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=SequenceParallelRMSNorm)
+
+
+def apply_llama3_rope_scaling(rotary, arch: Arch) -> None:
+    """Llama 3.x RoPE: scale the rotary embedding's inverse frequencies with the checkpoint's four settings.
+
+    Megatron-Core's ``GPTModel(rope_scaling=True)`` passes only the factor and keeps low/high frequency
+    factors 1 / 4 and an original context of 8192 (Llama 3.1's); its ``_apply_scaling`` takes all four,
+    so it is called here on the unscaled frequencies with the values of ``config.json``."""
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=arch.rope_factor, low_freq_factor=arch.rope_low_freq_factor,
+        high_freq_factor=arch.rope_high_freq_factor, original_max_position_embeddings=arch.rope_original_max_positions)
 
 
 class ValueHead(nn.Linear):
@@ -195,6 +211,8 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
     )
+    if arch.rope_type == "llama3":
+        apply_llama3_rope_scaling(model.rotary_pos_emb, arch)
     if role == "critic" and post:
         model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype,
                                        sequence_parallel=config.sequence_parallel)

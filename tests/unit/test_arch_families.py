@@ -25,14 +25,44 @@ def _tiny_llama_config(**kw) -> dict:
     return LlamaConfig(**{**base, **kw}).to_dict()
 
 
-@pytest.mark.parametrize("kind", ["llama3", "yarn"])
+@pytest.mark.parametrize("kind", ["yarn", "linear", "dynamic"])
 def test_transformers5_rope_parameters_scaled_is_refused(kind):
-    cfg = _tiny_llama_config(rope_parameters={"rope_type": kind, "factor": 8.0, "low_freq_factor": 1.0,
-                                              "high_freq_factor": 4.0, "rope_theta": 10000.0,
+    cfg = _tiny_llama_config(rope_parameters={"rope_type": kind, "factor": 8.0, "rope_theta": 10000.0,
                                               "original_max_position_embeddings": 32})
     assert "rope_parameters" in cfg and not cfg.get("rope_scaling")  # the transformers-5 layout
     with pytest.raises(UnsupportedArch, match=f"rope_type '{kind}'"):
         arch_from_hf_config(cfg)
+
+
+@pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
+def test_llama3_rope_is_read_from_either_key(key):
+    rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.5, "high_freq_factor": 4.5,
+            "original_max_position_embeddings": 8192}
+    cfg = dict(CONFIGS["llama"], **{key: rope}, rope_theta=500000.0)
+    a = arch_from_hf_config(cfg)
+    assert (a.rope_type, a.rope_factor, a.rope_low_freq_factor, a.rope_high_freq_factor,
+            a.rope_original_max_positions, a.rope_theta) == ("llama3", 32.0, 1.5, 4.5, 8192, 500000.0)
+    del rope["low_freq_factor"]
+    with pytest.raises(UnsupportedArch, match="needs 'low_freq_factor'"):
+        arch_from_hf_config(dict(CONFIGS["llama"], **{key: rope}))
+
+
+def test_qwen3_and_mistral_fields():
+    from transformers import MistralConfig, Qwen3Config
+
+    def cfg(cls, fam, **kw):
+        base = {k: v for k, v in CONFIGS[fam].items() if k != "model_type"}
+        return cls(**{**base, **kw}).to_dict()
+
+    q = arch_from_hf_config(cfg(Qwen3Config, "qwen3", use_sliding_window=False, sliding_window=4096))
+    assert (q.qk_layernorm, q.head_dim, q.qkv_bias, q.sliding_window) == (True, 16, False, None)
+    windowed = cfg(Qwen3Config, "qwen3", use_sliding_window=True, sliding_window=64)
+    assert arch_from_hf_config(windowed).sliding_window == 64
+    m = arch_from_hf_config(cfg(MistralConfig, "mistral", sliding_window=None))
+    assert (m.model_type, m.qk_layernorm, m.sliding_window, m.head_dim) == ("mistral", False, None, 8)
+    assert arch_from_hf_config(cfg(MistralConfig, "mistral", sliding_window=4096)).sliding_window == 4096
+    with pytest.raises(UnsupportedArch, match="attention_bias"):
+        arch_from_hf_config(cfg(Qwen3Config, "qwen3", attention_bias=True))
 
 
 @pytest.mark.parametrize("key", ["rope_scaling", "rope_parameters"])
@@ -57,6 +87,8 @@ def test_unsupported_model_type_names_the_families():
 @pytest.mark.parametrize("overrides,needles", [
     ({"model_type": "gemma3_text"}, ["'gemma3_text' is not supported", "supported model families: llama"]),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 5e5}}, ["rope_type 'yarn'"]),
+    ({"model_type": "mistral", "sliding_window": 16},
+     ["longer than the model's sliding_window=16", "data.max_prompt_length+data.max_response_length="]),
 ])
 def test_train_refuses_unsupported_architecture(overrides, needles, tmp_path, capsys):
     """Through the console script: exit 2, one line naming the model path and the supported ones,
