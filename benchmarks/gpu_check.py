@@ -22,6 +22,9 @@ Checks (thresholds are next to each check below and in docs/gpu-check.md):
   gad_steps       3 trainer steps (1 warmup + 2 GAD) with trainer.workers=local (no Ray)
   throughput      forward+backward of a ~1B-parameter random Llama in bf16: tokens/s, TFLOP/s, MFU
                   (local spec, unfused attention: a lower bound for TE clusters)
+  families        (benchmarks/gpu_checks_families.py) Qwen3-8B and Llama-3.1-8B layer shapes (2 layers,
+                  q/k norms; llama3 RoPE on a row of 8,500 tokens, past its 8,192 window) vs transformers:
+                  packed logits fp32 and bf16, greedy KV-cached decoding (fp32)
 
 Here (CPU):  PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
 
@@ -55,7 +58,7 @@ RESULTS = "results.jsonl"
 
 # name -> timeout (s) on a GPU; --smoke multiplies by SMOKE_SCALE (a loaded 2-core CPU box).
 CHECKS = {"import": 45, "cluster_only": 30, "kernels": 75, "megatron_vs_hf": 75, "checkpoint": 60,
-          "gad_steps": 75, "throughput": 120}
+          "gad_steps": 75, "throughput": 120, "families": 240}
 SMOKE_SCALE = 4
 # GPU_CHECK_BF16=1: the checkpoint and GAD-step checks use bf16 on CPU too (what they use on a GPU).
 BF16_ON_CPU = os.environ.get("GPU_CHECK_BF16") == "1"
@@ -628,6 +631,11 @@ def check_throughput(rec: Recorder, smoke: bool) -> None:
         else:
             rec.check_ge("mfu_lower_bound_local_spec", tflops * 1e12 / peak, TOL["mfu_min"], device=name,
                          peak_tflops=peak / 1e12, tflops=tflops)
+
+
+# Further rows live in their own modules beside this file (the child finds check_<name> in this namespace)
+sys.path.insert(0, HERE)
+from gpu_checks_families import check_families  # noqa: E402,F401  Qwen3 / Llama-3.1 shapes vs transformers
 
 
 # ----------------------------------------------------------------------------------------------
