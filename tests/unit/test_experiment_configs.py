@@ -1,5 +1,5 @@
-"""configs/experiments: each config (Qwen2.5 3B/7B/14B, Qwen3-8B) passes `train --dry-run` and the planner says it fits on
-H100-80GB at its own node count, with a margin (the planner's estimates will change)."""
+"""configs/experiments: each config (Qwen2.5 3B/7B/14B, Qwen3-8B) passes `train --dry-run` and the planner
+says it fits on H100-80GB at its own node count, with a margin (the planner's estimates will change)."""
 
 import glob
 import json
