@@ -72,12 +72,13 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
 def layer_spec(arch: Arch):
     """Transformer Engine spec on a GPU with TE installed; Megatron's local spec (core attention
     :class:`~megatron_gad.models.packed_attention.PackedDotProductAttention`) otherwise."""
+    qk_layernorm = arch is not None and arch.qk_layernorm  # Qwen3's per-head q/k norms
     if torch.cuda.is_available():
         try:
             import transformer_engine  # noqa: F401
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         # Not only ImportError: a wheel whose shared library does not load (wrong CUDA, missing
         # .so) raises OSError or RuntimeError from the import. Any of them means "no TE here".
         except Exception as exc:
@@ -93,7 +94,7 @@ def layer_spec(arch: Arch):
     # MEGATRON_GAD_EMULATE_TE_MASKING=1, masks only what TE would (unpacked: exactly Megatron's).
     from megatron_gad.models.packed_attention import packed_local_layer_spec
 
-    return packed_local_layer_spec(normalization="RMSNorm", qk_layernorm=arch.qk_layernorm)
+    return packed_local_layer_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
 
 
 def is_te_spec(spec) -> bool:
