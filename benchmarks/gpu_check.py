@@ -28,6 +28,9 @@ Checks (thresholds are next to each check below and in docs/gpu-check.md):
                   >= 0.95x its tokens/s, <= 1.1x its peak (benchmarks/gpu_checks_attention.py)
   rollout_native  native rollout vs transformers.generate, Qwen2.5-0.5B shape, 64 rows, greedy 32 tokens:
                   tok/s ratio >= 1.0, forwards per position, host syncs per step (gpu_checks_rollout.py)
+  families        (benchmarks/gpu_checks_families.py) Qwen3-8B and Llama-3.1-8B layer shapes (2 layers,
+                  q/k norms; llama3 RoPE on a row of 8,500 tokens, past its 8,192 window) vs transformers:
+                  packed logits fp32 and bf16, greedy KV-cached decoding (fp32)
 
 Here (CPU):  PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
 
@@ -64,7 +67,7 @@ from gpu_checks_rollout import check_rollout_native  # noqa: E402,F401  (a check
 
 # name -> timeout (s) on a GPU; --smoke multiplies by SMOKE_SCALE (a loaded 2-core CPU box).
 CHECKS = {"import": 45, "cluster_only": 30, "kernels": 75, "megatron_vs_hf": 75, "checkpoint": 60,
-          "gad_steps": 75, "throughput": 120}
+          "gad_steps": 75, "throughput": 120, "families": 240}
 # issue 20: attention backends (benchmarks/gpu_checks_attention.py)
 CHECKS.update({"attention_packed": 90, "vs_transformers": 150})
 CHECKS["rollout_native"] = 120  # benchmarks/gpu_checks_rollout.py
@@ -688,6 +691,7 @@ def check_throughput(rec: Recorder, smoke: bool) -> None:
 
 
 from gpu_checks_attention import check_attention_packed, check_vs_transformers  # noqa: E402,F401
+from gpu_checks_families import check_families  # noqa: E402,F401  Qwen3 / Llama-3.1 shapes vs transformers
 
 
 # ----------------------------------------------------------------------------------------------

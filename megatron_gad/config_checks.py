@@ -220,6 +220,21 @@ def layout_problems(arch: Mapping, tp: int, pp: int, vocab_divisible_by: int, *,
 
 
 def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad: list[str]) -> None:
+    from megatron_gad.models.arch import UnsupportedArch, arch_from_hf_config, sliding_window_problem
+
+    path = cfg.critic.model.path if role == "critic" and cfg.critic.model.path else cfg.actor_rollout_ref.model.path
+    where = "critic.model.path" if role == "critic" and cfg.critic.model.path else "actor_rollout_ref.model.path"
+    try:  # an architecture the model builder would refuse inside a worker, reported here as an input error
+        parsed = arch_from_hf_config(dict(arch))
+    except UnsupportedArch as e:
+        bad.append(f"{where}={path}: {e}")
+        return
+    except KeyError:  # a missing size key: the layout rules below name it
+        parsed = None
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    window = parsed and sliding_window_problem(parsed, longest, "data.max_prompt_length+data.max_response_length")
+    if window:
+        bad.append(f"{where}={path}: {window}")
     bad += layout_problems(arch, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                            cfg.actor_rollout_ref.model.make_vocab_size_divisible_by,
                            tp_key=f"{role}.megatron.tensor_model_parallel_size",

@@ -1,5 +1,5 @@
-"""configs/experiments: each Qwen2.5 config passes `train --dry-run` and the planner says it fits on
-H100-80GB at its own node count, with a margin (the planner's estimates will change)."""
+"""configs/experiments: each config (Qwen2.5 3B/7B/14B, Qwen3-8B) passes `train --dry-run` and the planner
+says it fits on H100-80GB at its own node count, with a margin (the planner's estimates will change)."""
 
 import glob
 import json
@@ -19,9 +19,10 @@ def _arch(path):
     return os.path.join(ROOT, "configs", "archs", os.path.basename(path).rsplit("-", 1)[0])
 
 
-def test_six_configs():
+def test_the_configs():
     names = {os.path.basename(p) for p in CONFIGS}
-    assert names == {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "gad")}
+    paper = {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "gad")}
+    assert names == paper | {"qwen3-8b-gad.yaml"}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
@@ -32,7 +33,7 @@ def test_plan_fits_h100_at_the_configs_node_count(path, capsys):
     plan = json.loads(out)
     assert plan["fits"], plan["peak_phase"]
     assert plan["peak_bytes"] <= 0.85 * plan["device_bytes"]  # room for the planner's estimate to grow
-    assert plan["nodes"] == {"3b": 1, "7b": 2, "14b": 4}[os.path.basename(path).split("-")[1]]
+    assert plan["nodes"] == {"3b": 1, "7b": 2, "8b": 2, "14b": 4}[os.path.basename(path).split("-")[1]]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
