@@ -229,7 +229,8 @@ class GADTrainer(TrainerEvaluation):
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
-            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step)
+            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step,
+                                    sync_follows=not warm or cfg.trainer.warmup.mode == "sft")
         metrics.update(self._length_metrics(student, "response_length/"))
 
         gad_step = not warm
@@ -285,16 +286,18 @@ class GADTrainer(TrainerEvaluation):
         metrics.update(fullest_rank(self.actor.memory_metrics()))  # memory/actor/<phase>_bytes of this step
         return metrics
 
-    def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
+    def _rollout(self, batch: dict, n: int, seed: int, sync_follows: bool = False, **sampling) -> dict:
         """n samples per prompt from the rollout engine; rows i*n .. i*n+n-1 belong to prompt i.
-        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it."""
+        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it.
+        ``sync_follows``: the actor changes this step (vLLM engines may drop their weights at sleep)."""
         gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                   "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
         if self.vllm is not None:
             if self.vllm_stale:
                 self.sync_rollout(initial=True)
             rows = gen_in["prompt_ids"].shape[0]
-            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed, **sampling)
+            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed,
+                                     sync_follows=sync_follows, **sampling)
         else:
             out = self.actor.generate(gen_in, seed=seed, **sampling)
         # replicas' responses are merged right-padded with 0; padding carries pad_id everywhere

@@ -19,7 +19,7 @@ from megatron_gad import algos
 from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
-from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights, to_transport
+from megatron_gad.engine.weight_sync import export_buckets, stream_hf_weights, to_transport
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
@@ -120,11 +120,8 @@ class ActorWorker(Worker):
             self.shard.reload("params")
             items = stream_hf_weights(self.shard.module, self.shard.arch,
                                       state.tp_group() if lay.tp_size > 1 else None, lay.tp_size, emit=lay.tp_rank == 0)
-            buckets = list(make_buckets(items, bucket_mb << 20))
-        out = []
-        for k, bucket in enumerate(buckets):
-            out.append((describe(bucket, lay.pp_rank, k, len(buckets)), to_transport(bucket)))
-        return out
+            packed = export_buckets(items, bucket_mb << 20, lay.pp_rank)
+        return [(info, to_transport(bucket)) for info, bucket in packed]
 
     # ---------------------------------------------------------------- log-probs
     def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:
