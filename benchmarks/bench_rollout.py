@@ -152,6 +152,7 @@ def _sync_module(file: str | None):
 
     spec = importlib.util.spec_from_file_location("weight_sync_before", file)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 

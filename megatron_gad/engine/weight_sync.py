@@ -58,6 +58,8 @@ def _sums(t: torch.Tensor) -> torch.Tensor:
     1-norm runs over rows of 4096 elements and sums the rows (torch's CPU 1-norm accumulates one
     long run in float32: ~1e-4 relative error on a million elements, vs ~1e-7 this way)."""
     t = t.detach()
+    if not (t.is_floating_point() or t.is_complex()):  # integer buffers (rare, small): via float32
+        t = t.float()
     if t.is_cuda or t.numel() < 8192:
         return torch.stack([t.sum(dtype=torch.float32), torch.linalg.vector_norm(t, 1, dtype=torch.float32)])
     x = t.reshape(-1)
