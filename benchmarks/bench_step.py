@@ -29,7 +29,7 @@ CONFIGS = {
     "demo": {"model": dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=172), "overrides": DEMO},
     "0.1b": {"model": dict(hidden=768, layers=14, heads=12, kv_heads=4, ffn=2048),
              "overrides": ["trainer.workers=local", "data.train_batch_size=4", "actor_rollout_ref.rollout.n=4",
-                           "actor_rollout_ref.actor.ppo_mini_batch_size=4", "data.max_response_length=16",
+                           "actor_rollout_ref.actor.ppo_mini_batch_size=4",
                            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
                            "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
                            "critic.ppo_micro_batch_size_per_gpu=4"]},

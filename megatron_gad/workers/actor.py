@@ -19,7 +19,8 @@ from megatron_gad import algos
 from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
-from megatron_gad.engine.weight_sync import export_buckets, stream_hf_weights, to_transport
+from megatron_gad.engine.weight_sync import export_buckets, stream_hf_weights
+from megatron_gad.engine.weight_transport import ObjectStore
 from megatron_gad.kernels.logprob import vocab_parallel_logprob
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
@@ -121,7 +122,8 @@ class ActorWorker(Worker):
             items = stream_hf_weights(self.shard.module, self.shard.arch,
                                       state.tp_group() if lay.tp_size > 1 else None, lay.tp_size, emit=lay.tp_rank == 0)
             packed = export_buckets(items, bucket_mb << 20, lay.pp_rank)
-        return [(info, to_transport(bucket)) for info, bucket in packed]
+        payloads = ObjectStore().send([bucket for _, bucket in packed])  # engine/weight_transport.py
+        return list(zip([info for info, _ in packed], payloads))
 
     # ---------------------------------------------------------------- log-probs
     def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:

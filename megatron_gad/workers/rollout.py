@@ -19,7 +19,8 @@ import torch
 
 from megatron_gad.config import RolloutConfig
 from megatron_gad.engine.vllm_engine import VLLMEngine, pad_outputs, unpadded_prompts
-from megatron_gad.engine.weight_sync import BucketInfo, WeightSyncError, check_manifest, from_transport, verified_items
+from megatron_gad.engine.weight_sync import BucketInfo, WeightSyncError, check_manifest, verified_items
+from megatron_gad.engine.weight_transport import ObjectStore
 from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
 from megatron_gad.models.hf import hf_param_shapes
 from megatron_gad.parallel.state import Layout
@@ -88,7 +89,7 @@ class RolloutWorker:
         try:
             self.stale = "a weight update failed part-way; it needs a complete sync"
             device = "cuda" if torch.cuda.is_available() else None  # verify where the weights go
-            self.engine.load_weights(verified_items(manifest, lambda k: from_transport(payloads[k]), device))
+            self.engine.load_weights(verified_items(manifest, ObjectStore().fetcher(manifest, payloads), device))
             self.stale = None
         finally:
             self.engine.sleep()
