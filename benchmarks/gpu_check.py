@@ -67,7 +67,7 @@ from gpu_checks_rollout import check_rollout_native  # noqa: E402,F401  (a check
 
 # name -> timeout (s) on a GPU; --smoke multiplies by SMOKE_SCALE (a loaded 2-core CPU box).
 CHECKS = {"import": 45, "cluster_only": 30, "kernels": 75, "megatron_vs_hf": 75, "checkpoint": 60,
-          "gad_steps": 75, "throughput": 120, "families": 240}
+          "gad_steps": 75, "throughput": 120, "families": 240, "weight_sync": 45}
 # issue 20: attention backends (benchmarks/gpu_checks_attention.py)
 CHECKS.update({"attention_packed": 90, "vs_transformers": 150})
 CHECKS["rollout_native"] = 120  # benchmarks/gpu_checks_rollout.py
@@ -612,7 +612,9 @@ def check_gad_steps(rec: Recorder, smoke: bool) -> None:
     rows += [{}] * (3 - len(rows))
     rec.check_true("stages", stages == ["warmup", "gad", "gad"], "== [warmup, gad, gad]", value=",".join(stages),
                    dtype=dtype, disc_loss_impl=impl)
-    want = ["gen", "reward", "old_log_prob", "ref", "adv", "update_critic", "update_actor", "save"]
+    # trainer.lean_step (default; demo: one PPO epoch, one mini-batch): rewards from the critic's update,
+    # no old log-prob pass (controller/step_plan.py)
+    want = ["gen", "update_critic", "ref", "adv", "update_actor", "save"]
     rec.check_true("gad_phase_order", phases == want, "== " + ",".join(want), value=",".join(phases))
     need_w = {"critic/d_loss", "critic/d_acc", "response_length/mean", "timing_s/step"}
     need_g = need_w | {"actor/pg_loss", "actor/kl", "reward/mean", "timing_s/update_actor"}
@@ -692,6 +694,31 @@ def check_throughput(rec: Recorder, smoke: bool) -> None:
 
 from gpu_checks_attention import check_attention_packed, check_vs_transformers  # noqa: E402,F401
 from gpu_checks_families import check_families  # noqa: E402,F401  Qwen3 / Llama-3.1 shapes vs transformers
+
+
+def check_weight_sync(rec: Recorder, smoke: bool) -> None:
+    """Issue 22: weight-sync export (checksums on the device, pinned host copies) and verified load on
+    the device, in s/GB of bf16 (target <= 0.5 on a CPU; a GPU should be far below), bit-exact."""
+    import torch
+
+    from megatron_gad.engine.weight_sync import export_buckets, verified_items
+
+    dev = _device()
+    n = (1 << 20) if smoke else (1 << 28)  # bf16 elements in all: 2 MiB / 512 MiB
+    g = torch.Generator(device=dev).manual_seed(0)
+    items = [(f"w{i}", torch.randn(n // 8, generator=g, device=dev).bfloat16()) for i in range(8)]
+    gb = n * 2 / 1e9
+    sync = {}
+
+    def run():
+        sync["packed"] = export_buckets(items, 64 << 20, 0)
+        sync["got"] = dict(verified_items([i for i, _ in sync["packed"]], lambda k: sync["packed"][k][1], dev))
+
+    s = _timed(run, 1 if smoke else 3)
+    rec.check_true("bit_exact", all(torch.equal(sync["got"][k], t) for k, t in items), "round trip")
+    rec.check_true("pinned", dev.type != "cuda" or all(
+        t.is_pinned() for _, b in sync["packed"] for t in b.values()), "host copies pinned on CUDA")
+    rec.report("s_per_gb", s / gb, "s/GB", gb=gb, buckets=len(sync["packed"]))
 
 
 # ----------------------------------------------------------------------------------------------

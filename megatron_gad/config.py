@@ -322,6 +322,9 @@ class TrainerConfig:
     # only after a newer one is complete
     max_actor_ckpt_to_keep: int | None = None
     max_critic_ckpt_to_keep: int | None = None
+    # rewards from the critic update's own forward and, on-policy (one PPO epoch, one mini-batch), no
+    # separate old log-prob pass (controller/step_plan.py); false: the separate passes (for comparison)
+    lean_step: bool = True
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_pat
 from megatron_gad.controller.evaluation import TrainerEvaluation
 from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
+from megatron_gad.controller.step_plan import lean_passes, rollout_checks, split_scores, update_actor
 from megatron_gad.controller.verifier import HybridReward, verifier_row_keys
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
@@ -229,26 +230,31 @@ class GADTrainer(TrainerEvaluation):
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
-            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step)
+            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step,
+                                    sync_follows=not warm or cfg.trainer.warmup.mode == "sft")
         metrics.update(self._length_metrics(student, "response_length/"))
 
         gad_step = not warm
+        lean = lean_passes(cfg, B)  # which passes this step can take from another's forward
+        scores = None  # the critic's scores before its update, when its update provides them
+        if lean.rewards_from_update:  # critic first: its update's forward gives the rewards
+            with self._phase(timer, "update_critic"):
+                critic_m, scores = split_scores(self._update_critic(self._pairs(batch, student), gad_step, True))
+            metrics.update(critic_m)
         if gad_step:
-            with self._phase(timer, "reward"):  # D(student), before this step's critic update
-                rewards = self.critic.compute_scores(student)["scores"]
+            # D(student), before this step's critic update: a pass of its own, or read from the update
+            phase = "reward" if scores is None else "verifier" if self.hybrid is not None else None
+            with self._phase(timer, phase) if phase else contextlib.nullcontext():
+                rewards = scores["student_scores"].reshape(-1) if scores is not None else \
+                    self.critic.compute_scores(student)["scores"]
                 if self.hybrid is not None:  # + the verifier's score (custom_reward_function)
                     texts = [self.decode(i, m) for i, m in zip(student["responses"], student["response_mask"])]
                     rewards, m = self.hybrid(batch["index"].tolist(), texts, rewards, n)
                     metrics.update(m)
-            with self._phase(timer, "old_log_prob"):
-                student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
-            metrics.update(algos.logprob_mismatch(student["old_log_prob"], student["rollout_log_prob"],
-                                                  student["response_mask"]))
-            if cfg.algorithm.rollout_is is not None:
-                student["rollout_is_weights"], m = algos.rollout_is_weights(
-                    student["old_log_prob"], student["rollout_log_prob"], student["response_mask"],
-                    cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_threshold)
-                metrics.update(m)
+            if not lean.on_policy:
+                with self._phase(timer, "old_log_prob"):
+                    student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
+                metrics.update(rollout_checks(cfg, student, student["old_log_prob"]))
             if cfg.actor_rollout_ref.actor.use_kl_loss:
                 with self._phase(timer, "ref"):
                     student["ref_log_prob"] = self.actor.compute_ref_log_prob(student)["log_prob"]
@@ -260,15 +266,15 @@ class GADTrainer(TrainerEvaluation):
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
         if self._sample_step():  # the per-sample view, scored by the critic before its update
-            self._log_samples(batch, student, rewards if gad_step else None)
-        with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-            metrics.update(self._update_critic(self._pairs(batch, student), gad_step))
+            self._log_samples(batch, student, rewards if gad_step else None, scores)
+        if not lean.rewards_from_update:
+            with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
+                metrics.update(self._update_critic(self._pairs(batch, student), gad_step))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
                 num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
-                student.pop("rollout_log_prob")
-                metrics.update(self.actor.update_actor(student, num_mini))
+                metrics.update(update_actor(self.actor, cfg, student, num_mini, lean.on_policy))
         elif cfg.trainer.warmup.mode == "sft":
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
@@ -285,16 +291,18 @@ class GADTrainer(TrainerEvaluation):
         metrics.update(fullest_rank(self.actor.memory_metrics()))  # memory/actor/<phase>_bytes of this step
         return metrics
 
-    def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
+    def _rollout(self, batch: dict, n: int, seed: int, sync_follows: bool = False, **sampling) -> dict:
         """n samples per prompt from the rollout engine; rows i*n .. i*n+n-1 belong to prompt i.
-        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it."""
+        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it.
+        ``sync_follows``: the actor changes this step (vLLM engines may drop their weights at sleep)."""
         gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                   "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
         if self.vllm is not None:
             if self.vllm_stale:
                 self.sync_rollout(initial=True)
             rows = gen_in["prompt_ids"].shape[0]
-            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed, **sampling)
+            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed,
+                                     sync_follows=sync_follows, **sampling)
         else:
             out = self.actor.generate(gen_in, seed=seed, **sampling)
         # replicas' responses are merged right-padded with 0; padding carries pad_id everywhere
@@ -314,20 +322,22 @@ class GADTrainer(TrainerEvaluation):
         return {"rollout/weight_sync_bytes": float(results[0]["bytes"]),
                 "rollout/weight_sync_load_s": max(r["seconds"] for r in results)}
 
-    def _update_critic(self, pairs: dict, gad_step: bool) -> dict:
+    def _update_critic(self, pairs: dict, gad_step: bool, scores: bool = False) -> dict:
         """The critic's update, as the saturation guard decides in GAD steps: skipped (the pairs are
-        only evaluated, so d_acc keeps being measured), at a scaled lr, or with extra updates."""
+        only evaluated, so d_acc keeps being measured), at a scaled lr, or with extra updates.
+        ``scores``: the result also holds the critic's scores before this update (``split_scores``)."""
         n = self.n
         if not gad_step:  # warmup: always a plain update; the guard sees GAD steps only
-            return self.critic.update_critic(pairs, n)
+            return self.critic.update_critic(pairs, n, return_scores=scores)
         d = self.guard.decide()
         if d["update"]:
-            m = self.critic.update_critic(pairs, n, d["lr_scale"])
+            m = self.critic.update_critic(pairs, n, d["lr_scale"], return_scores=scores)
             for _ in range(d["extra_steps"]):
                 extra = self.critic.update_critic(pairs, n)
                 m["critic/nonfinite_updates"] += extra["critic/nonfinite_updates"]
         else:
-            m = {k.replace("val/", "critic/", 1): v for k, v in self.critic.evaluate_pairs(pairs, n).items()}
+            m = {k.replace("val/", "critic/", 1): v
+                 for k, v in self.critic.evaluate_pairs(pairs, n, return_scores=scores).items()}
             m["critic/nonfinite_updates"] = 0.0
         self.guard.observe(m["critic/d_acc"])
         if self.guard.enable:
@@ -342,11 +352,15 @@ class GADTrainer(TrainerEvaluation):
         f = self.cfg.trainer.sample_log_freq
         return f > 0 and getattr(self, "logger", None) is not None and (self.step + 1) % f == 0
 
-    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None) -> None:
+    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None, scores: dict | None) -> None:
         """``samples.jsonl`` (``controller/samples.py``), scored by the critic in the same state for both
-        sides: before this step's update."""
-        t_scores = self.critic.compute_scores(teacher_rows(batch), side="teacher")["scores"]
-        s_scores = rewards if rewards is not None else self.critic.compute_scores(student)["scores"]
+        sides: before this step's update (``scores``: read from its update's forward, when it ran first)."""
+        if scores is not None:
+            t_scores, s_scores = scores["teacher_scores"], scores["student_scores"].reshape(-1)
+            s_scores = rewards if rewards is not None else s_scores
+        else:
+            t_scores = self.critic.compute_scores(teacher_rows(batch), side="teacher")["scores"]
+            s_scores = rewards if rewards is not None else self.critic.compute_scores(student)["scores"]
         decode_prompt = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
         self.logger.log_samples(self.step + 1, sample_rows(batch, student, self.n, t_scores, s_scores, self.decode,
                                                            decode_prompt, self.eos_id))

@@ -19,7 +19,8 @@ from megatron_gad import algos
 from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
-from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights, to_transport
+from megatron_gad.engine.weight_sync import export_buckets, stream_hf_weights
+from megatron_gad.engine.weight_transport import ObjectStore
 from megatron_gad.kernels.lm_head import hidden_head, lm_head_logprob, output_weight
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
@@ -124,11 +125,9 @@ class ActorWorker(Worker):
             self.shard.reload("params")
             items = stream_hf_weights(self.shard.module, self.shard.arch,
                                       state.tp_group() if lay.tp_size > 1 else None, lay.tp_size, emit=lay.tp_rank == 0)
-            buckets = list(make_buckets(items, bucket_mb << 20))
-        out = []
-        for k, bucket in enumerate(buckets):
-            out.append((describe(bucket, lay.pp_rank, k, len(buckets)), to_transport(bucket)))
-        return out
+            packed = export_buckets(items, bucket_mb << 20, lay.pp_rank)
+        payloads = ObjectStore().send([bucket for _, bucket in packed])  # engine/weight_transport.py
+        return list(zip([info for info, _ in packed], payloads))
 
     # ---------------------------------------------------------------- log-probs
     def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:
@@ -166,23 +165,39 @@ class ActorWorker(Worker):
                                                             r.log_prob_max_token_len_per_gpu))
 
     # ---------------------------------------------------------------- updates
-    @register(Dispatch.DP, collect="mean")
-    def update_actor(self, batch: dict, num_mini_batches: int) -> dict:
-        """PPO-clip on GRPO advantages (+ optional KL to the reference), ppo_epochs x mini-batches."""
+    @register(Dispatch.DP, collect="mean_concat")
+    def update_actor(self, batch: dict, num_mini_batches: int, on_policy: bool = False,
+                     rollout_is: tuple[str, float] | None = None) -> dict:
+        """PPO-clip on GRPO advantages (+ optional KL to the reference), ppo_epochs x mini-batches.
+        ``on_policy`` (one epoch, one mini-batch: the policy at the update's forward is the one the
+        old log-probs would be computed with): no ``old_log_prob`` in the batch; the update's own
+        log-probs, detached, stand in for them (verl's on-policy shortcut), ``rollout_is`` = (level,
+        threshold) weights are computed from them per micro-batch (they are per row), and the
+        result carries them as ``log_prob`` [B, R] (the controller's ``rollout/logprob_diff_*``)."""
         a = self.config.actor
         policy_loss = algos.get_policy_loss(a.policy_loss)
         kl_fn = algos.get_kl_penalty(a.kl_loss_type) if a.use_kl_loss else None
-
+        if on_policy and (a.ppo_epochs != 1 or num_mini_batches != 1):
+            raise ValueError(f"on_policy needs one epoch and one mini-batch, got ppo_epochs={a.ppo_epochs}, "
+                             f"{num_mini_batches} mini-batches")
         temperature = self.config.rollout.temperature
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # on-policy: (rows, log-probs) per micro-batch
 
         def loss_fn(hidden, mb):
             lp, ent = self._token_logprob(self.shard, hidden, mb, compute_entropy=a.entropy_coeff > 0,
                                           temperature=temperature)
             mask, agg = mb["response_mask"], mb["agg"]  # agg: this mini-batch's global denominators
-            loss, m = policy_loss(mb["old_log_prob"], lp, mb["advantages"], mask,
+            old, is_weights = mb.get("old_log_prob"), mb.get("rollout_is_weights")
+            if on_policy:
+                old = lp.detach()
+                kept.append((mb["rows"], old.cpu()))
+                if rollout_is is not None:
+                    is_weights, _ = algos.rollout_is_weights(old, mb["rollout_log_prob"].to(old.device), mask,
+                                                             *rollout_is)
+            loss, m = policy_loss(old, lp, mb["advantages"], mask,
                                   clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                                   clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
-                                  is_weights=mb.get("rollout_is_weights"), **agg)
+                                  is_weights=is_weights, **agg)
             out = {f"actor/{k}": float(v) for k, v in m.items()}
             out["actor/pg_loss"] = float(loss) * mb["share_scale"]
             if kl_fn is not None:
@@ -195,10 +210,17 @@ class ActorWorker(Worker):
                 out["actor/entropy"] = float(e) * mb["share_scale"]
             return loss * mb["share_scale"], out
 
-        extra = ["old_log_prob", "advantages"] + (["ref_log_prob"] if kl_fn else [])
+        extra = (["rollout_log_prob"] if rollout_is else []) if on_policy else ["old_log_prob"]
+        extra += ["advantages"] + (["ref_log_prob"] if kl_fn else [])
         extra += ["rollout_is_weights"] if "rollout_is_weights" in batch else []
         with self.memory.phase("update"):
-            return self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
+            out = self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
+        if on_policy and kept:  # the last pipeline stage: every row's log-probs, in the batch's order
+            lp = torch.zeros(batch["responses"].shape, dtype=kept[0][1].dtype)
+            for rows, x in kept:
+                lp[rows] = x
+            out["log_prob"] = lp
+        return out
 
     @register(Dispatch.DP, collect="mean")
     def sft_step(self, batch: dict) -> dict:

@@ -133,10 +133,27 @@ class CriticWorker(Worker):
                     mismatch.append(bool(t_eos[g] != s_eos[g, j]))
             mb["identical"] = torch.tensor(ident, dtype=torch.bool)
             mb["eos_mismatch"] = torch.tensor(mismatch, dtype=torch.bool)
+            # where each scored sequence belongs in [B] teachers / [B, n] students (``_scores``)
+            mb["teacher_rows"] = torch.tensor([part.group for part in parts], dtype=torch.long)
+            mb["student_rows"] = torch.tensor([part.group * n + j for part in parts for j in part.students],
+                                              dtype=torch.long)
         return mbs
 
-    def _pair_loss(self, prefix: str, swap: bool = False):
-        """``swap``: draw this step's swapped pairs (training only; ``critic.swap_prob``)."""
+    @staticmethod
+    def _scores(results: list[dict], rows: int, n: int) -> dict:
+        """Pop the per-sequence scores the pair loss kept (``_pair_loss(keep_scores=True)``) from
+        the micro-batches' results and place them: teacher [rows], student [rows, n]."""
+        t = torch.zeros(rows, dtype=torch.float32)
+        s = torch.zeros(rows * n, dtype=torch.float32)
+        for r in results:
+            t[r.pop("_teacher_rows")] = r.pop("_teacher_scores")
+            s[r.pop("_student_rows")] = r.pop("_student_scores")
+        return {"teacher_scores": t, "student_scores": s.view(rows, n)}
+
+    def _pair_loss(self, prefix: str, swap: bool = False, keep_scores: bool = False):
+        """``swap``: draw this step's swapped pairs (training only; ``critic.swap_prob``).
+        ``keep_scores``: each micro-batch's result also holds its sequences' scores from this forward
+        (before any optimizer step: the rewards, ``update_critic(return_scores=True)``)."""
         gen = None
         if swap and self.config.swap_prob > 0:  # reproducible: seed, update count, replica
             gen = torch.Generator().manual_seed(self.config.megatron.seed * 1_000_003
@@ -163,26 +180,40 @@ class CriticWorker(Worker):
             out = {f"{prefix}{key}": float(v) * share for key, v in m.items()}
             if "swap" in controls:
                 out[f"{prefix}swapped_pairs"] = float(controls["swap"].float().mean()) * share
+            if keep_scores:
+                out.update(_teacher_scores=t.float().cpu(), _teacher_rows=mb["teacher_rows"],
+                           _student_scores=s.float().cpu(), _student_rows=mb["student_rows"])
             return loss * share, out
 
         return loss_fn
 
-    @register(Dispatch.DP, collect="mean")
-    def evaluate_pairs(self, batch: dict, n: int) -> dict:
-        """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
+    @register(Dispatch.DP, collect="mean_concat")
+    def evaluate_pairs(self, batch: dict, n: int, return_scores: bool = False) -> dict:
+        """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ... ``return_scores``:
+        also ``teacher_scores`` [B] and ``student_scores`` [B, n] (as ``compute_scores`` gives them)."""
         with self.memory.phase("evaluate"):
-            return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
+            results = self.shard.forward(self._pair_micro_batches(batch, n),
+                                         self._pair_loss("val/", keep_scores=return_scores))
+        scores = self._scores(results, batch["prompt_ids"].shape[0], n) if return_scores else {}
+        return dict(reduce_metrics(results), **scores)
 
-    @register(Dispatch.DP, collect="mean")
-    def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0) -> dict:
+    @register(Dispatch.DP, collect="mean_concat")
+    def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0, return_scores: bool = False) -> dict:
         """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R].
-        ``lr_scale``: this update's learning rate times this (the saturation guard)."""
-        loss_fn = self._pair_loss("critic/", swap=True)
+        ``lr_scale``: this update's learning rate times this (the saturation guard).
+        ``return_scores``: also ``teacher_scores`` [B] and ``student_scores`` [B, n] read from the
+        first forward, which precedes every optimizer step of this call: the scores of the critic
+        before this update, i.e. what ``compute_scores`` returns (the rewards), without its pass."""
         metrics = []
         skipped = 0
+        scores = {}
         with self.memory.phase("update_critic"):
             for epoch in range(self.config.ppo_epochs):
-                results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
+                keep = return_scores and epoch == 0
+                results, info = self.shard.train_step(self._pair_micro_batches(batch, n),
+                                                      self._pair_loss("critic/", swap=True, keep_scores=keep), lr_scale)
+                if keep:
+                    scores = self._scores(results, batch["prompt_ids"].shape[0], n)
                 skipped += int(info["nonfinite"])
                 if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
                     metrics += [dict(r) for r in results]
@@ -190,4 +221,4 @@ class CriticWorker(Worker):
         out = reduce_metrics(metrics)
         out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
         out.update(self.memory.metrics)  # this step's reward pass (scored before the update) included
-        return out
+        return dict(out, **scores)
