@@ -53,6 +53,8 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
     "critic.nccl_timeout",
 ]] + [(k, ">=", 0) for k in [
     "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
+    "trainer.warmup.critic_only_steps", "actor_rollout_ref.actor.sft_loss_coef", "algorithm.grpo_std_floor",
+    "algorithm.filter_groups.min_std", "reward.critic_weight",
 ] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
     ("actor_rollout_ref.rollout.temperature", ">", 0), ("actor_rollout_ref.rollout.top_p", ">", 0),
     ("actor_rollout_ref.rollout.top_p", "<=", 1), ("actor_rollout_ref.rollout.gpu_memory_utilization", ">", 0),
@@ -295,6 +297,13 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if not 0.5 <= r.hacking_auc <= 1 or r.hacking_window < 2:
         bad.append(f"reward.hacking_auc={r.hacking_auc} must be in [0.5, 1] and reward.hacking_window="
                    f"{r.hacking_window} >= 2 (a reward trend needs two steps)")
+    if r.critic_weight == 0 and r.verifier_weight == 0 and trainer.mode == "gad":
+        bad.append("reward.critic_weight=0 and reward.verifier_weight=0: the actor's reward would be 0 for every "
+                   "sample; the checker-only control needs a verifier (custom_reward_function.path) with "
+                   "reward.verifier_weight > 0")
+    if c.loss_type == "bce" and c.margin != 0.0:
+        bad.append(f"critic.margin={c.margin} applies to the score gap of the pair losses (bt, hinge); "
+                   "critic.loss_type=bce scores each side alone: set critic.margin=0")
     g = c.saturation_guard
     if g.enable and not (0.5 <= g.lower < g.upper <= 1.0):
         bad.append(f"critic.saturation_guard: lower={g.lower} and upper={g.upper} must satisfy 0.5 <= lower < upper "

@@ -90,7 +90,7 @@ class GADTrainer(TrainerEvaluation):
         cache = (d.cache_dir or os.path.join(t.default_local_dir, ".cache", "data")) if d.use_cache else None
         data_args = (self.tokenizer, d.prompt_key, d.teacher_response_key, d.max_prompt_length,
                      d.max_response_length, d.on_bad_row)
-        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers}
+        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers, "truncation": d.truncation}
         verifier_keys = verifier_row_keys(cfg)  # () without a verifier: the dataset keeps no raw fields
         self.dataset = GADDataset(d.train_files, *data_args, verifier_keys, **data_kw)
         self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_keys else None  # verifier mix
@@ -98,7 +98,8 @@ class GADTrainer(TrainerEvaluation):
         self.val_dataset = GADDataset(d.val_files, *data_args, **data_kw) if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
+        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps,
+                                     t.warmup.critic_only_steps)
         g = cfg.critic.saturation_guard
         self.guard = SaturationGuard(g.enable, g.upper, g.lower, g.window, g.action, g.lr_scale, g.extra_steps)
         self.step = 0
@@ -233,6 +234,7 @@ class GADTrainer(TrainerEvaluation):
         metrics.update(self._length_metrics(student, "response_length/"))
 
         gad_step = not warm
+        joint = warm and cfg.trainer.warmup.mode == "sft" and self.warmup.sft_due()  # SFT beside the critic
         if gad_step:
             with self._phase(timer, "reward"):  # D(student), before this step's critic update
                 rewards = self.critic.compute_scores(student)["scores"]
@@ -269,10 +271,10 @@ class GADTrainer(TrainerEvaluation):
                 num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
                 student.pop("rollout_log_prob")
                 metrics.update(self.actor.update_actor(student, num_mini))
-        elif cfg.trainer.warmup.mode == "sft":
+        elif joint:
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
-        if self.vllm is not None and (gad_step or cfg.trainer.warmup.mode == "sft"):
+        if self.vllm is not None and (gad_step or joint):
             with self._phase(timer, "weight_sync"):  # the actor changed: the engines follow now
                 metrics.update(self.sync_rollout())
         metrics.update({f"rollout/{k}": float(v) for k, v in self.syncs.items()})
@@ -392,6 +394,8 @@ class GADTrainer(TrainerEvaluation):
         self.logger = MetricsLogger(self.run_dir, loggers=_loggers(t.logger), project=t.project_name,
                                     experiment=t.experiment_name, config_dict=to_dict(self.cfg),
                                     total_steps=self.total_steps, resume_step=self.step if resumed else None)
+        if t.val_before_train and t.test_freq > 0 and self.step == 0:  # the starting point, as step 0
+            self.logger.log(0, self.validate())
         timer = Timer()
         # SIGUSR1 (sent by the sbatch script before the time limit) only sets a flag: the step in flight
         # finishes, then the loop saves and stops. Signal handlers can only be set in the main thread.

@@ -19,9 +19,10 @@ def _arch(path):
     return os.path.join(ROOT, "configs", "archs", os.path.basename(path).rsplit("-", 1)[0])
 
 
-def test_six_configs():
+def test_three_stages_per_size():
+    """Per size: the frozen-actor warmup (the seed recipe), the paper's joint warmup, GAD."""
     names = {os.path.basename(p) for p in CONFIGS}
-    assert names == {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "gad")}
+    assert names == {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "jointwarmup", "gad")}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
