@@ -224,6 +224,14 @@ class SaturationGuardConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """Past student samples for the discriminator (``algos.replay``); off while capacity or
+    groups_per_step is 0. The buffer is not checkpointed: a resumed run refills it."""
+    capacity: int = 0  # prompt groups kept (the newest)
+    groups_per_step: int = 0  # past groups added to each critic update, after the current ones
+
+
+@dataclass(frozen=True)
 class CriticConfig:
     model: CriticModelConfig = field(default_factory=CriticModelConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
@@ -260,6 +268,7 @@ class CriticConfig:
     margin: float = 0.0
     swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
     saturation_guard: SaturationGuardConfig = field(default_factory=SaturationGuardConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
     nccl_timeout: int = 7200  # seconds, for the critic's process group (see actor_rollout_ref.nccl_timeout)
 
 
@@ -296,6 +305,14 @@ class WarmupConfig:
 
 
 @dataclass(frozen=True)
+class BestCheckpointConfig:
+    """Keep the checkpoint with the best validation metric in <default_local_dir>/best (off: metric null).
+    ``metric``: a key of the validation metrics (e.g. val/d_acc); ``mode``: max or min is better."""
+    metric: str | None = None
+    mode: Literal["max", "min"] = "max"
+
+
+@dataclass(frozen=True)
 class TrainerConfig:
     total_training_steps: int | None = None
     total_epochs: int = 1
@@ -307,6 +324,7 @@ class TrainerConfig:
     save_freq: int = -1  # -1: no periodic checkpoints; N: every N steps
     test_freq: int = -1  # -1: no validation; N: held-out metrics (data.val_files) every N steps and at the end
     val_before_train: bool = False  # also validate before the first step (logged as step 0; verl's key)
+    best_checkpoint: BestCheckpointConfig = field(default_factory=BestCheckpointConfig)
     default_local_dir: str = "outputs/gad"
     resume_mode: Literal["auto", "disable"] = "auto"
     resume_from_path: str | None = None

@@ -54,7 +54,8 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
 ]] + [(k, ">=", 0) for k in [
     "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
     "trainer.warmup.critic_only_steps", "actor_rollout_ref.actor.sft_loss_coef", "algorithm.grpo_std_floor",
-    "algorithm.filter_groups.min_std", "reward.critic_weight",
+    "algorithm.filter_groups.min_std", "reward.critic_weight", "critic.replay.capacity",
+    "critic.replay.groups_per_step",
 ] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
     ("actor_rollout_ref.rollout.temperature", ">", 0), ("actor_rollout_ref.rollout.top_p", ">", 0),
     ("actor_rollout_ref.rollout.top_p", "<=", 1), ("actor_rollout_ref.rollout.gpu_memory_utilization", ">", 0),
@@ -301,6 +302,9 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
         bad.append("reward.critic_weight=0 and reward.verifier_weight=0: the actor's reward would be 0 for every "
                    "sample; the checker-only control needs a verifier (custom_reward_function.path) with "
                    "reward.verifier_weight > 0")
+    if trainer.best_checkpoint.metric is not None and (trainer.test_freq < 1 or not cfg.data.val_files):
+        bad.append(f"trainer.best_checkpoint.metric={trainer.best_checkpoint.metric} is read from the validation "
+                   "metrics: set data.val_files and trainer.test_freq >= 1")
     if c.loss_type == "bce" and c.margin != 0.0:
         bad.append(f"critic.margin={c.margin} applies to the score gap of the pair losses (bt, hinge); "
                    "critic.loss_type=bce scores each side alone: set critic.margin=0")

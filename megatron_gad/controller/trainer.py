@@ -28,6 +28,7 @@ import torch
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
+from megatron_gad.controller import levers
 from megatron_gad.controller.evaluation import TrainerEvaluation
 from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
@@ -228,7 +229,6 @@ class GADTrainer(TrainerEvaluation):
         warm = self.warmup.active()
         stage = "warmup" if warm else "gad"
         metrics: dict = {"stage": stage}
-        B = batch["prompt_ids"].shape[0]
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
             student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step)
         metrics.update(self._length_metrics(student, "response_length/"))
@@ -237,7 +237,9 @@ class GADTrainer(TrainerEvaluation):
         joint = warm and cfg.trainer.warmup.mode == "sft" and self.warmup.sft_due()  # SFT beside the critic
         if gad_step:
             with self._phase(timer, "reward"):  # D(student), before this step's critic update
-                rewards = self.critic.compute_scores(student)["scores"]
+                d_scores = self.critic.compute_scores(student)["scores"]
+                rewards, m = levers.critic_reward(self, batch, d_scores)  # reward.critic_shape / critic_weight
+                metrics.update(m)
                 if self.hybrid is not None:  # + the verifier's score (custom_reward_function)
                     texts = [self.decode(i, m) for i, m in zip(student["responses"], student["response_mask"])]
                     rewards, m = self.hybrid(batch["index"].tolist(), texts, rewards, n)
@@ -257,20 +259,26 @@ class GADTrainer(TrainerEvaluation):
             with self._phase(timer, "adv"):
                 est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
                 grpo = cfg.algorithm.adv_estimator == "grpo"
-                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if grpo else {}
+                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo,
+                      "std_floor": cfg.algorithm.grpo_std_floor} if grpo else {}
                 student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
         if self._sample_step():  # the per-sample view, scored by the critic before its update
-            self._log_samples(batch, student, rewards if gad_step else None)
+            self._log_samples(batch, student, d_scores if gad_step else None)
         with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-            metrics.update(self._update_critic(self._pairs(batch, student), gad_step))
+            pairs, m = levers.critic_pairs(self, self._pairs(batch, student))  # + critic.replay
+            metrics.update(m)
+            metrics.update(self._update_critic(pairs, gad_step))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
-                num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
                 student.pop("rollout_log_prob")
-                metrics.update(self.actor.update_actor(student, num_mini))
+                update, prompts, m = levers.actor_batch(self, batch, student, rewards)  # filter_groups, SFT mix
+                metrics.update(m)
+                if prompts:
+                    num_mini = max(1, prompts // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+                    metrics.update(self.actor.update_actor(update, num_mini))
         elif joint:
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
@@ -422,9 +430,11 @@ class GADTrainer(TrainerEvaluation):
                 if t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
                     with self._phase(timer, "validate"):
                         metrics.update(self.validate())
-                if (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps:
+                saved = (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps
+                if saved:
                     with self._phase(timer, "save"):
                         self.save()
+                metrics.update(levers.keep_best(self, metrics, saved))  # trainer.best_checkpoint
                 if self.stop_signal is not None and not (t.save_freq > 0 and self.step % t.save_freq == 0) \
                         and self.step != self.total_steps:
                     with self._phase(timer, "save"):
