@@ -7,19 +7,21 @@ does GAD seek a mode where SFT (maximum likelihood) covers both?
 * SFT: maximum likelihood on teacher samples (``algos.sft_loss``) = forward KL(teacher || student):
   mass-covering, a wide Gaussian over both modes.
 * GAD: a learned discriminator (a table of scores over the grid) trained with the pair loss
-  (``algos.discriminator_loss``: Bradley-Terry, or the paper's BCE ablation), the student trained on
-  its scores with GRPO advantages (``algos.compute_grpo_advantages``) and PPO-clip
-  (``algos.ppo_policy_loss``), each sample a one-token response. Started from the SFT solution after
-  a frozen-student discriminator warmup, as the project's recipe does.
+  (``algos.discriminator_loss``: the paper's BCE ablation by default, or Bradley-Terry), the student
+  trained on its scores with GRPO advantages (``algos.compute_grpo_advantages``) and PPO-clip
+  (``algos.ppo_policy_loss``), each sample a one-token response, after a frozen-student
+  discriminator warmup (the project's recipe).
 
-The saddle: the SFT solution sits at the teacher's centre of symmetry, where the policy gradient of
-any symmetric reward is zero in expectation; only sampling noise would pick a side, slowly and
-differently per seed. The toy breaks the symmetry on purpose: GAD starts from the SFT Gaussian with
-its mean moved by ``offset`` (a fraction of the distance between the modes) towards a side drawn from
-the seed. GAD should then move to that mode: reverse KL(student || teacher) below SFT's and forward KL
-above SFT's (it gives up the other mode).
+The saddle: a student centred on the teacher's centre of symmetry gets a zero expected policy
+gradient on its mean from any symmetric reward; only sampling noise would pick a side, slowly and
+differently per seed. The toy breaks the symmetry on purpose: SFT and GAD both start from a narrow
+student (as wide as one teacher mode) whose mean is moved by ``offset`` (a fraction of the distance
+to a mode) towards a side drawn from the seed. GAD should move to that side's mode: reverse
+KL(student || teacher) below SFT's and forward KL above SFT's (it gives up the other mode). Not from
+the SFT solution: there even exact reverse-KL descent stays covering (docs/mode-toy.md).
 
-``python -m megatron_gad.tools.mode_toy`` prints the per-seed table (seconds on a CPU).
+``python -m megatron_gad.tools.mode_toy`` prints the per-seed table (about 15 s of one CPU core); results and
+what it took to get them: docs/mode-toy.md.
 """
 
 from __future__ import annotations
@@ -44,15 +46,15 @@ class ToyConfig:
     warmup_steps: int = 50  # discriminator-only steps (student frozen)
     gad_steps: int = 600
     # two timescales: the discriminator must track the student (critic lr 20x the actor's, one PPO
-    # epoch); a faster actor outruns it and collapses to a point (docs in the module string)
+    # epoch); a faster actor outruns it and collapses to a point (docs/mode-toy.md)
     actor_lr: float = 0.01
     critic_lr: float = 0.2
     ppo_epochs: int = 1
     clip: float = 0.2
     offset: float = 0.1  # the start's mean moved by offset * modes towards the seed's side
     start_std: float = 0.5  # the student before distillation: narrow (as wide as one teacher mode)
-    sft_steps: int = 400
-    sft_lr: float = 0.05
+    sft_steps: int = 150
+    sft_lr: float = 0.1
     loss_type: str = "bce"  # the discriminator's loss: bce (its optimum is log q/p) | bt
     critic_shape: str = "score"  # the actor's reward: score | sigmoid_gap
 
