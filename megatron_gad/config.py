@@ -269,6 +269,9 @@ class CriticConfig:
     swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
     saturation_guard: SaturationGuardConfig = field(default_factory=SaturationGuardConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    # R1 gradient penalty on the input embeddings of teacher sequences (algos.r1_penalty): + r1_coef / 2 x
+    # E_teacher ||dD/de||^2 in each update (a double backward; not with activation recompute); 0 = off
+    r1_coef: float = 0.0
     nccl_timeout: int = 7200  # seconds, for the critic's process group (see actor_rollout_ref.nccl_timeout)
 
 

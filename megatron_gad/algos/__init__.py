@@ -7,7 +7,7 @@ from .advantages import (
     get_adv_estimator,
     register_adv_estimator,
 )
-from .discriminator import bce_pair_loss, discriminator_loss, discriminator_loss_paired
+from .discriminator import bce_pair_loss, discriminator_loss, discriminator_loss_paired, r1_penalty
 from .kl import entropy_from_logits, get_kl_penalty, kl_penalty
 from .policy import get_policy_loss, ppo_policy_loss, register_policy_loss
 from .ranking import ranking_auc
@@ -41,6 +41,7 @@ __all__ = [
     "mix_rewards",
     "needs_teacher_scores",
     "ppo_policy_loss",
+    "r1_penalty",
     "ranking_auc",
     "register_adv_estimator",
     "register_critic_shape",

@@ -108,3 +108,14 @@ def discriminator_loss_paired(
             "overlap": (s > t0.mean()).float().mean(),  # students scored above the mean teacher
         }
     return loss, metrics
+
+
+def r1_penalty(teacher_scores: Tensor, embeddings: Tensor, coef: float, denominator: float) -> Tensor:
+    """R1 gradient penalty (Mescheder et al. 2018) on the discriminator's input embeddings: coef / 2 x
+    the squared norm of d(sum of teacher scores) / d(embeddings), summed over every token, over
+    ``denominator`` (the teachers it averages over). Scored sequences do not attend across each other
+    (packed), so each teacher's gradient lives on its own tokens and the sum is the sum of per-teacher
+    squared norms. ``create_graph``: the penalty's own gradient reaches D's weights (double backward)."""
+    (grad,) = torch.autograd.grad(teacher_scores.sum(), embeddings, create_graph=True)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))  # >= fp32 (bf16 embeddings), fp64 kept
+    return 0.5 * coef * grad.pow(2).sum() / max(float(denominator), 1.0)

@@ -201,3 +201,19 @@ def test_replay_reaches_the_critic_not_the_actor(assets, tmp_path):
     assert sorted(critic[1][2:]) == sorted(critic[0])  # step 2 replays step 1's groups (the only ones stored)
     assert set(critic[2][2:]) <= set(critic[0] + critic[1][:2])  # step 3: drawn from steps 1-2
     assert actor == [critic[1][:2], critic[2][:2]]  # the actor: this step's groups, nothing replayed
+
+
+def test_r1_penalty_trains_the_critic_by_double_backward(assets, tmp_path):
+    """critic.r1_coef: the penalty is logged in every update; at step 1 the zero-initialised head has
+    dD/de = 0, so the penalty is exactly 0 and the update equals the plain one; after it the penalty is
+    positive and the critic's weights leave the plain run's."""
+    from megatron_gad.parallel.launch import run_local
+
+    runs = {c: str(tmp_path / f"r1_{c}") for c in ("0", "10")}
+    for c, run in runs.items():
+        run_local(_phases, 1, _over(assets, run, f"critic.r1_coef={c}", "critic.optim.lr=0.05", steps=3))
+    plain, r1 = _rows(runs["0"]), _rows(runs["10"])
+    assert r1[0]["critic/r1_penalty"] == 0.0 and "critic/r1_penalty" not in plain[0]
+    assert r1[1]["critic/d_loss"] == pytest.approx(plain[1]["critic/d_loss"], rel=1e-6)  # same weights after step 1
+    assert r1[1]["critic/r1_penalty"] > 0 and r1[2]["critic/r1_penalty"] > 0
+    assert r1[2]["critic/d_loss"] != pytest.approx(plain[2]["critic/d_loss"], rel=1e-6)  # step 2's update differed
