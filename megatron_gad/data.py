@@ -206,6 +206,24 @@ def no_eos_message(tokenizer: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+TRUNCATIONS = ("error", "left", "right", "middle")
+
+
+def truncate_prompt(ids: Sequence[int], max_length: int, mode: str) -> list[int]:
+    """verl's prompt truncation: ``ids`` cut to ``max_length`` tokens (unchanged when they fit, or
+    with mode ``error``, whose long prompts never get here): ``left`` keeps the last tokens, ``right``
+    the first, ``middle`` the first ``max_length // 2`` and the last ``max_length - max_length // 2``."""
+    ids = list(ids)
+    if len(ids) <= max_length or mode == "error":
+        return ids
+    if mode == "left":
+        return ids[len(ids) - max_length:]
+    if mode == "right":
+        return ids[:max_length]
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head):]
+
+
 class GADDataset:
     """Tokenised (prompt, teacher response) pairs, checked and tokenised once at construction.
 
@@ -228,13 +246,19 @@ class GADDataset:
         keep_keys: Sequence[str] = (),
         cache_dir: str | os.PathLike | None = None,
         num_workers: int | None = None,
+        truncation: str = "error",
     ):
         """``keep_keys``: fields of each kept row to keep as read (``self.rows[i]``; e.g. the prompt
-        text and ground truth a verifier reads); none by default."""
+        text and ground truth a verifier reads); none by default. ``truncation`` (verl's
+        ``data.truncation``): a prompt over ``max_prompt_length`` is a bad row (``error``) or is cut to
+        it, keeping its end (``left``), its start (``right``) or both halves (``middle``)."""
         from megatron_gad import tokenized
 
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+        self.truncation = truncation
         if isinstance(files, (str, os.PathLike)):
             files = [files]
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -331,7 +355,8 @@ class GADDataset:
         for r in np.flatnonzero(r_len > self.max_response_length).tolist():
             bad[r] = ("response_too_long", f"teacher response has {int(r_len[r])} tokens (with EOS) > "
                       f"max_response_length {self.max_response_length}")
-        for r in np.flatnonzero(p_len > self.max_prompt_length).tolist():
+        long_prompts = [] if self.truncation != "error" else np.flatnonzero(p_len > self.max_prompt_length).tolist()
+        for r in long_prompts:  # with truncation on they are cut in __getitem__ instead
             bad[r] = ("prompt_too_long", f"prompt has {int(p_len[r])} tokens > max_prompt_length "
                       f"{self.max_prompt_length}")
         # Text that the tokenizer maps to no token (characters it drops, a response that is only the EOS
@@ -354,7 +379,7 @@ class GADDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {
-            "prompt_ids": self.prompt_ids[index],
+            "prompt_ids": truncate_prompt(self.prompt_ids[index], self.max_prompt_length, self.truncation),
             "teacher_response_ids": self.teacher_response_ids[index],
             "index": index,
         }

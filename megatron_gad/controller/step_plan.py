@@ -43,15 +43,22 @@ def lean_passes(cfg, batch_size: int) -> LeanPasses:
     a = cfg.actor_rollout_ref.actor
     mini = max(1, batch_size // a.ppo_mini_batch_size)
     on_policy = a.ppo_epochs == 1 and mini == 1
-    _once("GAD step: rewards read from the critic update's first forward (it precedes the update's optimizer "
-          "steps), no separate reward pass")
+    replay = cfg.critic.replay
+    if replay.capacity > 0 and replay.groups_per_step > 0:
+        # the critic's batch holds past samples too: its scores are not this step's rewards row for row
+        _once("GAD step: separate reward pass (critic.replay adds past samples to the critic's update batch)")
+        rewards_from_update = False
+    else:
+        _once("GAD step: rewards read from the critic update's first forward (it precedes the update's "
+              "optimizer steps), no separate reward pass")
+        rewards_from_update = True
     if on_policy:
         _once("GAD step: one PPO epoch over one mini-batch: the actor update's own log-probs are the old ones "
               "(no old log-prob pass)")
     else:
         _once(f"GAD step: separate old log-prob pass (actor.ppo_epochs={a.ppo_epochs}, {mini} mini-batches: "
               "the update is off-policy after its first optimizer step)")
-    return LeanPasses(True, on_policy)
+    return LeanPasses(rewards_from_update, on_policy)
 
 
 def split_scores(result: dict) -> tuple[dict, dict | None]:

@@ -28,6 +28,7 @@ import torch
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
+from megatron_gad.controller import levers
 from megatron_gad.controller.evaluation import TrainerEvaluation
 from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
@@ -91,7 +92,7 @@ class GADTrainer(TrainerEvaluation):
         cache = (d.cache_dir or os.path.join(t.default_local_dir, ".cache", "data")) if d.use_cache else None
         data_args = (self.tokenizer, d.prompt_key, d.teacher_response_key, d.max_prompt_length,
                      d.max_response_length, d.on_bad_row)
-        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers}
+        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers, "truncation": d.truncation}
         verifier_keys = verifier_row_keys(cfg)  # () without a verifier: the dataset keeps no raw fields
         self.dataset = GADDataset(d.train_files, *data_args, verifier_keys, **data_kw)
         self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_keys else None  # verifier mix
@@ -99,7 +100,8 @@ class GADTrainer(TrainerEvaluation):
         self.val_dataset = GADDataset(d.val_files, *data_args, **data_kw) if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
+        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps,
+                                     t.warmup.critic_only_steps)
         g = cfg.critic.saturation_guard
         self.guard = SaturationGuard(g.enable, g.upper, g.lower, g.window, g.action, g.lr_scale, g.extra_steps)
         self.step = 0
@@ -229,24 +231,31 @@ class GADTrainer(TrainerEvaluation):
         stage = "warmup" if warm else "gad"
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
+        gad_step = not warm
+        joint = warm and cfg.trainer.warmup.mode == "sft" and self.warmup.sft_due()  # SFT beside the critic
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
             student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step,
-                                    sync_follows=not warm or cfg.trainer.warmup.mode == "sft")
+                                    sync_follows=gad_step or joint)
         metrics.update(self._length_metrics(student, "response_length/"))
 
-        gad_step = not warm
         lean = lean_passes(cfg, B)  # which passes this step can take from another's forward
         scores = None  # the critic's scores before its update, when its update provides them
         if lean.rewards_from_update:  # critic first: its update's forward gives the rewards
             with self._phase(timer, "update_critic"):
-                critic_m, scores = split_scores(self._update_critic(self._pairs(batch, student), gad_step, True))
+                pairs, m = levers.critic_pairs(self, self._pairs(batch, student))  # + critic.replay
+                metrics.update(m)
+                critic_m, scores = split_scores(self._update_critic(pairs, gad_step, True))
             metrics.update(critic_m)
         if gad_step:
             # D(student), before this step's critic update: a pass of its own, or read from the update
             phase = "reward" if scores is None else "verifier" if self.hybrid is not None else None
             with self._phase(timer, phase) if phase else contextlib.nullcontext():
-                rewards = scores["student_scores"].reshape(-1) if scores is not None else \
+                d_scores = scores["student_scores"].reshape(-1) if scores is not None else \
                     self.critic.compute_scores(student)["scores"]
+                teacher = scores["teacher_scores"].reshape(-1) if scores is not None else None
+                # reward.critic_shape / critic_weight (sigmoid_gap: the teachers scored by the same critic)
+                rewards, m = levers.critic_reward(self, batch, d_scores, teacher)
+                metrics.update(m)
                 if self.hybrid is not None:  # + the verifier's score (custom_reward_function)
                     texts = [self.decode(i, m) for i, m in zip(student["responses"], student["response_mask"])]
                     rewards, m = self.hybrid(batch["index"].tolist(), texts, rewards, n)
@@ -261,24 +270,30 @@ class GADTrainer(TrainerEvaluation):
             with self._phase(timer, "adv"):
                 est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
                 grpo = cfg.algorithm.adv_estimator == "grpo"
-                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if grpo else {}
+                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo,
+                      "std_floor": cfg.algorithm.grpo_std_floor} if grpo else {}
                 student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
         if self._sample_step():  # the per-sample view, scored by the critic before its update
-            self._log_samples(batch, student, rewards if gad_step else None, scores)
+            self._log_samples(batch, student, d_scores if gad_step else None, scores)
         if not lean.rewards_from_update:
             with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-                metrics.update(self._update_critic(self._pairs(batch, student), gad_step))
+                pairs, m = levers.critic_pairs(self, self._pairs(batch, student))  # + critic.replay
+                metrics.update(m)
+                metrics.update(self._update_critic(pairs, gad_step))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
-                num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
-                metrics.update(update_actor(self.actor, cfg, student, num_mini, lean.on_policy))
-        elif cfg.trainer.warmup.mode == "sft":
+                update, prompts, m = levers.actor_batch(self, batch, student, rewards)  # filter_groups, SFT mix
+                metrics.update(m)
+                if prompts:
+                    num_mini = max(1, prompts // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+                    metrics.update(update_actor(self.actor, cfg, update, num_mini, lean.on_policy))
+        elif joint:
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
-        if self.vllm is not None and (gad_step or cfg.trainer.warmup.mode == "sft"):
+        if self.vllm is not None and (gad_step or joint):
             with self._phase(timer, "weight_sync"):  # the actor changed: the engines follow now
                 metrics.update(self.sync_rollout())
         metrics.update({f"rollout/{k}": float(v) for k, v in self.syncs.items()})
@@ -406,6 +421,8 @@ class GADTrainer(TrainerEvaluation):
         self.logger = MetricsLogger(self.run_dir, loggers=_loggers(t.logger), project=t.project_name,
                                     experiment=t.experiment_name, config_dict=to_dict(self.cfg),
                                     total_steps=self.total_steps, resume_step=self.step if resumed else None)
+        if t.val_before_train and t.test_freq > 0 and self.step == 0:  # the starting point, as step 0
+            self.logger.log(0, self.validate())
         timer = Timer()
         # SIGUSR1 (sent by the sbatch script before the time limit) only sets a flag: the step in flight
         # finishes, then the loop saves and stops. Signal handlers can only be set in the main thread.
@@ -432,9 +449,11 @@ class GADTrainer(TrainerEvaluation):
                 if t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
                     with self._phase(timer, "validate"):
                         metrics.update(self.validate())
-                if (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps:
+                saved = (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps
+                if saved:
                     with self._phase(timer, "save"):
                         self.save()
+                metrics.update(levers.keep_best(self, metrics, saved))  # trainer.best_checkpoint
                 if self.stop_signal is not None and not (t.save_freq > 0 and self.step % t.save_freq == 0) \
                         and self.step != self.total_steps:
                     with self._phase(timer, "save"):

@@ -199,7 +199,7 @@ class ActorWorker(Worker):
                                   clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
                                   is_weights=is_weights, **agg)
             out = {f"actor/{k}": float(v) for k, v in m.items()}
-            out["actor/pg_loss"] = float(loss) * mb["share_scale"]
+            out["actor/pg_loss"] = float(loss) * mb.get("metric_scale", mb["share_scale"])
             if kl_fn is not None:
                 kl = algos.agg_loss(kl_fn(lp, mb["ref_log_prob"]), mask, a.loss_agg_mode, **agg)
                 loss = loss + a.kl_loss_coef * kl
@@ -213,14 +213,32 @@ class ActorWorker(Worker):
         extra = (["rollout_log_prob"] if rollout_is else []) if on_policy else ["old_log_prob"]
         extra += ["advantages"] + (["ref_log_prob"] if kl_fn else [])
         extra += ["rollout_is_weights"] if "rollout_is_weights" in batch else []
+        sft = self._sft_companion(batch)  # actor.sft_loss_coef: teacher rows ride along (sft_* keys)
         with self.memory.phase("update"):
-            out = self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
+            out = self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs, sft)
         if on_policy and kept:  # the last pipeline stage: every row's log-probs, in the batch's order
             lp = torch.zeros(batch["responses"].shape, dtype=kept[0][1].dtype)
             for rows, x in kept:
                 lp[rows] = x
             out["log_prob"] = lp
         return out
+
+    def _sft_companion(self, batch: dict):
+        """``actor.sft_loss_coef`` > 0: the step's teacher responses (``sft_*`` keys of ``batch``, one row
+        per prompt, removed from it) and the loss they add to every policy mini-batch: coef x their
+        token-mean NLL (T = 1, as ``sft_step``), in the same optimizer step as the policy loss."""
+        rows = {k[4:]: batch.pop(k) for k in [k for k in batch if k.startswith("sft_")]}
+        coef = self.config.actor.sft_loss_coef
+        if not rows or coef == 0:
+            return None
+        a = self.config.actor
+
+        def loss_fn(hidden, mb):
+            lp, _ = self._token_logprob(self.shard, hidden, mb, compute_entropy=False)
+            loss, _ = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode, **mb["agg"])
+            return coef * loss * mb["share_scale"], {"actor/sft_mix_loss": float(loss) * mb["metric_scale"]}
+
+        return rows, loss_fn
 
     @register(Dispatch.DP, collect="mean")
     def sft_step(self, batch: dict) -> dict:
@@ -237,13 +255,15 @@ class ActorWorker(Worker):
         with self.memory.phase("sft"):
             return self._train(b, [], loss_fn, 1, 1)
 
-    def _train(self, batch, extra, loss_fn, num_mini_batches, epochs) -> dict:
+    def _train(self, batch, extra, loss_fn, num_mini_batches, epochs, companion=None) -> dict:
         """``epochs`` x mini-batches, one optimizer step each. A micro-batch's loss is its exact share
         of the mini-batch loss (``agg_loss`` with the mini-batch's denominator summed over every
         micro-batch and data-parallel replica), times ``share_scale`` = micro-batches x replicas,
         which undoes Megatron's mean over micro-batches and DDP's mean over replicas: the gradient is
         that of the whole mini-batch at once, whatever the micro-batching (token-mean weighs every
-        token equally, not every micro-batch)."""
+        token equally, not every micro-batch). ``companion``: (rows, loss_fn) of a second loss split into
+        the same number of mini-batches, whose micro-batches join each policy mini-batch's optimizer step
+        (``_sft_companion``); each loss keeps its own denominator."""
         a = self.config.actor
         b = Batching(a.ppo_micro_batch_size_per_gpu, a.use_dynamic_bsz, a.ppo_max_token_len_per_gpu)
         rows = batch["prompt_ids"].shape[0]
@@ -259,8 +279,11 @@ class ActorWorker(Worker):
                 mbs = actor_micro_batches(part, groups, tuple(extra), pad_id=self.pad_id)
                 for mb in mbs:
                     mb["agg"], mb["share_scale"] = agg, float(len(mbs) * self.layout.dp_size)
+                fn = loss_fn
+                if companion is not None:
+                    mbs, fn = self._with_companion(mbs, loss_fn, companion, i // mini, num_mini_batches, b)
                 with hidden_head(self.shard.module):  # loss_fn gets hidden states, applies the head itself
-                    results, info = self.shard.train_step(mbs, loss_fn)
+                    results, info = self.shard.train_step(mbs, fn)
                 skipped += int(info["nonfinite"])
                 metrics += [dict(r) for r in results]
                 metrics.append({"actor/grad_norm": info["grad_norm"], "actor/lr": info["lr"]})
@@ -268,3 +291,24 @@ class ActorWorker(Worker):
         out["actor/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
         out["actor/optimizer_state_bytes"] = float(self.shard.optimizer_state_bytes())
         return out
+
+    def _with_companion(self, mbs, loss_fn, companion, index, count, b):
+        """Mini-batch ``index`` of ``count``: the policy's micro-batches plus the companion rows' share,
+        every micro-batch scaled by the joint count (Megatron averages over all of them), each loss's
+        metric by its own count (so it reads as that loss)."""
+        rows, extra_fn = companion
+        n = rows["prompt_ids"].shape[0]
+        step = -(-n // count)
+        part = {k: v[index * step:(index + 1) * step] for k, v in rows.items()}
+        groups = self._groups(part, b, sync_count=True)
+        denom = algos.agg_denominator(part["response_mask"], self.config.actor.loss_agg_mode, self.max_response_length)
+        agg = {"denominator": state.all_reduce_dp([denom])[0], "horizon": self.max_response_length}
+        more = actor_micro_batches(part, groups, (), pad_id=self.pad_id)
+        dp = self.layout.dp_size
+        for mb in mbs:
+            mb["metric_scale"] = float(len(mbs) * dp)
+        for mb in more:
+            mb["agg"], mb["metric_scale"], mb["companion"] = agg, float(len(more) * dp), True
+        for mb in mbs + more:
+            mb["share_scale"] = float((len(mbs) + len(more)) * dp)
+        return mbs + more, lambda hidden, mb: (extra_fn if mb.get("companion") else loss_fn)(hidden, mb)

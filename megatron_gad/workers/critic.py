@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_gad import algos
 from megatron_gad.config import CriticConfig
 from megatron_gad.config_checks import critic_controls_on
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
@@ -72,6 +73,9 @@ class CriticWorker(Worker):
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)
         self.memory.settle()  # off the device until its first pass (the first rollout runs before it)
+        self._embeddings = None  # critic.r1_coef: the last forward's input embeddings (a graph node)
+        if config.r1_coef > 0:
+            self.shard.module.embedding.register_forward_hook(lambda m, i, out: setattr(self, "_embeddings", out))
 
     def _head(self):
         head = self.shard.module.output_layer
@@ -116,12 +120,13 @@ class CriticWorker(Worker):
         b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu, self.align)
         groups = self._equal_count(lambda k: pair_groups(batch, n, b, min_count=k), b.dynamic)
         mbs = [pair_micro_batch(batch, parts, align=self.align) for parts in groups]
-        pairs_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n)])[0]
+        pairs_total, teachers_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n),
+                                                           float(batch["prompt_ids"].shape[0])])
         t_eos = ends_with_eos(batch["teacher_response"], t_mask, eos)  # [B]
         s_eos = ends_with_eos(batch["responses"], s_mask, eos)  # [B, n]
         for mb, parts in zip(mbs, groups):
             mb["share_scale"] = float(len(mbs) * self.layout.dp_size)
-            mb["pairs_total"] = pairs_total
+            mb["pairs_total"], mb["teachers_total"] = pairs_total, teachers_total
             # per pair (teacher_of order): identical scored token ids, and EOS on one side only
             ident, mismatch = [], []
             for part in parts:
@@ -177,13 +182,19 @@ class CriticWorker(Worker):
             m = dict(m, identical_pairs=ident.float().mean(), eos_mismatch=mb["eos_mismatch"].float().mean(),
                      identical_pair_gap=gap[ident].max() if bool(ident.any()) else torch.zeros(()))
             share = pairs / mb["pairs_total"] * mb["share_scale"]  # mean over this micro-batch's pairs -> share
+            extra = 0.0
+            if self.config.r1_coef > 0 and torch.is_grad_enabled():  # training only: R1 on the teachers
+                t_live = sequence_scores(hidden, mb["last"][:k], w, b, pool[:k] if pool is not None else None)
+                r1 = algos.r1_penalty(t_live, self._embeddings, self.config.r1_coef, mb["teachers_total"])
+                extra = r1 * mb["share_scale"]  # its share of the mean over the mini-batch's teachers
+                m["r1_penalty"] = r1.detach() * mb["teachers_total"] / k if k else r1.detach()
             out = {f"{prefix}{key}": float(v) * share for key, v in m.items()}
             if "swap" in controls:
                 out[f"{prefix}swapped_pairs"] = float(controls["swap"].float().mean()) * share
             if keep_scores:
                 out.update(_teacher_scores=t.float().cpu(), _teacher_rows=mb["teacher_rows"],
                            _student_scores=s.float().cpu(), _student_rows=mb["student_rows"])
-            return loss * share, out
+            return loss * share + extra, out
 
         return loss_fn
 

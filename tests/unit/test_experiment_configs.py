@@ -20,8 +20,10 @@ def _arch(path):
 
 
 def test_the_configs():
+    """Per Qwen2.5 size: the frozen-actor warmup (the seed recipe), the paper's joint warmup, GAD; and the
+    Qwen3-8B student's GAD stage."""
     names = {os.path.basename(p) for p in CONFIGS}
-    paper = {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "gad")}
+    paper = {f"qwen2.5-{s}-{st}.yaml" for s in ("3b", "7b", "14b") for st in ("warmup", "jointwarmup", "gad")}
     assert names == paper | {"qwen3-8b-gad.yaml"}
 
 
@@ -48,3 +50,22 @@ def test_dry_run(path, tmp_path, capsys):
                               f"data.val_files=[{data}]", "--dry-run", "--gpu", "h100-80gb"], capsys)
     assert code == 0, err
     assert "dry run: nothing started" in out and "verdict: FITS" in out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_published_settings(path):
+    """configs/experiments/README.md's table: one actor update per step (LMOps ppo_mini_batch_size =
+    train_batch_size = 256), n=8 at T=0.8, lr 1e-6 both, KL low_var_kl 0.001, grad clip 0.2."""
+    from megatron_gad.config import load_config
+
+    cfg = load_config(path)
+    a, r = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    assert a.ppo_mini_batch_size == cfg.data.train_batch_size == 256
+    assert (r.n, r.temperature, a.optim.lr, cfg.critic.optim.lr) == (8, 0.8, 1e-6, 1e-6)
+    assert (a.use_kl_loss, a.kl_loss_type, a.kl_loss_coef, a.optim.clip_grad) == (True, "low_var_kl", 0.001, 0.2)
+    stage = os.path.basename(path).rsplit("-", 1)[1]
+    w = cfg.trainer.warmup
+    assert {"gad.yaml": (0, "frozen"), "warmup.yaml": (10, "frozen"),
+            "jointwarmup.yaml": (1000000, "sft")}[stage] == (cfg.trainer.critic_warmup, w.mode)
+    if stage == "jointwarmup.yaml":
+        assert w.critic_only_steps == 10 and w.until_d_acc is None and cfg.trainer.total_epochs == 1
