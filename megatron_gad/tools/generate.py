@@ -197,6 +197,12 @@ def main_generate(args) -> int:
     vocab = cfg["vocab_size"]
     if max(prompt) >= vocab or min(prompt) < 0:
         raise ToolError(f"prompt token ids must be in [0, {vocab}) for this model")
+    from megatron_gad.models.arch import arch_from_hf_config, sliding_window_problem
+
+    window = sliding_window_problem(arch_from_hf_config(cfg), len(prompt) + args.max_new_tokens,
+                                    "the prompt's tokens + --max-new-tokens")
+    if window:
+        raise ToolError(f"{args.model}: {window}")
     eos, pad = special_ids(cfg, tok, args.eos_id)
     spec = GenerateSpec(model=args.model, prompts=[prompt], max_new_tokens=args.max_new_tokens, eos_id=eos,
                         pad_id=pad, tp=args.tp, pp=args.pp, greedy=args.greedy,

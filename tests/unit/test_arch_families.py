@@ -107,3 +107,13 @@ def test_train_refuses_unsupported_architecture(overrides, needles, tmp_path, ca
     assert f"actor_rollout_ref.model.path={model}" in err
     for needle in needles:
         assert needle in err, (needle, err)
+
+
+def test_generate_refuses_sequences_past_the_sliding_window(tmp_path, capsys):
+    model = tmp_path / "mistral"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(dict(CONFIGS["mistral"], sliding_window=8)))
+    code, _, err = run_cli(["generate", str(model), "--prompt-ids", "1 5 6 7", "--max-new-tokens", "5"], capsys)
+    last = err.strip().splitlines()[-1]  # (a note before it: the directory has no tokenizer)
+    assert code == 2 and "Traceback" not in err and last.startswith("megatron-gad generate: error: "), err
+    assert "the prompt's tokens + --max-new-tokens=9 is longer than the model's sliding_window=8" in last
