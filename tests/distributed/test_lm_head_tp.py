@@ -24,8 +24,8 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 
 def _grad_close(got, ref, what=""):
     """Gradients: within 1e-6 of the largest entry (>= 1). They sum many fp32 terms: on the kernel
-    case here (|grad| up to ~7) today's path (fp32 logits, vocab_parallel_logprob) is itself 4e-6
-    from float64, and the fused head is equal to it."""
+    case with weights x 0.7 (|grad| up to ~7) today's path (fp32 logits, vocab_parallel_logprob) is
+    itself 4e-6 from float64, as is the fused head."""
     err, scale = float((got.double() - ref.double()).abs().max()), max(1.0, float(ref.abs().max()))
     assert err <= 1e-6 * scale, f"{what}: max |diff| {err:.3g} vs 1e-6 x {scale:.3g}"
     return err / scale
@@ -44,7 +44,9 @@ def _kernel(rank, world, v_padded, v_real):
     g = torch.Generator().manual_seed(0)  # the same full problem on every rank
     N, H = 19, 10
     hidden = torch.randn(N, H, generator=g)
-    weight = torch.randn(v_padded, H, generator=g) * 0.7
+    # log-probs down to ~-8: at |lp| ~ 14 (weights x 0.7) fp32 itself resolves only 2e-6, and
+    # today's path (fp32 logits, vocab_parallel_logprob) is that far from float64 too
+    weight = torch.randn(v_padded, H, generator=g) * 0.3
     target = torch.randint(0, v_real, (N,), generator=g)
     w_lp, w_ent = torch.randn(N, generator=g), torch.randn(N, generator=g)
 
