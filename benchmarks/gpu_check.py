@@ -367,8 +367,9 @@ def check_kernels(rec: Recorder, smoke: bool) -> None:
 
 def _check_lm_head(rec, smoke: bool, dev, reps: int) -> None:
     """lm_head_logprob (hidden -> log-prob + entropy through the LM head in chunks, temperature 0.7)
-    vs the naive head: full [T, V] logits, / T, log_softmax in fp32. Same thresholds as the logits
-    kernel (relative max error of log-probs, entropy and both gradients); its peak memory must stay
+    vs the naive head: full [T, V] logits, / T, log_softmax (bf16: against that head in fp32 with the
+    logits kernel's threshold; fp32: against fp64 math, within 1e-5 or no worse than 2x the fp32 naive
+    head's own error), relative max error of log-probs, entropy and both gradients; its peak memory must stay
     below the naive head's, which holds the [T, V] logits, their softmax and gradient."""
     import torch
 
@@ -385,8 +386,11 @@ def _check_lm_head(rec, smoke: bool, dev, reps: int) -> None:
 
         def step(variant, hidden=hidden, weight=weight, target=target):
             h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-            if variant == "naive":
-                logp = torch.log_softmax((h @ w.t()).float() / temp, -1)
+            if variant == "exact":  # fp64 throughout: the reference both fp32 heads are measured against
+                h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+            if variant in ("naive", "exact"):
+                logp = torch.log_softmax((h @ w.t()).to(torch.float64 if variant == "exact" else torch.float32)
+                                         / temp, -1)
                 lp, ent = logp.gather(-1, target[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
             else:
                 lp, ent = lm_head_logprob(h, w, target, temperature=temp, compute_entropy=True,
@@ -394,10 +398,23 @@ def _check_lm_head(rec, smoke: bool, dev, reps: int) -> None:
             (lp.sum() + ent.sum()).backward()
             return {"lp": lp.detach(), "entropy": ent.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
 
-        ref, got = step("naive"), step("fused")
-        errs = {k: _rel(got[k], ref[k]) for k in ref}
         tol = TOL["logprob_fp32_rel" if dtype == torch.float32 else "logprob_bf16_rel"]
-        rec.check_le(f"lm_head_{dn}_max_rel_err", max(errs.values()), tol, **errs)
+        if dtype == torch.float32:
+            # fp32 against fp64: the hidden gradient sums V = 151,936 terms, and two fp32 orders of that sum
+            # differ by ~sqrt(V) ulps (1.6e-5 relative on an H200), more than 1e-5. The fused head must be
+            # within 1e-5 of exact math, or no worse than 2x today's fp32 head (full logits) is.
+            exact, naive, got = step("exact"), step("naive"), step("fused")
+            errs = {k: _rel(got[k].double(), exact[k]) for k in exact}
+            naive_errs = {k: _rel(naive[k].double(), exact[k]) for k in exact}
+            del exact, naive
+            tol = max(tol, 2 * max(naive_errs.values()))
+            errs.update({f"naive_{k}": v for k, v in naive_errs.items()})
+            worst = max(v for k, v in errs.items() if not k.startswith("naive_"))
+        else:
+            ref, got = step("naive"), step("fused")
+            errs = {k: _rel(got[k], ref[k]) for k in ref}
+            worst = max(errs.values())
+        rec.check_le(f"lm_head_{dn}_max_rel_err", worst, tol, **errs)
         t_naive = _timed(lambda: step("naive"), max(1, reps // 2))
         t = _timed(lambda: step("fused"), max(1, reps // 2))
         rec.report(f"lm_head_{dn}_time", t * 1e3, "ms", naive_ms=t_naive * 1e3, time_vs_naive=t / t_naive,
