@@ -1,8 +1,10 @@
 """Rollout throughput and Megatron -> vLLM weight-sync cost, measured side by side on this machine.
 
 Part 1, tokens/s on the same random Qwen2 and the same prompts (greedy, ``--new`` tokens each):
-  * megatron-gad native engine (``engine.generate``, KV cache, TP1 on one gloo rank);
-  * ``transformers`` ``generate`` (left-padded batch);
+  * megatron-gad native engine (``engine.generate``: static lockstep decode per cost-model length bucket,
+    KV cache, TP1 on one gloo rank), with its model forwards, forwards per response position and host
+    syncs per decode step;
+  * ``transformers`` ``generate`` (left-padded batch; its model forwards counted by a hook);
   * vLLM through our wrapper (``engine.vllm_engine.VLLMEngine.generate``: per-row seeds, sampled
     log-probs, our stop rule) and plain vLLM (``LLM.generate`` with one ``SamplingParams``) on the *same*
     engine, alternated, best of ``--repeats``: the wrapper's overhead.
@@ -54,10 +56,14 @@ def _native(rank, world, path, ps, new):
     shard = ModelShard("actor", path, 1, 1, vocab_divisible_by=128, trainable=False)
     ids, mask = pad_sequences(ps, 0, left=True)
     generate(shard, ids[:2], mask[:2], max_new_tokens=4, eos_id=EOS, pad_id=0, greedy=True)  # warm-up
+    stats: dict = {}
     t = time.perf_counter()
-    out = generate(shard, ids, mask, max_new_tokens=new, eos_id=EOS, pad_id=0, greedy=True,
-                   micro_batch_size=len(ps))
-    return {"seconds": time.perf_counter() - t, "tokens": int(out["response_mask"].sum())}
+    out = generate(shard, ids, mask, max_new_tokens=new, eos_id=EOS, pad_id=0, greedy=True, stats=stats)
+    seconds = time.perf_counter() - t
+    rows = [r[m.bool()].tolist() for r, m in zip(out["responses"], out["response_mask"])]
+    return {"seconds": seconds, "tokens": int(out["response_mask"].sum()), "forwards": stats["forwards"],
+            "steps": stats["steps"], "host_syncs": stats["host_syncs"], "buckets": stats["buckets"],
+            "prefill_rows": stats["prefill_rows"], "new_positions": out["responses"].shape[1], "rows": rows}
 
 
 def _transformers(path, ps, new):
@@ -68,18 +74,19 @@ def _transformers(path, ps, new):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids, mask = pad_sequences(ps, 0, left=True)
+    calls = [0]
+    hf.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     with torch.no_grad():
         hf.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        calls[0] = 0
         t = time.perf_counter()
         out = hf.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=EOS,
                           pad_token_id=0)
     seconds = time.perf_counter() - t
     gen = out[:, ids.shape[1]:]
-    # tokens up to and including the first EOS of each row
-    tokens = 0
-    for row in gen.tolist():
-        tokens += (row.index(EOS) + 1) if EOS in row else len(row)
-    return {"seconds": seconds, "tokens": tokens}
+    rows = [row[: row.index(EOS) + 1] if EOS in row else row for row in gen.tolist()]  # up to and with EOS
+    return {"seconds": seconds, "tokens": sum(map(len, rows)), "forwards": calls[0], "new_positions": gen.shape[1],
+            "rows": rows}
 
 
 def _vllm(path, ps, new, repeats):
@@ -130,10 +137,15 @@ def bench_engines(args, root: str) -> dict:
     res["vllm (plain LLM.generate, ids only)"] = v["plain_minimal"]
     for r in res.values():
         r["tok_per_s"] = r["tokens"] / r["seconds"]
+        if "forwards" in r:  # model forwards per response position (prefill and forced prompt steps included)
+            r["forwards_per_token"] = r["forwards"] / max(r["new_positions"], 1)
+        if "steps" in r:
+            r["host_syncs_per_step"] = r["host_syncs"] / max(r["steps"], 1)
+    same = [a == b for a, b in zip(res["native"].pop("rows"), res["transformers"].pop("rows"))]
     params = sum(t.numel() for t in __import__("megatron_gad.models.hf", fromlist=["x"]).read_hf_state_dict(
         path).values())
     return {"model_params": params, "prompts": len(ps), "new_tokens": args.new, "vllm_start_s": v["start_s"],
-            "engines": res,
+            "engines": res, "greedy_rows_equal_transformers": sum(same) / len(same),
             "wrapper_overhead": res["vllm (plain LLM.generate, same outputs)"]["tok_per_s"]
             / res["vllm (megatron-gad wrapper)"]["tok_per_s"] - 1,
             "logprob_cost": res["vllm (plain LLM.generate, ids only)"]["tok_per_s"]
@@ -141,75 +153,132 @@ def bench_engines(args, root: str) -> dict:
 
 
 # ---------------------------------------------------------------- part 2: weight sync
-def _export(rank, world, path, bucket_bytes):
-    from megatron_gad.engine.model_shard import ModelShard
-    from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights
+def _sync_module(file: str | None):
+    """``engine.weight_sync`` of this tree (None) or of another revision (a copy of its file): the
+    "before" side of the before/after table, run in the same processes as "after"."""
+    if file is None:
+        from megatron_gad.engine import weight_sync
 
+        return weight_sync
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("weight_sync_before", file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _export(rank, world, path, bucket_bytes, impl_file):
+    import dataclasses
+
+    from megatron_gad.engine.model_shard import ModelShard
+
+    ws = _sync_module(impl_file)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     shard = ModelShard("actor", path, 1, 1, vocab_divisible_by=128, trainable=False)
     t = time.perf_counter()
-    buckets = list(make_buckets(stream_hf_weights(shard.module, shard.arch, None, 1, emit=True), bucket_bytes))
-    manifest = [describe(b, 0, k, len(buckets)) for k, b in enumerate(buckets)]
-    return {"seconds": time.perf_counter() - t, "manifest": manifest, "buckets": buckets}
+    items = ws.stream_hf_weights(shard.module, shard.arch, None, 1, emit=True)
+    if hasattr(ws, "export_buckets"):
+        packed = ws.export_buckets(items, bucket_bytes, 0)
+    else:  # the revision before issue 22
+        buckets = list(ws.make_buckets(items, bucket_bytes))
+        packed = [(ws.describe(b, 0, k, len(buckets)), b) for k, b in enumerate(buckets)]
+    return {"seconds": time.perf_counter() - t, "manifest": [dataclasses.astuple(i) for i, _ in packed],
+            "buckets": [b for _, b in packed]}
 
 
-def _load(path, syncs):
+def _load(path, syncs, impl_files):
     from megatron_gad.engine.vllm_engine import VLLMEngine
-    from megatron_gad.engine.weight_sync import check_manifest, verified_items
     from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
     from megatron_gad.models.hf import hf_param_shapes
 
     eng = VLLMEngine(path, dtype="float32", max_model_len=64, seed=0, load_format="dummy")
     expected = hf_param_shapes(arch_from_hf_config(read_hf_config(path)))
+    mods = {f: _sync_module(f) for f in set(impl_files)}
     out = []
-    for sync in syncs:
+    for sync, f in zip(syncs, impl_files):
+        ws = mods[f]
+        manifest = [ws.BucketInfo(*t) for t in sync["manifest"]]
         t = time.perf_counter()
-        check_manifest(sync["manifest"], expected)
-        eng.load_weights(verified_items(sync["manifest"], lambda k, b=sync["buckets"]: b[k]))
-        out.append(time.perf_counter() - t)
+        ws.check_manifest(manifest, expected)
+        eng.load_weights(ws.verified_items(manifest, lambda k, b=sync["buckets"]: b[k]))
+        load_s = time.perf_counter() - t
+        t = time.perf_counter()  # vLLM's own part: the same tensors, unverified
+        eng.load_weights((n, x) for b in sync["buckets"] for n, x in b.items())
+        out.append((load_s, time.perf_counter() - t))
     return out
 
 
 def bench_sync(args, root: str) -> list[dict]:
+    import subprocess
+
     from megatron_gad.parallel.launch import run_local
     from tests.rollout.helpers import in_fresh_process
 
+    impls = {"after": None}
+    if args.before_ref:  # the same table for another revision's weight_sync.py, side by side
+        before = os.path.join(root, "weight_sync_before.py")
+        with open(before, "w") as f:
+            f.write(subprocess.run(["git", "show", f"{args.before_ref}:megatron_gad/engine/weight_sync.py"],
+                                   capture_output=True, text=True, check=True,
+                                   cwd=os.path.dirname(RESULTS)).stdout)
+        impls = {f"before ({args.before_ref})": before, "after": None}
     rows = []
     for name, (hidden, layers, vocab, heads, kv, ffn) in args.sizes.items():
         path = make_model(os.path.join(root, f"sync_{name}"), hidden, layers, vocab, heads, kv, ffn)
-        syncs = [run_local(_export, 1, path, mb << 20)[0] for mb in args.buckets_mb]
-        loads = in_fresh_process(_load, path, syncs)
-        for mb, sync, load_s in zip(args.buckets_mb, syncs, loads):
-            gb = sum(i.nbytes for i in sync["manifest"]) / 1e9
-            rows.append({"model": name, "params": int(gb * 1e9 / 4), "gb": gb, "bucket_mb": mb,
+        runs = [(label, f, mb) for mb in args.buckets_mb for label, f in impls.items()]  # alternated
+        syncs = [run_local(_export, 1, path, mb << 20, f)[0] for _, f, mb in runs]
+        loads = in_fresh_process(_load, path, syncs, [f for _, f, _ in runs])
+        for (label, _, mb), sync, (load_s, vllm_s) in zip(runs, syncs, loads):
+            gb = sum(m[-1] for m in sync["manifest"]) / 1e9
+            rows.append({"impl": label, "model": name, "params": int(gb * 1e9 / 4), "gb": gb, "bucket_mb": mb,
                          "buckets": len(sync["manifest"]), "export_s": sync["seconds"], "load_s": load_s,
-                         "s_per_gb": (sync["seconds"] + load_s) / gb})
+                         "vllm_reload_s": vllm_s, "s_per_gb": (sync["seconds"] + load_s) / gb})
     return rows
 
 
-def write(report: dict, out_dir: str) -> None:
+def write(report: dict, out_dir: str, name: str = "bench_rollout") -> None:
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench_rollout.json"), "w") as f:
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(report, f, indent=2)
     e = report["engines"]
-    native = e["engines"]["native"]["tok_per_s"]
-    lines = ["# Rollout engines and weight sync (2-core CPU, fp32)", "",
-             f"Random Qwen2, {e['model_params'] / 1e6:.1f}M parameters; {e['prompts']} prompts of 15–48 tokens; "
-             f"greedy, up to {e['new_tokens']} new tokens each. vLLM start-up: {e['vllm_start_s']:.1f} s.", "",
-             "| engine | tokens | seconds | tok/s | vs native |", "|---|---|---|---|---|"]
-    for name, r in e["engines"].items():
-        lines.append(f"| {name} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_per_s']:.0f} | "
-                     f"{r['tok_per_s'] / native:.2f}x |")
-    lines += ["", f"Wrapper overhead over plain vLLM asked for the same outputs (same engine, best of "
-                  f"{report['args']['repeats']}): {100 * e['wrapper_overhead']:+.1f} %; the sampled log-probs "
-                  f"themselves cost {100 * e['logprob_cost']:+.1f} % over ids only.", "",
-              "## Weight sync (export on the actor rank + verified in-place load into vLLM)", "",
-              "| model | params | GB | bucket MB | buckets | export s | load s | s/GB |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines = ["# Rollout engines and weight sync (2-core CPU, fp32)", ""]
+    if e is not None:
+        native = e["engines"]["native"]["tok_per_s"]
+        lines += [f"Random Qwen2, {e['model_params'] / 1e6:.1f}M parameters; {e['prompts']} prompts of 15–48 tokens; "
+                  f"greedy, up to {e['new_tokens']} new tokens each. vLLM start-up: {e['vllm_start_s']:.1f} s.", "",
+                  "| engine | tokens | seconds | tok/s | vs native | vs transformers | forwards | forwards / position "
+                  "| host syncs / step |", "|---|---|---|---|---|---|---|---|---|"]
+        hf = e["engines"]["transformers"]["tok_per_s"]
+        rows = dict(e["engines"])
+        if report.get("before"):  # today's engine before the rewrite, measured in an earlier run (--before)
+            rows = {"native before (separate run)": report["before"], **rows}
+        for engine, r in rows.items():
+            fwd = f"{r['forwards']} | {r['forwards_per_token']:.2f}" if "forwards_per_token" in r else "- | -"
+            sync = f"{r['host_syncs_per_step']:.3f}" if "host_syncs_per_step" in r else "-"
+            lines.append(f"| {engine} | {r['tokens']} | {r['seconds']:.2f} | {r['tok_per_s']:.0f} | "
+                         f"{r['tok_per_s'] / native:.2f}x | {r['tok_per_s'] / hf:.2f}x | {fwd} | {sync} |")
+        n = e["engines"]["native"]
+        lines += ["", f"Native: {n['buckets']} length bucket(s), {n['prefill_rows']} prefill rows, {n['steps']} "
+                      f"decode steps; greedy rows equal to transformers token for token: "
+                      f"{100 * e['greedy_rows_equal_transformers']:.0f} % (fp32; a random model's near-ties may flip "
+                      "an argmax between the left-padded and the unpadded computation)."]
+        lines += ["", f"Wrapper overhead over plain vLLM asked for the same outputs (same engine, best of "
+                      f"{report['args']['repeats']}): {100 * e['wrapper_overhead']:+.1f} %; the sampled log-probs "
+                      f"themselves cost {100 * e['logprob_cost']:+.1f} % over ids only.", ""]
+    lines += ["## Weight sync (export on the actor rank + verified in-place load into vLLM)", "",
+              "| weight_sync.py | model | params | GB | bucket MB | buckets | export s | load s | s/GB | "
+              "of which vLLM reload s/GB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sync"]:
-        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['gb']:.3f} | {r['bucket_mb']} | "
-                     f"{r['buckets']} | {r['export_s']:.2f} | {r['load_s']:.2f} | {r['s_per_gb']:.1f} |")
-    with open(os.path.join(out_dir, "bench_rollout.md"), "w") as f:
+        lines.append(f"| {r['impl']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['gb']:.3f} | {r['bucket_mb']} | "
+                     f"{r['buckets']} | {r['export_s']:.2f} | {r['load_s']:.2f} | {r['s_per_gb']:.2f} | "
+                     f"{r['vllm_reload_s'] / r['gb']:.2f} |")
+    lines += ["", "export: TP gathers + HF re-layout + host copies + checksums on the actor rank; load: manifest "
+                  "check + per-bucket verification + vLLM's in-place reload; the last column times vLLM's reload "
+                  "alone (same tensors, unverified), the floor of this path."]
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -218,6 +287,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small model, few prompts (smoke run)")
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--before", help="JSON of an earlier native measurement (seconds, tokens) shown as a row")
+    p.add_argument("--sync-only", action="store_true", help="only part 2 (weight sync)")
+    p.add_argument("--name", default="bench_rollout", help="output file stem in --out")
+    p.add_argument("--before-ref", default=None,
+                   help="git revision whose engine/weight_sync.py is timed side by side with this tree's")
     args = p.parse_args()
     if args.quick:
         args.hidden, args.layers, args.vocab, args.heads, args.kv_heads, args.ffn = 128, 2, 1024, 2, 1, 256
@@ -233,9 +307,14 @@ def main() -> None:
         args.buckets_mb = [16, 128, 512]
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as root:
-        report = {"args": {k: v for k, v in vars(args).items() if k != "out"},
-                  "engines": bench_engines(args, root), "sync": bench_sync(args, root)}
-    write(report, args.out)
+        report = {"args": {k: v for k, v in vars(args).items() if k not in ("out", "name")},
+                  "engines": None if args.sync_only else bench_engines(args, root), "sync": bench_sync(args, root)}
+    if args.before:
+        with open(args.before) as f:
+            before = json.load(f)
+        before["tok_per_s"] = before["tokens"] / before["seconds"]
+        report["before"] = before
+    write(report, args.out, args.name)
 
 
 if __name__ == "__main__":

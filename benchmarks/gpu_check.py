@@ -26,6 +26,11 @@ Checks (thresholds are next to each check below and in docs/gpu-check.md):
                   vs eager (>= 5x at 64 sequences; outputs and q/k/v grads equal within bf16 tolerance)
   vs_transformers the 1B fwd+bwd beside transformers attn_implementation="sdpa" in the same process:
                   >= 0.95x its tokens/s, <= 1.1x its peak (benchmarks/gpu_checks_attention.py)
+  rollout_native  native rollout vs transformers.generate, Qwen2.5-0.5B shape, 64 rows, greedy 32 tokens:
+                  tok/s ratio >= 1.0, forwards per position, host syncs per step (gpu_checks_rollout.py)
+  families        (benchmarks/gpu_checks_families.py) Qwen3-8B and Llama-3.1-8B layer shapes (2 layers,
+                  q/k norms; llama3 RoPE on a row of 8,500 tokens, past its 8,192 window) vs transformers:
+                  packed logits fp32 and bf16, greedy KV-cached decoding (fp32)
 
 Here (CPU):  PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu_check_smoke
 
@@ -57,12 +62,15 @@ import traceback
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = "results.jsonl"
+sys.path.insert(0, HERE)
+from gpu_checks_rollout import check_rollout_native  # noqa: E402,F401  (a check_<name> of this module)
 
 # name -> timeout (s) on a GPU; --smoke multiplies by SMOKE_SCALE (a loaded 2-core CPU box).
 CHECKS = {"import": 45, "cluster_only": 30, "kernels": 75, "megatron_vs_hf": 75, "checkpoint": 60,
-          "gad_steps": 75, "throughput": 120}
+          "gad_steps": 75, "throughput": 120, "families": 240, "weight_sync": 45}
 # issue 20: attention backends (benchmarks/gpu_checks_attention.py)
 CHECKS.update({"attention_packed": 90, "vs_transformers": 150})
+CHECKS["rollout_native"] = 120  # benchmarks/gpu_checks_rollout.py
 SMOKE_SCALE = 4
 # GPU_CHECK_BF16=1: the checkpoint and GAD-step checks use bf16 on CPU too (what they use on a GPU).
 BF16_ON_CPU = os.environ.get("GPU_CHECK_BF16") == "1"
@@ -354,6 +362,51 @@ def check_kernels(rec: Recorder, smoke: bool) -> None:
                     rec.report(f"logprob_{dn}_{variant}_peak_vs_naive", ratio, peak_mib=m / 2**20,
                                naive_mib=m_naive / 2**20)
         del base
+    _check_lm_head(rec, smoke, dev, reps)
+
+
+def _check_lm_head(rec, smoke: bool, dev, reps: int) -> None:
+    """lm_head_logprob (hidden -> log-prob + entropy through the LM head in chunks, temperature 0.7)
+    vs the naive head: full [T, V] logits, / T, log_softmax in fp32. Same thresholds as the logits
+    kernel (relative max error of log-probs, entropy and both gradients); its peak memory must stay
+    below the naive head's, which holds the [T, V] logits, their softmax and gradient."""
+    import torch
+
+    from megatron_gad.kernels.lm_head import lm_head_logprob
+
+    T, H, V = (64, 32, 1000) if smoke else (4096, 2048, 151936)
+    temp = 0.7
+    for dtype in (torch.float32, torch.bfloat16):
+        dn = str(dtype).split(".")[-1]
+        g = torch.Generator(device=dev).manual_seed(2)
+        hidden = torch.randn(T, H, generator=g, device=dev).to(dtype)
+        weight = (torch.randn(V, H, generator=g, device=dev) * H ** -0.5 * 2).to(dtype)
+        target = torch.randint(0, V, (T,), generator=g, device=dev)
+
+        def step(variant, hidden=hidden, weight=weight, target=target):
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            if variant == "naive":
+                logp = torch.log_softmax((h @ w.t()).float() / temp, -1)
+                lp, ent = logp.gather(-1, target[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+            else:
+                lp, ent = lm_head_logprob(h, w, target, temperature=temp, compute_entropy=True,
+                                          token_chunk=256 if smoke else 4096, vocab_chunk=128 if smoke else 8192)
+            (lp.sum() + ent.sum()).backward()
+            return {"lp": lp.detach(), "entropy": ent.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
+
+        ref, got = step("naive"), step("fused")
+        errs = {k: _rel(got[k], ref[k]) for k in ref}
+        tol = TOL["logprob_fp32_rel" if dtype == torch.float32 else "logprob_bf16_rel"]
+        rec.check_le(f"lm_head_{dn}_max_rel_err", max(errs.values()), tol, **errs)
+        t_naive = _timed(lambda: step("naive"), max(1, reps // 2))
+        t = _timed(lambda: step("fused"), max(1, reps // 2))
+        rec.report(f"lm_head_{dn}_time", t * 1e3, "ms", naive_ms=t_naive * 1e3, time_vs_naive=t / t_naive,
+                   shape=f"T={T} H={H} V={V}")
+        m_naive, m = _peak_bytes(lambda: step("naive")), _peak_bytes(lambda: step("fused"))
+        if m is not None:
+            rec.check_le(f"lm_head_{dn}_peak_vs_naive", m / m_naive, TOL["logprob_peak_ratio"],
+                         peak_mib=m / 2**20, naive_mib=m_naive / 2**20)
+        del hidden, weight
 
 
 def _mixed_rows(smoke: bool, vocab: int):
@@ -559,7 +612,9 @@ def check_gad_steps(rec: Recorder, smoke: bool) -> None:
     rows += [{}] * (3 - len(rows))
     rec.check_true("stages", stages == ["warmup", "gad", "gad"], "== [warmup, gad, gad]", value=",".join(stages),
                    dtype=dtype, disc_loss_impl=impl)
-    want = ["gen", "reward", "old_log_prob", "ref", "adv", "update_critic", "update_actor", "save"]
+    # trainer.lean_step (default; demo: one PPO epoch, one mini-batch): rewards from the critic's update,
+    # no old log-prob pass (controller/step_plan.py)
+    want = ["gen", "update_critic", "ref", "adv", "update_actor", "save"]
     rec.check_true("gad_phase_order", phases == want, "== " + ",".join(want), value=",".join(phases))
     need_w = {"critic/d_loss", "critic/d_acc", "response_length/mean", "timing_s/step"}
     need_g = need_w | {"actor/pg_loss", "actor/kl", "reward/mean", "timing_s/update_actor"}
@@ -638,6 +693,32 @@ def check_throughput(rec: Recorder, smoke: bool) -> None:
 
 
 from gpu_checks_attention import check_attention_packed, check_vs_transformers  # noqa: E402,F401
+from gpu_checks_families import check_families  # noqa: E402,F401  Qwen3 / Llama-3.1 shapes vs transformers
+
+
+def check_weight_sync(rec: Recorder, smoke: bool) -> None:
+    """Issue 22: weight-sync export (checksums on the device, pinned host copies) and verified load on
+    the device, in s/GB of bf16 (target <= 0.5 on a CPU; a GPU should be far below), bit-exact."""
+    import torch
+
+    from megatron_gad.engine.weight_sync import export_buckets, verified_items
+
+    dev = _device()
+    n = (1 << 20) if smoke else (1 << 28)  # bf16 elements in all: 2 MiB / 512 MiB
+    g = torch.Generator(device=dev).manual_seed(0)
+    items = [(f"w{i}", torch.randn(n // 8, generator=g, device=dev).bfloat16()) for i in range(8)]
+    gb = n * 2 / 1e9
+    sync = {}
+
+    def run():
+        sync["packed"] = export_buckets(items, 64 << 20, 0)
+        sync["got"] = dict(verified_items([i for i, _ in sync["packed"]], lambda k: sync["packed"][k][1], dev))
+
+    s = _timed(run, 1 if smoke else 3)
+    rec.check_true("bit_exact", all(torch.equal(sync["got"][k], t) for k, t in items), "round trip")
+    rec.check_true("pinned", dev.type != "cuda" or all(
+        t.is_pinned() for _, b in sync["packed"] for t in b.values()), "host copies pinned on CUDA")
+    rec.report("s_per_gb", s / gb, "s/GB", gb=gb, buckets=len(sync["packed"]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import os
 import sys
 import traceback
 
-from megatron_gad.errors import RunFailure, UserError
+from megatron_gad.errors import DistributedRunError, RunFailure, UserError
 
 # subcommand -> (module, function): the lazy dispatch table
 # the GPU kinds of tools/plan.py:GPUS (kept here as names: building the parser imports no tool; a test checks)
@@ -390,9 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         return _user_error(args.command, e, debug)
     except RunFailure as e:  # the run stopped (a worker died, ...): one line, the checkpoint to resume from; 3
         return _user_error(args.command, e, debug, code=3)
-    except RuntimeError as e:
-        if not str(e).startswith("distributed run"):
-            raise
+    except DistributedRunError as e:
         # a rank failed: its traceback is in the message; skip the parent's own (uninformative) stack
         print(f"megatron-gad {args.command}: {e}", file=sys.stderr)
         return 1

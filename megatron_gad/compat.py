@@ -99,13 +99,15 @@ RULES: tuple[Rule, ...] = (
          ("data.on_bad_row",), convert=lambda v: "skip" if v else "error"),
     Rule("data.filter_overlong_prompts_workers", "map", "processes that tokenize the dataset",
          ("data.tokenize_workers",)),
-    Rule("data.truncation", "accept",
-         "prompts are never truncated: a prompt over data.max_prompt_length is an error, or is dropped with "
-         "`data.on_bad_row=skip` (verl's filter_overlong_prompts); raise data.max_prompt_length to keep it",
-         accepts=_is("error"), accepted="error"),
-    Rule("trainer.val_before_train", "accept",
-         "validation runs every `trainer.test_freq` steps and after the last step, not before the first",
-         accepts=_is(False), accepted="false"),
+    Rule("data.truncation", "same",
+         "a prompt over data.max_prompt_length: error (a bad row: the run stops, or drops it with "
+         "`data.on_bad_row=skip`) / left (keep its end) / right (keep its start) / middle (both halves); "
+         "responses are never cut. Unlike verl, an explicit left/right/middle wins over "
+         "data.filter_overlong_prompts=true (verl drops the prompt before truncating)"),
+    Rule("trainer.val_before_train", "same",
+         "validation (data.val_files, with trainer.test_freq > 0) also before the first step, logged as step 0"),
+    Rule("trainer.default_hdfs_dir", "accept", "checkpoints are written to trainer.default_local_dir only (no HDFS "
+         "copy); point it at shared storage instead", accepts=_off, accepted="null"),
     Rule("algorithm.use_kl_in_reward", "accept",
          "the KL to the reference is a loss term: `actor_rollout_ref.actor.use_kl_loss=true` with "
          "`kl_loss_coef` / `kl_loss_type`", accepts=_is(False), accepted="false"),

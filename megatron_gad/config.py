@@ -68,6 +68,10 @@ class DataConfig:
     cache_dir: str | None = None
     use_cache: bool = True
     tokenize_workers: int | None = None  # processes tokenizing a large set; null: one per CPU, at most 16
+    # A prompt over max_prompt_length (verl's key and values): error = a bad row (data.on_bad_row says
+    # whether the run stops or drops it); left = keep its last tokens; right = its first; middle = the
+    # first half and the last half. Responses are never truncated.
+    truncation: Literal["error", "left", "right", "middle"] = "error"
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,9 @@ class ActorConfig:
     kl_loss_type: Literal["low_var_kl", "k1", "k2", "k3", "kl", "abs", "mse"] = "low_var_kl"
     entropy_coeff: float = 0.0
     logprob_chunk_size: int = 1024
+    # GAD steps: + sft_loss_coef x the NLL of the step's teacher responses, in the same optimizer step
+    # as the policy loss (each term with its own token-mean denominator); 0 = off
+    sft_loss_coef: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,9 @@ class RolloutConfig:
     free_cache_engine: bool = True  # vLLM sleep mode between rollouts (GPU): weights and KV cache leave the GPU
     enforce_eager: bool = False  # vLLM without CUDA graphs (always eager on CPU)
     weight_sync_bucket_mb: int = 512  # Megatron -> vLLM weights travel in buckets of about this size
+    # native (megatron) rollout: at most this many rows decode together in one length bucket; null: all rows of
+    # the rank (one forward per step for all of them); set it where their KV cache would not fit
+    micro_batch_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -225,6 +235,14 @@ class SaturationGuardConfig:
 
 
 @dataclass(frozen=True)
+class ReplayConfig:
+    """Past student samples for the discriminator (``algos.replay``); off while capacity or
+    groups_per_step is 0. The buffer is not checkpointed: a resumed run refills it."""
+    capacity: int = 0  # prompt groups kept (the newest)
+    groups_per_step: int = 0  # past groups added to each critic update, after the current ones
+
+
+@dataclass(frozen=True)
 class CriticConfig:
     model: CriticModelConfig = field(default_factory=CriticModelConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
@@ -254,13 +272,26 @@ class CriticConfig:
     # mean = the mean of the head over its response tokens (docs/discriminator.md).
     score_pooling: Literal["last", "mean"] = "last"
     # Saturation controls of the pair loss (algos.discriminator.pair_loss), all off by default:
-    loss_type: Literal["bt", "hinge"] = "bt"
+    # bt: Bradley-Terry on the gap; hinge; bce: the paper's ablation, -log s(D(teacher)) - log(1 - s(D(student)))
+    loss_type: Literal["bt", "hinge", "bce"] = "bt"
     bt_temperature: float = 1.0  # z = (gap - margin) / temperature
     label_smoothing: float = 0.0  # bt target 1 - eps
     margin: float = 0.0
     swap_prob: float = 0.0  # each pair's teacher and student exchanged (label flipped) with this probability
     saturation_guard: SaturationGuardConfig = field(default_factory=SaturationGuardConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    # R1 gradient penalty on the input embeddings of teacher sequences (algos.r1_penalty): + r1_coef / 2 x
+    # E_teacher ||dD/de||^2 in each update (a double backward; not with activation recompute); 0 = off
+    r1_coef: float = 0.0
     nccl_timeout: int = 7200  # seconds, for the critic's process group (see actor_rollout_ref.nccl_timeout)
+
+
+@dataclass(frozen=True)
+class FilterGroupsConfig:
+    """DAPO's dynamic sampling, without resampling (verl's ``algorithm.filter_groups``): a prompt's group
+    whose rewards' std is <= ``min_std`` carries no ranking signal and leaves the actor's batch."""
+    enable: bool = False
+    min_std: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -271,6 +302,10 @@ class AlgorithmConfig:
     # mismatch, as verl): null (off) | token | sequence; weights min(ratio, threshold)
     rollout_is: Literal["token", "sequence"] | None = None
     rollout_is_threshold: float = 2.0
+    # GRPO: divide by max(group std, this floor) (0 = off): a group whose rewards barely differ is not
+    # blown up to full-size advantages
+    grpo_std_floor: float = 0.0
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
 
 
 @dataclass(frozen=True)
@@ -279,6 +314,16 @@ class WarmupConfig:
     until_d_acc: list[float] | None = None  # [low, high] band of discriminator accuracy
     patience: int = 3
     max_steps: int | None = None
+    # mode sft: the first k warmup steps train the discriminator only (LMOps' warmup run: critic_warmup=10)
+    critic_only_steps: int = 0
+
+
+@dataclass(frozen=True)
+class BestCheckpointConfig:
+    """Keep the checkpoint with the best validation metric in <default_local_dir>/best (off: metric null).
+    ``metric``: a key of the validation metrics (e.g. val/d_acc); ``mode``: max or min is better."""
+    metric: str | None = None
+    mode: Literal["max", "min"] = "max"
 
 
 @dataclass(frozen=True)
@@ -292,6 +337,8 @@ class TrainerConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     save_freq: int = -1  # -1: no periodic checkpoints; N: every N steps
     test_freq: int = -1  # -1: no validation; N: held-out metrics (data.val_files) every N steps and at the end
+    val_before_train: bool = False  # also validate before the first step (logged as step 0; verl's key)
+    best_checkpoint: BestCheckpointConfig = field(default_factory=BestCheckpointConfig)
     default_local_dir: str = "outputs/gad"
     resume_mode: Literal["auto", "disable"] = "auto"
     resume_from_path: str | None = None
@@ -319,6 +366,9 @@ class TrainerConfig:
     # only after a newer one is complete
     max_actor_ckpt_to_keep: int | None = None
     max_critic_ckpt_to_keep: int | None = None
+    # rewards from the critic update's own forward and, on-policy (one PPO epoch, one mini-batch), no
+    # separate old log-prob pass (controller/step_plan.py); false: the separate passes (for comparison)
+    lean_step: bool = True
 
 
 @dataclass(frozen=True)
@@ -339,6 +389,11 @@ class CustomRewardFunctionConfig:
 class RewardConfig:
     # the actor's reward = D(student) + verifier_weight * verifier (0 = the verifier is logged only)
     verifier_weight: float = 0.0
+    # the discriminator's part of the reward: critic_weight x shaped D (0 with a verifier = the
+    # checker-only control: the critic still trains and is logged, the actor never sees it)
+    critic_weight: float = 1.0
+    # score: D(student); sigmoid_gap: sigmoid(D(student) - D(teacher of its prompt)), bounded in (0, 1)
+    critic_shape: Literal["score", "sigmoid_gap"] = "score"
     # warn (reward/hacking_warning) when critic/verifier_auc stays below hacking_auc over hacking_window
     # GAD steps while D's reward rises
     hacking_auc: float = 0.55

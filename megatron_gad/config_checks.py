@@ -50,9 +50,12 @@ _BOUNDS = [(k, ">=", 1) for k in _SIZE_KEYS + _BATCH_KEYS + [
     "critic.ppo_epochs", "trainer.total_training_steps", "trainer.total_epochs", "trainer.warmup.patience",
     "trainer.warmup.max_steps", "trainer.log_every", "ray.num_cpus", "trainer.max_nonfinite_steps",
     "trainer.max_actor_ckpt_to_keep", "trainer.max_critic_ckpt_to_keep", "actor_rollout_ref.nccl_timeout",
-    "critic.nccl_timeout",
+    "critic.nccl_timeout", "actor_rollout_ref.rollout.micro_batch_size",
 ]] + [(k, ">=", 0) for k in [
     "trainer.critic_warmup", "actor_rollout_ref.actor.kl_loss_coef", "critic.score_reg_coef", "critic.head_init_std",
+    "trainer.warmup.critic_only_steps", "actor_rollout_ref.actor.sft_loss_coef", "algorithm.grpo_std_floor",
+    "algorithm.filter_groups.min_std", "reward.critic_weight", "critic.replay.capacity",
+    "critic.replay.groups_per_step", "critic.r1_coef",
 ] + [f"{r}.optim.{k}" for r in _ROLES for k in ("lr", "min_lr", "weight_decay", "clip_grad", "lr_warmup_steps")]] + [
     ("actor_rollout_ref.rollout.temperature", ">", 0), ("actor_rollout_ref.rollout.top_p", ">", 0),
     ("actor_rollout_ref.rollout.top_p", "<=", 1), ("actor_rollout_ref.rollout.gpu_memory_utilization", ">", 0),
@@ -220,6 +223,21 @@ def layout_problems(arch: Mapping, tp: int, pp: int, vocab_divisible_by: int, *,
 
 
 def _check_arch(cfg: GADConfig, role: str, m: MegatronConfig, arch: Mapping, bad: list[str]) -> None:
+    from megatron_gad.models.arch import UnsupportedArch, arch_from_hf_config, sliding_window_problem
+
+    path = cfg.critic.model.path if role == "critic" and cfg.critic.model.path else cfg.actor_rollout_ref.model.path
+    where = "critic.model.path" if role == "critic" and cfg.critic.model.path else "actor_rollout_ref.model.path"
+    try:  # an architecture the model builder would refuse inside a worker, reported here as an input error
+        parsed = arch_from_hf_config(dict(arch))
+    except UnsupportedArch as e:
+        bad.append(f"{where}={path}: {e}")
+        return
+    except KeyError:  # a missing size key: the layout rules below name it
+        parsed = None
+    longest = cfg.data.max_prompt_length + cfg.data.max_response_length
+    window = parsed and sliding_window_problem(parsed, longest, "data.max_prompt_length+data.max_response_length")
+    if window:
+        bad.append(f"{where}={path}: {window}")
     bad += layout_problems(arch, m.tensor_model_parallel_size, m.pipeline_model_parallel_size,
                            cfg.actor_rollout_ref.model.make_vocab_size_divisible_by,
                            tp_key=f"{role}.megatron.tensor_model_parallel_size",
@@ -295,6 +313,23 @@ def check(cfg: GADConfig, arch: Mapping | None = None) -> None:
     if not 0.5 <= r.hacking_auc <= 1 or r.hacking_window < 2:
         bad.append(f"reward.hacking_auc={r.hacking_auc} must be in [0.5, 1] and reward.hacking_window="
                    f"{r.hacking_window} >= 2 (a reward trend needs two steps)")
+    if r.critic_weight == 0 and r.verifier_weight == 0 and trainer.mode == "gad":
+        bad.append("reward.critic_weight=0 and reward.verifier_weight=0: the actor's reward would be 0 for every "
+                   "sample; the checker-only control needs a verifier (custom_reward_function.path) with "
+                   "reward.verifier_weight > 0")
+    if trainer.best_checkpoint.metric is not None and (trainer.test_freq < 1 or not cfg.data.val_files):
+        bad.append(f"trainer.best_checkpoint.metric={trainer.best_checkpoint.metric} is read from the validation "
+                   "metrics: set data.val_files and trainer.test_freq >= 1")
+    if c.r1_coef > 0 and c.megatron.pipeline_model_parallel_size > 1:
+        bad.append("critic.r1_coef: the penalty needs the input embeddings and the scores in one process; "
+                   "set critic.megatron.pipeline_model_parallel_size=1 (or critic.r1_coef=0)")
+    if c.r1_coef > 0 and c.megatron.override_transformer_config.recompute_granularity is not None:
+        bad.append("critic.r1_coef needs the input-embedding gradient of the critic's graph (a double backward), "
+                   "which activation recompute discards: unset critic.megatron.override_transformer_config."
+                   "recompute_granularity or set critic.r1_coef=0")
+    if c.loss_type == "bce" and c.margin != 0.0:
+        bad.append(f"critic.margin={c.margin} applies to the score gap of the pair losses (bt, hinge); "
+                   "critic.loss_type=bce scores each side alone: set critic.margin=0")
     g = c.saturation_guard
     if g.enable and not (0.5 <= g.lower < g.upper <= 1.0):
         bad.append(f"critic.saturation_guard: lower={g.lower} and upper={g.upper} must satisfy 0.5 <= lower < upper "
@@ -364,4 +399,4 @@ def critic_controls_on(c) -> bool:
     """Whether any setting the fused kernel lacks is on: a pair-loss control beyond plain
     Bradley-Terry, or mean pooling (the kernel reads each sequence's last token only)."""
     return (c.loss_type != "bt" or c.bt_temperature != 1.0 or c.label_smoothing != 0.0 or c.margin != 0.0
-            or c.swap_prob != 0.0 or c.score_pooling != "last")
+            or c.swap_prob != 0.0 or c.score_pooling != "last" or c.r1_coef != 0.0)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from megatron_gad.errors import InputError, UserError
+from megatron_gad.tokenized import as_ids
 
 logger = logging.getLogger(__name__)
 
@@ -167,25 +168,18 @@ def check_row(row: Any, prompt_key: str, response_key: str) -> tuple[Any, str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _as_ids(out: Any) -> list[int]:
-    # transformers 5 may return a BatchEncoding even with return_dict=False on some tokenizers.
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return [int(t) for t in out]
-
-
 def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
     """Token ids of a prompt, following the module's template policy."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return _as_ids(
+        return as_ids(
             tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         )
     if not isinstance(prompt, str):
         raise BadRow("no_chat_template", "prompt is a message list but the tokenizer has no chat template")
-    return _as_ids(tokenizer.encode(prompt))
+    return as_ids(tokenizer.encode(prompt))
 
 
 def encode_teacher_response(tokenizer: Any, text: str) -> list[int]:
@@ -194,7 +188,7 @@ def encode_teacher_response(tokenizer: Any, text: str) -> list[int]:
     eos = tokenizer.eos_token
     if eos and text.endswith(eos):
         text = text[: -len(eos)]
-    ids = _as_ids(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    ids = as_ids(tokenizer.encode(text, add_special_tokens=False)) if text else []
     if not ids or ids[-1] != eos_id:
         ids.append(int(eos_id))
     return ids
@@ -210,6 +204,24 @@ def no_eos_message(tokenizer: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 # Dataset
 # ----------------------------------------------------------------------------------------------
+
+
+TRUNCATIONS = ("error", "left", "right", "middle")
+
+
+def truncate_prompt(ids: Sequence[int], max_length: int, mode: str) -> list[int]:
+    """verl's prompt truncation: ``ids`` cut to ``max_length`` tokens (unchanged when they fit, or
+    with mode ``error``, whose long prompts never get here): ``left`` keeps the last tokens, ``right``
+    the first, ``middle`` the first ``max_length // 2`` and the last ``max_length - max_length // 2``."""
+    ids = list(ids)
+    if len(ids) <= max_length or mode == "error":
+        return ids
+    if mode == "left":
+        return ids[len(ids) - max_length:]
+    if mode == "right":
+        return ids[:max_length]
+    head = max_length // 2
+    return ids[:head] + ids[len(ids) - (max_length - head):]
 
 
 class GADDataset:
@@ -234,19 +246,25 @@ class GADDataset:
         keep_keys: Sequence[str] = (),
         cache_dir: str | os.PathLike | None = None,
         num_workers: int | None = None,
+        truncation: str = "error",
     ):
         """``keep_keys``: fields of each kept row to keep as read (``self.rows[i]``; e.g. the prompt
-        text and ground truth a verifier reads); none by default."""
+        text and ground truth a verifier reads); none by default. ``truncation`` (verl's
+        ``data.truncation``): a prompt over ``max_prompt_length`` is a bad row (``error``) or is cut to
+        it, keeping its end (``left``), its start (``right``) or both halves (``middle``)."""
         from megatron_gad import tokenized
 
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+        if truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
+        self.truncation = truncation
         if isinstance(files, (str, os.PathLike)):
             files = [files]
         if isinstance(tokenizer, (str, os.PathLike)):
-            from transformers import AutoTokenizer
+            from megatron_gad.tokenizer import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+            tokenizer = load_tokenizer(tokenizer)
         if tokenizer.eos_token_id is None:
             raise InputError(no_eos_message(tokenizer))
         self.files = [str(f) for f in files]
@@ -337,9 +355,17 @@ class GADDataset:
         for r in np.flatnonzero(r_len > self.max_response_length).tolist():
             bad[r] = ("response_too_long", f"teacher response has {int(r_len[r])} tokens (with EOS) > "
                       f"max_response_length {self.max_response_length}")
-        for r in np.flatnonzero(p_len > self.max_prompt_length).tolist():
+        long_prompts = [] if self.truncation != "error" else np.flatnonzero(p_len > self.max_prompt_length).tolist()
+        for r in long_prompts:  # with truncation on they are cut in __getitem__ instead
             bad[r] = ("prompt_too_long", f"prompt has {int(p_len[r])} tokens > max_prompt_length "
                       f"{self.max_prompt_length}")
+        # Text that the tokenizer maps to no token (characters it drops, a response that is only the EOS
+        # string) passes the row checks; as a training row it would die at its first rollout or pair.
+        for r in np.flatnonzero(p_len == 0).tolist():
+            bad[r] = ("empty_prompt_tokens", "prompt tokenizes to no token (the tokenizer drops all of its text)")
+        for r in np.flatnonzero(r_len <= 1).tolist():
+            bad[r] = ("empty_response_tokens", "teacher response tokenizes to no token before EOS (the tokenizer "
+                      "drops all of its text, or it is only the EOS string)")
         bad.update({r: (reason, problem) for r, reason, problem in rows.bad})
         if bad and self.on_bad_row == "error":
             r = min(bad)
@@ -353,7 +379,7 @@ class GADDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {
-            "prompt_ids": self.prompt_ids[index],
+            "prompt_ids": truncate_prompt(self.prompt_ids[index], self.max_prompt_length, self.truncation),
             "teacher_response_ids": self.teacher_response_ids[index],
             "index": index,
         }

@@ -25,3 +25,9 @@ class InputError(UserError, ValueError):
 class RunFailure(Exception):
     """The run stopped for a reason outside the inputs; the message names what stopped (role, rank, step)
     and the checkpoint a rerun with trainer.resume_mode=auto continues from."""
+
+
+class DistributedRunError(RuntimeError):
+    """A rank of a local multi-process run (``parallel.launch``) failed or exited without a result; the
+    message holds each failed rank's traceback, so the console script prints it instead of its own stack
+    (exit 1: a failure inside a rank is a bug, or an environment problem its traceback names)."""

@@ -49,6 +49,9 @@ def stage_params(arch: Arch, role: str, tp: int, pp: int, pp_rank: int, padded_v
                 Param(pre + "self_attention.linear_qkv.weight", qkv * h)]
         if arch.qkv_bias:
             out.append(Param(pre + "self_attention.linear_qkv.bias", qkv))
+        if arch.qk_layernorm:  # Qwen3's per-head q/k RMSNorms, replicated over TP
+            out += [Param(pre + "self_attention.q_layernorm.weight", hd),
+                    Param(pre + "self_attention.k_layernorm.weight", hd)]
         out += [Param(pre + "pre_mlp_layernorm.weight", h),
                 Param(pre + "mlp.linear_fc1.weight", 2 * (ffn // tp) * h),
                 Param(pre + "mlp.linear_fc2.weight", h * (ffn // tp))]

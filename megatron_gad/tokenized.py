@@ -117,12 +117,17 @@ class TokenizedRows:
 # ----------------------------------------------------------------------------------------------
 
 
+def as_ids(out: Any) -> list[int]:
+    """Token ids as ints: transformers 5 may return a BatchEncoding even with return_dict=False."""
+    if isinstance(out, dict) or hasattr(out, "input_ids"):
+        out = out["input_ids"]
+    return [int(t) for t in out]
+
+
 def tokenize_chunk(tokenizer: Any, prompts: list, responses: list[str]):
     """Token ids of a chunk of checked rows, with :func:`megatron_gad.data.encode_prompt` and
     :func:`~megatron_gad.data.encode_teacher_response`'s policy, in one tokenizer call per side.
     Returns (prompt ids, response ids, [(i, reason, problem)] for rows that cannot be encoded)."""
-    from megatron_gad.data import _as_ids
-
     bad: list[tuple[int, str, str]] = []
     p_ids: list[list[int]] = [[] for _ in prompts]
     if getattr(tokenizer, "chat_template", None):
@@ -130,7 +135,7 @@ def tokenize_chunk(tokenizer: Any, prompts: list, responses: list[str]):
         out = tokenizer.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=False)
         p_ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "input_ids") else out
         if p_ids and not isinstance(p_ids[0], list):  # e.g. tensors from a custom tokenizer
-            p_ids = [_as_ids(o) for o in p_ids]
+            p_ids = [as_ids(o) for o in p_ids]
     else:
         plain = [i for i, p in enumerate(prompts) if isinstance(p, str)]
         bad += [(i, "no_chat_template", "prompt is a message list but the tokenizer has no chat template")

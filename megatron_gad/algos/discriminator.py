@@ -37,7 +37,8 @@ def pair_loss(diff: Tensor, temperature: float = 1.0, label_smoothing: float = 0
       ``hinge`` = ``relu(1 - z)`` (no gradient once a pair is separated by the margin).
     """
     if loss_type not in ("bt", "hinge"):
-        raise ValueError(f"loss_type must be 'bt' or 'hinge', got {loss_type!r}")
+        raise ValueError(f"pair_loss takes loss_type 'bt' or 'hinge' (bce scores each side: bce_pair_loss), "
+                         f"got {loss_type!r}")
     d = torch.where(swap, -diff, diff) if swap is not None else diff
     z = (d - margin) / temperature
     if loss_type == "hinge":
@@ -45,6 +46,22 @@ def pair_loss(diff: Tensor, temperature: float = 1.0, label_smoothing: float = 0
     loss = -F.logsigmoid(z)
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-z)
+    return loss
+
+
+def bce_pair_loss(teacher: Tensor, student: Tensor, temperature: float = 1.0, label_smoothing: float = 0.0,
+                  swap: Tensor | None = None) -> Tensor:
+    """The paper's binary cross-entropy ablation, per pair: D is a classifier on each sequence alone,
+    ``-log s(t) - log(1 - s(s))`` = ``softplus(-t) + softplus(s)`` with ``t``, ``s`` the teacher's and
+    the student's scores over ``temperature``. Averaged over pairs it is the usual GAN loss
+    E_teacher[-log s(D)] + E_student[-log(1 - s(D))] (every teacher is in n pairs, every student in one).
+    ``label_smoothing`` eps: targets 1-eps / eps; ``swap``: the pair's sides exchanged (labels flipped)."""
+    t, s = teacher / temperature, student / temperature
+    if swap is not None:
+        t, s = torch.where(swap, s, t), torch.where(swap, t, s)
+    loss = F.softplus(-t) + F.softplus(s)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (F.softplus(t) + F.softplus(-s))
     return loss
 
 
@@ -69,7 +86,11 @@ def discriminator_loss_paired(
     s, t0 = student_scores.to(dtype), teacher_scores.to(dtype)
     t = t0.index_select(0, teacher_of.to(t0.device).long())  # [pairs], paired with s
     diff = t - s
-    bt_loss = pair_loss(diff, **controls).mean()
+    if controls.get("loss_type") == "bce":  # each side scored alone (margin is refused by validation)
+        c = {k: v for k, v in controls.items() if k in ("temperature", "label_smoothing", "swap")}
+        bt_loss = bce_pair_loss(t, s, **c).mean()
+    else:
+        bt_loss = pair_loss(diff, **controls).mean()
     score_reg = score_reg_coef * torch.cat([t0, s]).pow(2).mean()
     loss = bt_loss + score_reg if score_reg_coef else bt_loss
     with torch.no_grad():
@@ -87,3 +108,14 @@ def discriminator_loss_paired(
             "overlap": (s > t0.mean()).float().mean(),  # students scored above the mean teacher
         }
     return loss, metrics
+
+
+def r1_penalty(teacher_scores: Tensor, embeddings: Tensor, coef: float, denominator: float) -> Tensor:
+    """R1 gradient penalty (Mescheder et al. 2018) on the discriminator's input embeddings: coef / 2 x
+    the squared norm of d(sum of teacher scores) / d(embeddings), summed over every token, over
+    ``denominator`` (the teachers it averages over). Scored sequences do not attend across each other
+    (packed), so each teacher's gradient lives on its own tokens and the sum is the sum of per-teacher
+    squared norms. ``create_graph``: the penalty's own gradient reaches D's weights (double backward)."""
+    (grad,) = torch.autograd.grad(teacher_scores.sum(), embeddings, create_graph=True)
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))  # >= fp32 (bf16 embeddings), fp64 kept
+    return 0.5 * coef * grad.pow(2).sum() / max(float(denominator), 1.0)

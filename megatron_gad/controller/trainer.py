@@ -28,9 +28,11 @@ import torch
 from megatron_gad import algos
 from megatron_gad import checkpoint as ckpt
 from megatron_gad.config import GADConfig, actor_dp, critic_dp, critic_model_path, dump_yaml, to_dict
+from megatron_gad.controller import levers
 from megatron_gad.controller.evaluation import TrainerEvaluation
 from megatron_gad.controller.samples import sample_rows, teacher_rows
 from megatron_gad.controller.saturation import SaturationGuard
+from megatron_gad.controller.step_plan import lean_passes, rollout_checks, split_scores, update_actor
 from megatron_gad.controller.verifier import HybridReward, verifier_row_keys
 from megatron_gad.controller.warmup import WarmupSchedule
 from megatron_gad.data import GADDataset, PromptLoader, collate_prompts
@@ -75,7 +77,7 @@ def rollout_engine(cfg: GADConfig) -> str:
 
 class GADTrainer(TrainerEvaluation):
     def __init__(self, cfg: GADConfig):
-        from transformers import AutoTokenizer
+        from megatron_gad.tokenizer import load_tokenizer
 
         self.cfg = cfg
         t, d = cfg.trainer, cfg.data
@@ -84,13 +86,13 @@ class GADTrainer(TrainerEvaluation):
         os.makedirs(self.run_dir, exist_ok=True)
         dump_yaml(cfg, os.path.join(self.run_dir, "config.resolved.yaml"))
 
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path)
+        self.tokenizer = load_tokenizer(cfg.actor_rollout_ref.model.path)
         self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         cache = (d.cache_dir or os.path.join(t.default_local_dir, ".cache", "data")) if d.use_cache else None
         data_args = (self.tokenizer, d.prompt_key, d.teacher_response_key, d.max_prompt_length,
                      d.max_response_length, d.on_bad_row)
-        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers}
+        data_kw = {"cache_dir": cache, "num_workers": d.tokenize_workers, "truncation": d.truncation}
         verifier_keys = verifier_row_keys(cfg)  # () without a verifier: the dataset keeps no raw fields
         self.dataset = GADDataset(d.train_files, *data_args, verifier_keys, **data_kw)
         self.hybrid = HybridReward(cfg, self.dataset.rows) if verifier_keys else None  # verifier mix
@@ -98,7 +100,8 @@ class GADTrainer(TrainerEvaluation):
         self.val_dataset = GADDataset(d.val_files, *data_args, **data_kw) if d.val_files and t.test_freq > 0 else None
         self.total_steps = t.total_training_steps or len(self.loader) * t.total_epochs
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps)
+        self.warmup = WarmupSchedule(t.critic_warmup, t.warmup.until_d_acc, t.warmup.patience, t.warmup.max_steps,
+                                     t.warmup.critic_only_steps)
         g = cfg.critic.saturation_guard
         self.guard = SaturationGuard(g.enable, g.upper, g.lower, g.window, g.action, g.lr_scale, g.extra_steps)
         self.step = 0
@@ -228,51 +231,69 @@ class GADTrainer(TrainerEvaluation):
         stage = "warmup" if warm else "gad"
         metrics: dict = {"stage": stage}
         B = batch["prompt_ids"].shape[0]
+        gad_step = not warm
+        joint = warm and cfg.trainer.warmup.mode == "sft" and self.warmup.sft_due()  # SFT beside the critic
         with self._phase(timer, "gen"):  # rollout: n samples per prompt
-            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step)
+            student = self._rollout(batch, n, seed=cfg.trainer.seed * 1_000_003 + self.step,
+                                    sync_follows=gad_step or joint)
         metrics.update(self._length_metrics(student, "response_length/"))
 
-        gad_step = not warm
+        lean = lean_passes(cfg, B)  # which passes this step can take from another's forward
+        scores = None  # the critic's scores before its update, when its update provides them
+        if lean.rewards_from_update:  # critic first: its update's forward gives the rewards
+            with self._phase(timer, "update_critic"):
+                pairs, m = levers.critic_pairs(self, self._pairs(batch, student))  # + critic.replay
+                metrics.update(m)
+                critic_m, scores = split_scores(self._update_critic(pairs, gad_step, True))
+            metrics.update(critic_m)
         if gad_step:
-            with self._phase(timer, "reward"):  # D(student), before this step's critic update
-                rewards = self.critic.compute_scores(student)["scores"]
+            # D(student), before this step's critic update: a pass of its own, or read from the update
+            phase = "reward" if scores is None else "verifier" if self.hybrid is not None else None
+            with self._phase(timer, phase) if phase else contextlib.nullcontext():
+                d_scores = scores["student_scores"].reshape(-1) if scores is not None else \
+                    self.critic.compute_scores(student)["scores"]
+                teacher = scores["teacher_scores"].reshape(-1) if scores is not None else None
+                # reward.critic_shape / critic_weight (sigmoid_gap: the teachers scored by the same critic)
+                rewards, m = levers.critic_reward(self, batch, d_scores, teacher)
+                metrics.update(m)
                 if self.hybrid is not None:  # + the verifier's score (custom_reward_function)
                     texts = [self.decode(i, m) for i, m in zip(student["responses"], student["response_mask"])]
                     rewards, m = self.hybrid(batch["index"].tolist(), texts, rewards, n)
                     metrics.update(m)
-            with self._phase(timer, "old_log_prob"):
-                student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
-            metrics.update(algos.logprob_mismatch(student["old_log_prob"], student["rollout_log_prob"],
-                                                  student["response_mask"]))
-            if cfg.algorithm.rollout_is is not None:
-                student["rollout_is_weights"], m = algos.rollout_is_weights(
-                    student["old_log_prob"], student["rollout_log_prob"], student["response_mask"],
-                    cfg.algorithm.rollout_is, cfg.algorithm.rollout_is_threshold)
-                metrics.update(m)
+            if not lean.on_policy:
+                with self._phase(timer, "old_log_prob"):
+                    student["old_log_prob"] = self.actor.compute_log_prob(student)["log_prob"]
+                metrics.update(rollout_checks(cfg, student, student["old_log_prob"]))
             if cfg.actor_rollout_ref.actor.use_kl_loss:
                 with self._phase(timer, "ref"):
                     student["ref_log_prob"] = self.actor.compute_ref_log_prob(student)["log_prob"]
             with self._phase(timer, "adv"):
                 est = algos.get_adv_estimator(cfg.algorithm.adv_estimator)
                 grpo = cfg.algorithm.adv_estimator == "grpo"
-                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if grpo else {}
+                kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo,
+                      "std_floor": cfg.algorithm.grpo_std_floor} if grpo else {}
                 student["advantages"], _ = est(rewards, student["response_mask"], n, **kw)
             metrics.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item()})
 
         if self._sample_step():  # the per-sample view, scored by the critic before its update
-            self._log_samples(batch, student, rewards if gad_step else None)
-        with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
-            metrics.update(self._update_critic(self._pairs(batch, student), gad_step))
+            self._log_samples(batch, student, d_scores if gad_step else None, scores)
+        if not lean.rewards_from_update:
+            with self._phase(timer, "update_critic"):  # every step: teacher vs student pairs
+                pairs, m = levers.critic_pairs(self, self._pairs(batch, student))  # + critic.replay
+                metrics.update(m)
+                metrics.update(self._update_critic(pairs, gad_step))
 
         if gad_step:
             with self._phase(timer, "update_actor"):
-                num_mini = max(1, B // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
-                student.pop("rollout_log_prob")
-                metrics.update(self.actor.update_actor(student, num_mini))
-        elif cfg.trainer.warmup.mode == "sft":
+                update, prompts, m = levers.actor_batch(self, batch, student, rewards)  # filter_groups, SFT mix
+                metrics.update(m)
+                if prompts:
+                    num_mini = max(1, prompts // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+                    metrics.update(update_actor(self.actor, cfg, update, num_mini, lean.on_policy))
+        elif joint:
             with self._phase(timer, "sft"):
                 metrics.update(self.actor.sft_step(batch))
-        if self.vllm is not None and (gad_step or cfg.trainer.warmup.mode == "sft"):
+        if self.vllm is not None and (gad_step or joint):
             with self._phase(timer, "weight_sync"):  # the actor changed: the engines follow now
                 metrics.update(self.sync_rollout())
         metrics.update({f"rollout/{k}": float(v) for k, v in self.syncs.items()})
@@ -285,16 +306,18 @@ class GADTrainer(TrainerEvaluation):
         metrics.update(fullest_rank(self.actor.memory_metrics()))  # memory/actor/<phase>_bytes of this step
         return metrics
 
-    def _rollout(self, batch: dict, n: int, seed: int, **sampling) -> dict:
+    def _rollout(self, batch: dict, n: int, seed: int, sync_follows: bool = False, **sampling) -> dict:
         """n samples per prompt from the rollout engine; rows i*n .. i*n+n-1 belong to prompt i.
-        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it."""
+        Also ``rollout_log_prob``: each sampled token's log-prob as the engine computed it.
+        ``sync_follows``: the actor changes this step (vLLM engines may drop their weights at sleep)."""
         gen_in = {"prompt_ids": batch["prompt_ids"].repeat_interleave(n, 0),
                   "prompt_mask": batch["prompt_mask"].repeat_interleave(n, 0)}
         if self.vllm is not None:
             if self.vllm_stale:
                 self.sync_rollout(initial=True)
             rows = gen_in["prompt_ids"].shape[0]
-            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed, **sampling)
+            out = self.vllm.generate(dict(gen_in, row_seed=torch.arange(rows) * 1_000_003), seed=seed,
+                                     sync_follows=sync_follows, **sampling)
         else:
             out = self.actor.generate(gen_in, seed=seed, **sampling)
         # replicas' responses are merged right-padded with 0; padding carries pad_id everywhere
@@ -314,20 +337,22 @@ class GADTrainer(TrainerEvaluation):
         return {"rollout/weight_sync_bytes": float(results[0]["bytes"]),
                 "rollout/weight_sync_load_s": max(r["seconds"] for r in results)}
 
-    def _update_critic(self, pairs: dict, gad_step: bool) -> dict:
+    def _update_critic(self, pairs: dict, gad_step: bool, scores: bool = False) -> dict:
         """The critic's update, as the saturation guard decides in GAD steps: skipped (the pairs are
-        only evaluated, so d_acc keeps being measured), at a scaled lr, or with extra updates."""
+        only evaluated, so d_acc keeps being measured), at a scaled lr, or with extra updates.
+        ``scores``: the result also holds the critic's scores before this update (``split_scores``)."""
         n = self.n
         if not gad_step:  # warmup: always a plain update; the guard sees GAD steps only
-            return self.critic.update_critic(pairs, n)
+            return self.critic.update_critic(pairs, n, return_scores=scores)
         d = self.guard.decide()
         if d["update"]:
-            m = self.critic.update_critic(pairs, n, d["lr_scale"])
+            m = self.critic.update_critic(pairs, n, d["lr_scale"], return_scores=scores)
             for _ in range(d["extra_steps"]):
                 extra = self.critic.update_critic(pairs, n)
                 m["critic/nonfinite_updates"] += extra["critic/nonfinite_updates"]
         else:
-            m = {k.replace("val/", "critic/", 1): v for k, v in self.critic.evaluate_pairs(pairs, n).items()}
+            m = {k.replace("val/", "critic/", 1): v
+                 for k, v in self.critic.evaluate_pairs(pairs, n, return_scores=scores).items()}
             m["critic/nonfinite_updates"] = 0.0
         self.guard.observe(m["critic/d_acc"])
         if self.guard.enable:
@@ -342,11 +367,15 @@ class GADTrainer(TrainerEvaluation):
         f = self.cfg.trainer.sample_log_freq
         return f > 0 and getattr(self, "logger", None) is not None and (self.step + 1) % f == 0
 
-    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None) -> None:
+    def _log_samples(self, batch: dict, student: dict, rewards: torch.Tensor | None, scores: dict | None) -> None:
         """``samples.jsonl`` (``controller/samples.py``), scored by the critic in the same state for both
-        sides: before this step's update."""
-        t_scores = self.critic.compute_scores(teacher_rows(batch), side="teacher")["scores"]
-        s_scores = rewards if rewards is not None else self.critic.compute_scores(student)["scores"]
+        sides: before this step's update (``scores``: read from its update's forward, when it ran first)."""
+        if scores is not None:
+            t_scores, s_scores = scores["teacher_scores"], scores["student_scores"].reshape(-1)
+            s_scores = rewards if rewards is not None else s_scores
+        else:
+            t_scores = self.critic.compute_scores(teacher_rows(batch), side="teacher")["scores"]
+            s_scores = rewards if rewards is not None else self.critic.compute_scores(student)["scores"]
         decode_prompt = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
         self.logger.log_samples(self.step + 1, sample_rows(batch, student, self.n, t_scores, s_scores, self.decode,
                                                            decode_prompt, self.eos_id))
@@ -392,6 +421,8 @@ class GADTrainer(TrainerEvaluation):
         self.logger = MetricsLogger(self.run_dir, loggers=_loggers(t.logger), project=t.project_name,
                                     experiment=t.experiment_name, config_dict=to_dict(self.cfg),
                                     total_steps=self.total_steps, resume_step=self.step if resumed else None)
+        if t.val_before_train and t.test_freq > 0 and self.step == 0:  # the starting point, as step 0
+            self.logger.log(0, self.validate())
         timer = Timer()
         # SIGUSR1 (sent by the sbatch script before the time limit) only sets a flag: the step in flight
         # finishes, then the loop saves and stops. Signal handlers can only be set in the main thread.
@@ -418,9 +449,11 @@ class GADTrainer(TrainerEvaluation):
                 if t.test_freq > 0 and (self.step % t.test_freq == 0 or self.step == self.total_steps):
                     with self._phase(timer, "validate"):
                         metrics.update(self.validate())
-                if (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps:
+                saved = (t.save_freq > 0 and self.step % t.save_freq == 0) or self.step == self.total_steps
+                if saved:
                     with self._phase(timer, "save"):
                         self.save()
+                metrics.update(levers.keep_best(self, metrics, saved))  # trainer.best_checkpoint
                 if self.stop_signal is not None and not (t.save_freq > 0 and self.step % t.save_freq == 0) \
                         and self.step != self.total_steps:
                     with self._phase(timer, "save"):

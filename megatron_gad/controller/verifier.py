@@ -11,9 +11,10 @@ reward functions may). Two signatures are accepted:
   named ``solution_str``: ``data_source``, ``ground_truth`` (``reward_model.ground_truth``, else a
   top-level ``ground_truth``) and ``extra_info`` come from the sample's data row.
 
-Each GAD step the actor's reward is ``D(student) + reward.verifier_weight * verifier`` (weight 0 =
-log only), and ``critic/verifier_auc`` says how well D alone ranks the samples the verifier prefers
-above the others (``algos.ranking_auc``). D's scores rising while that AUC sits below
+Each GAD step the actor's reward is ``reward.critic_weight * D(student) + reward.verifier_weight *
+verifier`` (verifier weight 0 = log only; critic weight 0 = the checker-only control), and
+``critic/verifier_auc`` says how well D alone ranks the samples the verifier prefers above the others
+(``algos.ranking_auc``). D's scores rising while that AUC sits below
 ``reward.hacking_auc`` means the student is learning what D rewards, not what the task asks:
 :class:`HackingMonitor` warns.
 """
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 
+from megatron_gad import algos
 from megatron_gad.algos import ranking_auc
 from megatron_gad.errors import InputError
 from megatron_gad.metrics import trend_slope
@@ -172,8 +174,9 @@ class HybridReward:
         self.verifier = Verifier(load_reward_function(crf.path, crf.name), rows, cfg.data.prompt_key, crf.name)
         self.monitor = HackingMonitor(r.hacking_auc, r.hacking_window)
         self.weight = r.verifier_weight
-        log.info("verifier %s from %s: reward = D + %g * verifier%s", crf.name, crf.path, self.weight,
-                 " (logged only)" if self.weight == 0 else "")
+        self.critic_weight = r.critic_weight  # 0: the checker-only control (the actor never sees D)
+        log.info("verifier %s from %s: reward = %g * D + %g * verifier%s", crf.name, crf.path, self.critic_weight,
+                 self.weight, " (logged only)" if self.weight == 0 else "")
 
     def __call__(self, index: Sequence[int], texts: Sequence[str], critic_scores: torch.Tensor,
                  n: int) -> tuple[torch.Tensor, dict]:
@@ -183,4 +186,4 @@ class HybridReward:
         if auc is not None:
             m["critic/verifier_auc"] = auc
         m.update(self.monitor.observe(auc, m["reward/critic_mean"]))
-        return critic_scores.float() + self.weight * v, m
+        return algos.mix_rewards(critic_scores, self.critic_weight, v, self.weight), m

@@ -6,6 +6,10 @@
 * Adaptive (``until_d_acc=[low, high]``): warmup ends once d_acc has stayed inside the band for
   ``patience`` consecutive warmup steps — the critic is neither blind (0.5) nor saturated
   (~1.0) — possibly before or after ``critic_warmup``; ``max_steps`` caps it.
+
+In a joint (``trainer.warmup.mode: sft``) warmup the actor trains on the teacher responses beside
+the critic, except in the first ``critic_only_steps`` warmup steps (the paper's warmup: LMOps runs
+it with ``critic_warmup=10``, so its first steps update the discriminator only).
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 
 class WarmupSchedule:
     def __init__(self, critic_warmup: int, until_d_acc: list[float] | None = None, patience: int = 3,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, critic_only_steps: int = 0):
         self.critic_warmup = critic_warmup
+        self.critic_only_steps = critic_only_steps
         self.band = tuple(until_d_acc) if until_d_acc else None
         self.patience = patience
         self.max_steps = max_steps
@@ -32,6 +37,10 @@ class WarmupSchedule:
             self._finish()
             return False
         return True
+
+    def sft_due(self) -> bool:
+        """In a joint warmup: does the next warmup step train the actor (SFT) as well as the critic?"""
+        return self.steps_done >= self.critic_only_steps
 
     def observe(self, d_acc: float) -> None:
         """Record one finished warmup step and its critic accuracy (d_acc)."""

@@ -6,6 +6,7 @@ import os
 import shutil
 
 from megatron_gad.demo.task import SYMBOLS
+from megatron_gad.tokenizer import load_tokenizer, save_generic
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -37,7 +38,7 @@ def build_tokenizer(out_dir: str | os.PathLike) -> str:
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
     )
-    hf.save_pretrained(str(out_dir))
+    save_generic(hf, out_dir)
     return str(out_dir)
 
 
@@ -56,9 +57,9 @@ def build_tiny_student(
     The weights depend only on ``seed`` (the global torch RNG is left untouched).
     """
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,

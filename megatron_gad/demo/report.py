@@ -44,7 +44,7 @@ def format_table(r: dict) -> str:
         table.append([name] + [f"{x:.3f}" for x in xs] + [_fmt(xs), f"{mean_std(greedy)[0]:.3f}" if greedy else "-",
                                                          f"{mean_std(distinct)[0]:.3f}" if distinct else "-"])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    lines = [f"held-out validity ({st['eval_prompts']} prompts x {st['eval_n']} samples at T=1; "
+    lines = [f"evaluation validity ({st['eval_prompts']} rows x {st['eval_n']} samples at T=1; "
              f"teacher = the same checker on the teacher's responses)"]
     for i, row in enumerate(table):
         lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
@@ -58,14 +58,14 @@ def format_table(r: dict) -> str:
                                                r["actor_frozen_during_warmup"],
                                                r["critic_probe"]["after_warmup"]):
         pts = ", ".join(f"{b}: {v:.2f}" for b, v in d_acc_curve(curve))
-        lines.append(f"  seed {k}: {pts} | final {final:.3f} | held-out {probe['heldout_d_acc']:.3f} | "
+        lines.append(f"  seed {k}: {pts} | final {final:.3f} | eval {probe['heldout_d_acc']:.3f} | "
                      f"actor frozen: {frozen}")
-    lines.append("discriminator on held-out student samples (valid-vs-invalid AUC; 0.5 = does not see validity):")
+    lines.append("discriminator on fresh student samples (valid-vs-invalid AUC; 0.5 = does not see validity):")
     for k, a, g in zip(seeds, r["critic_probe"]["after_warmup"], r["critic_probe"]["after_gad"]):
         def auc(p: dict) -> str:
             return "n/a" if p["valid_vs_invalid_auc"] is None else f"{p['valid_vs_invalid_auc']:.3f}"
-        lines.append(f"  seed {k}: after warmup AUC {auc(a)}, held-out d_acc {a['heldout_d_acc']:.3f} | "
-                     f"after GAD AUC {auc(g)}, held-out d_acc {g['heldout_d_acc']:.3f}")
+        lines.append(f"  seed {k}: after warmup AUC {auc(a)}, eval d_acc {a['heldout_d_acc']:.3f} | "
+                     f"after GAD AUC {auc(g)}, eval d_acc {g['heldout_d_acc']:.3f}")
     lines += _diagnostics_lines(seeds, r.get("gad_diagnostics"))
     stage_s = {name: mean_std([t[name]["total_s"] for t in r["timings"]])[0]
                for name in ("sft", "warmup", "gad", "sft_cont")}

@@ -8,8 +8,10 @@ Per seed, under ``OUT/seed<k>/``:
 3. ``gad``      GAD from the SFT actor with the warmed-up discriminator (``init_critic_from``), G steps.
 4. ``sft_cont`` SFT continued from the SFT checkpoint for the same G steps (the fair baseline).
 
-Every model is scored on held-out prompts with the task's ground-truth checker (validity of n samples
-at temperature 1, plus greedy validity); the discriminator never sees that checker. The report goes to
+Every model is scored on the evaluation rows (``heldout.jsonl``: a separate draw of teacher examples;
+their prompts are the same 11 lengths as training's, so only the teacher strings are unseen, not the
+prompts) with the task's ground-truth checker (validity of n samples at temperature 1, plus greedy
+validity); the discriminator never sees that checker. The report goes to
 ``OUT/demo_report.json`` and a table to stdout; progress lines go to stderr.
 """
 
@@ -32,8 +34,8 @@ class DemoSettings:
     # data
     n_train: int = 1000
     n_heldout: int = 200
-    eval_prompts: int = 200          # held-out prompts scored per model
-    eval_n: int = 8                  # samples per held-out prompt at temperature 1
+    eval_prompts: int = 200          # evaluation rows scored per model (the training prompts, fresh teacher strings)
+    eval_n: int = 8                  # samples per evaluation row at temperature 1
     # student (~100k parameters)
     hidden: int = 64
     layers: int = 2
@@ -120,7 +122,7 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
-    """Ground-truth validity of the current actor on held-out prompts (T=1 samples and greedy)."""
+    """Ground-truth validity of the current actor on the evaluation rows (T=1 samples and greedy)."""
     from megatron_gad.demo.task import score_samples
 
     sampled = trainer.sample(items, s.eval_n, temperature=1.0, seed=seed)
@@ -132,9 +134,10 @@ def evaluate(trainer, items: list[dict], prompts: list[str], s: DemoSettings, se
 
 
 def probe_critic(trainer, items: list[dict], prompts: list[str], s: DemoSettings, seed: int) -> dict:
-    """Held-out view of the critic (GAD's discriminator) against the current actor's samples.
+    """The critic (GAD's discriminator) on the evaluation rows against the current actor's fresh samples.
 
-    ``heldout_d_acc``: share of (teacher, student) pairs on held-out prompts ranked teacher-first.
+    ``heldout_d_acc``: share of (teacher, student) pairs of the evaluation rows ranked teacher-first (the
+    teacher strings are not the training ones; the prompts are).
     ``valid_vs_invalid_auc``: does D rank the actor's *valid* samples above its invalid ones (the thing
     the reward should encode; ~0.5 means it judges something else).
     """
@@ -238,7 +241,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     res["sft_eval"] = st.timed("eval_s", evaluate, st.trainer, items, prompts, s, seed)
     sft_fp = st.trainer.actor.weights_fingerprint()
     timings["sft"] = st.close()
-    _log(f"seed {seed} | sft: held-out valid {res['sft_eval']['valid_rate']:.3f}")
+    _log(f"seed {seed} | sft: eval valid {res['sft_eval']['valid_rate']:.3f}")
     sft_actor = _ckpt(run["sft"], s.sft_steps, "actor")
 
     # 2. Frozen warmup: critic only, the actor must stay bit-identical
@@ -262,7 +265,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     res["warmup_final_d_acc"] = sum(tail) / len(tail)
     res["warmup_reached_target"] = res["warmup_final_d_acc"] >= s.warmup_target_d_acc
     _log(f"seed {seed} | warmup: d_acc {res['warmup_d_acc'][0]:.3f} -> {res['warmup_final_d_acc']:.3f} "
-         f"(mean of last {len(tail)}), held-out {res['warmup_probe']['heldout_d_acc']:.3f}; actor frozen: "
+         f"(mean of last {len(tail)}), eval {res['warmup_probe']['heldout_d_acc']:.3f}; actor frozen: "
          f"{res['actor_frozen_during_warmup']}")
     if not res["actor_frozen_during_warmup"]:
         raise RuntimeError(f"seed {seed}: the actor changed during the frozen warmup: {res['actor_fingerprint']}")
@@ -280,7 +283,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     res["gad_d_acc"] = [float(m["critic/d_acc"]) for m in metrics]
     res["gad_step_s"] = _median([float(m["timing_s/step"]) for m in metrics])
     res["gad_diagnostics"] = gad_diagnostics(run["gad"], metrics, st.cfg)
-    _log(f"seed {seed} | gad: held-out valid {res['gad_eval']['valid_rate']:.3f}")
+    _log(f"seed {seed} | gad: eval valid {res['gad_eval']['valid_rate']:.3f}")
 
     # 4. SFT continued for the same number of steps (the fair baseline)
     st = _Stage("sft_cont", seed, stage_config(s, mode="sft", run_dir=run["sft_cont"], model_path=sft_actor,
@@ -288,7 +291,7 @@ def run_seed(seed: int, out: str, s: DemoSettings) -> dict:
     st.fit()
     res["sft_continued_eval"] = st.timed("eval_s", evaluate, st.trainer, items, prompts, s, seed)
     timings["sft_cont"] = st.close()
-    _log(f"seed {seed} | sft_cont: held-out valid {res['sft_continued_eval']['valid_rate']:.3f}")
+    _log(f"seed {seed} | sft_cont: eval valid {res['sft_continued_eval']['valid_rate']:.3f}")
     timings["total_s"] = time.perf_counter() - t0
     return res
 

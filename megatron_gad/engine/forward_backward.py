@@ -23,7 +23,8 @@ from functools import partial
 import torch
 
 # loss_fn(output, micro_batch) -> (loss: 0-d tensor, results: dict[str, tensor | float])
-# ``output`` is [B, S, V/tp] logits for the actor and [B, S, H] normed hidden states for the critic.
+# ``output`` is [B, S, V/tp] logits for the actor ([B, S, H] final hidden states inside
+# ``kernels.lm_head.hidden_head``, as the actor's passes run) and [B, S, H] normed hidden states for the critic.
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
@@ -65,7 +66,8 @@ def _forward_step(loss_fn: LossFn, data_iterator, model):
     mask = batch["mask_4d"] if "mask_4d" in batch else attention_mask_4d(batch["attention_mask"])
     if ctx is None:
         output = model(batch["input_ids"], batch["position_ids"], mask)
-    else:  # KV-cached sampling: logits come gathered over TP
+    else:  # KV-cached sampling: logits come gathered over TP; micro-batches of one cache at their row offset
+        ctx.batch_size_offset = batch.get("batch_offset", 0)
         output = model(batch["input_ids"], batch["position_ids"], mask, inference_context=ctx,
                        runtime_gather_output=True)
     return output, partial(_loss_wrapper, loss_fn, batch)

@@ -73,6 +73,7 @@ class ModelShard:
                                   recompute_num_layers=recompute_num_layers, attention_backend=attention_backend)
         self.use_distributed_optimizer = use_distributed_optimizer
         self._offloaded: dict[str, list] = {}  # kind -> [(storage, host copy or None)], see offload()
+        self._frozen_host: list | None = None  # a frozen shard's parameter host copies, kept (offload())
         if torch.cuda.is_available():  # built on CPU (identical weights for every layout), then moved
             self.module.cuda(torch.cuda.current_device())
         self.optim = optim or OptimConfig()
@@ -87,6 +88,7 @@ class ModelShard:
     # ---------------------------------------------------------------- weights
     def load_weights(self, path: str) -> None:
         self.reload("params")  # no-op unless offloaded
+        self._frozen_host = None  # the weights change: a kept host copy would be stale
         if ckpt.is_megatron_checkpoint(path):
             src_role = ckpt.read_meta(path)["role"]
             ckpt.load_checkpoint(path, self.module, skip_output_layer=src_role != self.role)
@@ -185,15 +187,24 @@ class ModelShard:
         for kind in chosen:
             if kind in self._offloaded:
                 continue
+            # a frozen shard's weights never change: the host copy made at its first offload stays valid,
+            # so later offloads only free the device memory (no device->host copy every step)
+            keep = kind == "params" and not self.trainable
+            kept = self._frozen_host if keep and self._frozen_host is not None \
+                and [h.nbytes() for h in self._frozen_host] == [st.nbytes() for st in storages[kind]] else None
             saved = []
-            for st in storages[kind]:
+            for i, st in enumerate(storages[kind]):
                 host = None
-                if kind != "grads":
+                if kept is not None:
+                    host = kept[i]
+                elif kind != "grads":
                     host = torch.empty(st.nbytes(), dtype=torch.uint8, pin_memory=pin).untyped_storage()
                     host.copy_(st)
                 saved.append((st, host, st.nbytes()))
                 st.resize_(0)
             self._offloaded[kind] = saved
+            if keep:
+                self._frozen_host = [host for _, host, _ in saved]
 
     def reload(self, *kinds: str) -> None:
         """Bring offloaded state back to the device (all kinds when none is named)."""
@@ -274,6 +285,7 @@ class ModelShard:
 
     def load(self, path: str, with_optimizer: bool, load_rng: bool = True) -> dict:
         self.reload()
+        self._frozen_host = None
         if with_optimizer and ckpt.read_meta(path).get("has_optimizer"):
             self.ensure_optimizer()
             extra = ckpt.load_checkpoint(path, self.module, self.optimizer, load_rng=load_rng)

@@ -16,7 +16,10 @@ place. No Ray and no Megatron here (``workers/rollout.py`` hosts it on a rank).
   so its packed copy would stay stale after a reload — it is re-packed explicitly here (measured:
   without it greedy tokens of a tied Qwen2 differ from ``transformers`` after an update).
 * **Sleep mode** (GPU only; vLLM ignores it on CPU): weights and KV cache leave the GPU while the
-  trainer's roles run.
+  trainer's roles run. When a weight sync will follow before the next sample (``sleep(keep_weights=
+  False)``: vLLM's level 2) the weights are dropped instead of backed up, and the sync wakes the
+  weights alone (``wake_up(tags=["weights"])``: memory, no copy) before loading: no stale copy goes
+  host->device just to be overwritten, and no KV cache is allocated for a load.
 
 The engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it already lives in
 its own Ray worker, and an in-process engine lets weight updates stream without pickling.
@@ -79,7 +82,8 @@ class VLLMEngine:
                        enforce_eager=enforce_eager or not gpu, enable_sleep_mode=self.sleep_enabled,
                        logprobs_mode="processed_logprobs", skip_tokenizer_init=True)
         self.tied = bool(getattr(self.llm.llm_engine.model_config.hf_config, "tie_word_embeddings", False))
-        self.asleep = False
+        self.awake = {"weights", "kv_cache"}  # vLLM's sleep-mode tags currently mapped on the GPU
+        self.weights_dropped = False  # slept at level 2: the weights are gone until the next load
 
     # ---------------------------------------------------------------- sampling
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, eos_id: int, seeds: list[int],
@@ -118,6 +122,7 @@ class VLLMEngine:
         """Load HF-named tensors in place (the whole model, streamed)."""
         worker = self._worker()
         worker.reload_weights(weights_iterator=iter(items))
+        self.weights_dropped = False
         model = worker.model_runner.model
         if self.tied and not torch.cuda.is_available():
             head = model.lm_head
@@ -129,15 +134,30 @@ class VLLMEngine:
         return {n: p.detach() for n, p in self._worker().model_runner.model.named_parameters()}
 
     # ---------------------------------------------------------------- memory
-    def sleep(self) -> None:
-        if self.sleep_enabled and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+    def sleep(self, keep_weights: bool = True) -> None:
+        """Free the GPU. ``keep_weights=False``: the weights are dropped, not backed up to host memory
+        (a weight sync must follow: ``weights_dropped`` stays True until ``load_weights``)."""
+        if not self.sleep_enabled:
+            return
+        if self.awake:
+            self.llm.sleep(level=1 if keep_weights else 2)
+            self.awake = set()
+            self.weights_dropped = not keep_weights
 
-    def wake_up(self) -> None:
-        if self.sleep_enabled and self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+    def wake_up(self, weights_only: bool = False) -> None:
+        """Map back what sleep released: everything, or (``weights_only``, for a weight load) the
+        weights alone; the KV cache wakes with the next full wake-up."""
+        if not self.sleep_enabled:
+            return
+        want = {"weights"} if weights_only else {"weights", "kv_cache"}
+        tags = sorted(want - self.awake)
+        if tags:
+            self.llm.wake_up(tags=tags)
+            self.awake |= set(tags)
+
+    @property
+    def asleep(self) -> bool:
+        return self.sleep_enabled and not self.awake
 
 
 def pad_outputs(outputs: list[tuple[list[int], list[float]]], pad_id: int) -> dict[str, torch.Tensor]:

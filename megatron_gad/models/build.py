@@ -39,6 +39,7 @@ def transformer_config(arch: Arch, tp: int, pp: int, params_dtype: str = "float3
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
@@ -80,12 +81,13 @@ def _local_rope_fusion() -> bool:
 def layer_spec(arch: Arch, attention_backend: str = "auto"):
     """Transformer Engine spec on a GPU with TE installed; Megatron's local spec (core attention
     :class:`~megatron_gad.models.attention.CoreAttention` on ``attention_backend``) otherwise."""
+    qk_layernorm = arch is not None and arch.qk_layernorm  # Qwen3's per-head q/k norms
     if torch.cuda.is_available():
         try:
             import transformer_engine  # noqa: F401
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-            return get_gpt_layer_with_transformer_engine_spec()
+            return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
         # Not only ImportError: a wheel whose shared library does not load (wrong CUDA, missing
         # .so) raises OSError or RuntimeError from the import. Any of them means "no TE here".
         except Exception as exc:
@@ -102,7 +104,7 @@ def layer_spec(arch: Arch, attention_backend: str = "auto"):
     # only what TE would.
     from megatron_gad.models.attention import local_layer_spec
 
-    return local_layer_spec(normalization="RMSNorm", backend=attention_backend)
+    return local_layer_spec(normalization="RMSNorm", backend=attention_backend, qk_layernorm=qk_layernorm)
 
 
 def is_te_spec(spec) -> bool:
@@ -131,9 +133,24 @@ def sequence_parallel_local_spec(spec, config):
 
     sub = dataclasses.replace(spec.submodules, input_layernorm=SequenceParallelRMSNorm,
                               pre_mlp_layernorm=SequenceParallelRMSNorm)
+    if config.qk_layernorm:  # per-head q/k norms (Qwen3): Megatron's torch norm refuses sequence parallel too
+        attn = sub.self_attention
+        sub = dataclasses.replace(sub, self_attention=dataclasses.replace(attn, submodules=dataclasses.replace(
+            attn.submodules, q_layernorm=SequenceParallelRMSNorm, k_layernorm=SequenceParallelRMSNorm)))
     layer = dataclasses.replace(spec, submodules=sub)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
                                       layer_norm=SequenceParallelRMSNorm)
+
+
+def apply_llama3_rope_scaling(rotary, arch: Arch) -> None:
+    """Llama 3.x RoPE: scale the rotary embedding's inverse frequencies with the checkpoint's four settings.
+
+    Megatron-Core's ``GPTModel(rope_scaling=True)`` passes only the factor and keeps low/high frequency
+    factors 1 / 4 and an original context of 8192 (Llama 3.1's); its ``_apply_scaling`` takes all four,
+    so it is called here on the unscaled frequencies with the values of ``config.json``."""
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=arch.rope_factor, low_freq_factor=arch.rope_low_freq_factor,
+        high_freq_factor=arch.rope_high_freq_factor, original_max_position_embeddings=arch.rope_original_max_positions)
 
 
 class ValueHead(nn.Linear):
@@ -211,6 +228,8 @@ def build_model(arch: Arch, role: str, tp: int, pp: int, params_dtype: str = "fl
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
     )
+    if arch.rope_type == "llama3":
+        apply_llama3_rope_scaling(model.rotary_pos_emb, arch)
     if role == "critic" and post:
         model.output_layer = ValueHead(arch.hidden_size, head_init_std, dtype=config.params_dtype,
                                        sequence_parallel=config.sequence_parallel)

@@ -1,4 +1,4 @@
-"""Hugging Face (Llama / Qwen2) <-> Megatron-Core weights.
+"""Hugging Face (Llama / Mistral / Qwen2 / Qwen3) <-> Megatron-Core weights.
 
 A small table-driven mapping rather than ``mbridge``: mbridge's loaders expect Megatron's training
 arguments and GPU tensors, while we need an exact CPU path for two model families and both roles.
@@ -31,6 +31,17 @@ _LAYER_TABLE = {
     "pre_mlp_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "mlp.linear_fc2.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+# Qwen3's per-head q/k RMSNorms (``Arch.qk_layernorm``): one [head_dim] weight each, replicated over TP.
+_QK_NORM_TABLE = {
+    "self_attention.q_layernorm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+
+
+def _layer_table(arch: Arch) -> dict[str, str]:
+    return {**_LAYER_TABLE, **_QK_NORM_TABLE} if arch.qk_layernorm else _LAYER_TABLE
+
+
 # Transformer Engine specs fuse the norms into the following linear.
 _TE_ALIASES = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
@@ -75,7 +86,7 @@ def hf_to_mcore(hf: dict[str, torch.Tensor], arch: Arch, vocab_divisible_by: int
     out["output_layer.weight"] = _pad_vocab(lm_head, vpad)
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."
-        for mc, h in _LAYER_TABLE.items():
+        for mc, h in _layer_table(arch).items():
             out[f"decoder.layers.{i}.{mc}"] = hf[h.format(i=i)]
         out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = _qkv_to_mcore(
             *(hf[f"{p}self_attn.{x}_proj.weight"] for x in "qkv"), arch)
@@ -91,7 +102,7 @@ def mcore_layer_to_hf(i: int, layer: dict[str, torch.Tensor], arch: Arch) -> dic
     """HF tensors of global layer ``i`` from its full Megatron tensors (``layer``: names after
     ``decoder.layers.{i}.``). QKV is split per query group, fc1 into gate and up."""
     p = f"model.layers.{i}."
-    hf = {h.format(i=i): layer[mcn] for mcn, h in _LAYER_TABLE.items()}
+    hf = {h.format(i=i): layer[mcn] for mcn, h in _layer_table(arch).items()}
     qkv = _qkv_from_mcore(layer["self_attention.linear_qkv.weight"], arch)
     hf.update({f"{p}self_attn.{x}_proj.weight": t for x, t in zip("qkv", qkv)})
     if arch.qkv_bias:
@@ -146,6 +157,8 @@ def hf_param_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
         if arch.qkv_bias:
             out.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                         p + "self_attn.v_proj.bias": (kv,)})
+        if arch.qk_layernorm:
+            out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return out
 
 

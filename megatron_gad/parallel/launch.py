@@ -14,6 +14,8 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from megatron_gad.errors import DistributedRunError
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -75,8 +77,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args) -> list[Any]:
     for p in procs:
         p.join(timeout=30)
     if errors:
-        raise RuntimeError("distributed run failed:\n" + "\n".join(errors))
+        raise DistributedRunError("distributed run failed:\n" + "\n".join(errors))
     if len(results) < world_size:
         codes = [p.exitcode for p in procs]
-        raise RuntimeError(f"distributed run ended without results (exit codes {codes})")
+        raise DistributedRunError(f"distributed run ended without results (exit codes {codes})")
     return [results[r] for r in range(world_size)]

@@ -24,7 +24,6 @@ from megatron_gad.errors import InputError
 log = logging.getLogger("megatron_gad")
 
 STAGES = ("warmup", "gad", "sft")
-SCHEMA = "megatron-gad-bench/1"
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -256,7 +255,7 @@ def build_report(cfg, archs: dict, stages: list[str], steps: int, rows: list[dic
     import torch
 
     return {
-        "schema": SCHEMA, "command": meta["command"], "config": meta["config"], "config_name": meta["config_name"],
+        "schema": br.SCHEMA, "command": meta["command"], "config": meta["config"], "config_name": meta["config_name"],
         "overrides": meta["overrides"], "stages": stages, "steps_per_stage": steps,
         "steady_state": ("the first step of each stage is excluded (start-up: compilation, lazily allocated "
                          "optimizer state, allocator warm-up)") if exclude_first else "one step: start-up included",

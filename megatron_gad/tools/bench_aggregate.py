@@ -14,7 +14,7 @@ import json
 import os
 
 from megatron_gad.errors import InputError
-from megatron_gad.tools.bench import SCHEMA
+from megatron_gad.tools.bench_report import SCHEMA
 
 
 def load_report(path: str) -> dict:

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from megatron_gad.models.arch import Arch
 from megatron_gad.planner import forward_flops, matmul_params
 
+# The report format `bench` writes and `bench --aggregate` reads (here, not in bench.py: both import it).
+SCHEMA = "megatron-gad-bench/1"
+
 # The phase -> role map for FLOPs and devices (phases as GADTrainer._phase names them).
 ACTOR_PHASES = ("gen", "old_log_prob", "ref", "update_actor", "sft")
 CRITIC_PHASES = ("reward", "update_critic")

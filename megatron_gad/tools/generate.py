@@ -136,9 +136,9 @@ def load_tokenizer(model: str, required: bool, hint: str = "pass token ids with 
         log(f"no tokenizer in {model}: output text will be empty")
         return None
     try:
-        from transformers import AutoTokenizer
+        from megatron_gad.tokenizer import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(model)
+        return load_tokenizer(model)
     except Exception as e:  # no tokenizer files, or files transformers cannot read
         if required:
             raise ToolError(f"{model}: cannot load a tokenizer ({type(e).__name__}: {e}); {hint}") from None

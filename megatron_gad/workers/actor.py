@@ -19,8 +19,9 @@ from megatron_gad import algos
 from megatron_gad.config import ActorRolloutRefConfig
 from megatron_gad.engine.generate import generate
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
-from megatron_gad.engine.weight_sync import describe, make_buckets, stream_hf_weights, to_transport
-from megatron_gad.kernels.logprob import vocab_parallel_logprob
+from megatron_gad.engine.weight_sync import export_buckets, stream_hf_weights
+from megatron_gad.engine.weight_transport import ObjectStore
+from megatron_gad.kernels.lm_head import hidden_head, lm_head_logprob, output_weight
 from megatron_gad.metrics import reduce_metrics
 from megatron_gad.parallel import state
 from megatron_gad.workers.base import PhaseMemory, Worker
@@ -64,24 +65,21 @@ class ActorWorker(Worker):
         self.memory.settle()  # before the first rollout
 
     # ---------------------------------------------------------------- helpers
-    def _token_logprob(self, shard: ModelShard, logits: torch.Tensor, mb: dict, compute_entropy: bool,
-                       training: bool = False, temperature: float = 1.0):
-        """Log-probs (and entropy) [b, R] of the response tokens of a packed micro-batch, from this
-        rank's vocab shard of the logits [1, T, V/TP]. Only the positions that predict a response
-        token are gathered (no prompt or padding position reaches the vocab kernel); padding is 0.
-        In training the kernel's backward writes into the gathered buffer (nothing reads it later).
+    def _token_logprob(self, shard: ModelShard, hidden: torch.Tensor, mb: dict, compute_entropy: bool,
+                       temperature: float = 1.0):
+        """Log-probs (and entropy) [b, R] of the response tokens of a packed micro-batch, from the final
+        hidden states [1, T, H] (the model's output under ``hidden_head``). Only the positions that
+        predict a response token go through the LM head, in vocabulary chunks with the temperature
+        folded in (``kernels.lm_head``): no [T, V/TP] logits exist. Padding is 0.
         ``temperature``: log-probs of softmax(logits / T), the distribution the rollout samples."""
         idx = mb["resp_index"]
         valid = idx >= 0
-        sel = logits[0].index_select(0, idx[valid])  # [N, V/TP]
-        if temperature != 1.0:
-            sel = sel / temperature
-        v_local = sel.shape[-1]
-        lp, ent = vocab_parallel_logprob(
-            sel, mb["responses"][valid], state.tp_group() if self.layout.tp_size > 1 else None,
-            vocab_start=self.layout.tp_rank * v_local, vocab_size=shard.arch.vocab_size,
-            chunk_size=self.config.actor.logprob_chunk_size, compute_entropy=compute_entropy,
-            inplace_backward=training)
+        weight = output_weight(shard.module)  # [V/TP, H], this rank's vocabulary shard
+        lp, ent = lm_head_logprob(
+            hidden[0].index_select(0, idx[valid]), weight, mb["responses"][valid],
+            state.tp_group() if self.layout.tp_size > 1 else None, vocab_start=self.layout.tp_rank * weight.shape[0],
+            vocab_size=shard.arch.vocab_size, temperature=temperature,
+            token_chunk=self.config.actor.logprob_chunk_size, compute_entropy=compute_entropy)
 
         def rows(flat):
             return None if flat is None else flat.new_zeros(idx.shape).masked_scatter(valid, flat)
@@ -99,15 +97,20 @@ class ActorWorker(Worker):
     def generate(self, batch: dict, seed: int, temperature: float | None = None, greedy: bool = False) -> dict:
         """batch: prompt_ids/prompt_mask [B, P] (one row per sample) -> responses/response_mask [B, R]
         and the sampled tokens' ``rollout_log_prob`` (R: this replica's longest response; the
-        controller pads replicas to one width)."""
+        controller pads replicas to one width). With ``row_seed`` [B] in the batch (the controller's
+        per-row keys, as the vLLM engines get them) a row's sample depends only on (seed, its key,
+        the model), wherever it lands; without, rows are keyed by their index in this replica's share.
+        All rows of the share may decode together: ``rollout.micro_batch_size`` bounds a bucket."""
         r = self.config.rollout
+        keys = batch.get("row_seed")
         with self.memory.phase("generate"):
             self.shard.reload("params")
             return generate(self.shard, batch["prompt_ids"], batch["prompt_mask"],
                             max_new_tokens=self.max_response_length, eos_id=self.eos_id,
                             pad_id=self.pad_id, temperature=temperature or r.temperature, top_k=r.top_k,
-                            top_p=r.top_p, greedy=greedy, seed=seed + 7919 * self.layout.dp_rank,
-                            micro_batch_size=r.log_prob_micro_batch_size_per_gpu)
+                            top_p=r.top_p, greedy=greedy,
+                            seed=seed if keys is not None else seed + 7919 * self.layout.dp_rank,
+                            row_ids=keys, micro_batch_size=r.micro_batch_size)
 
     @register(Dispatch.ALL)
     def export_weights(self, bucket_mb: int) -> list[tuple]:
@@ -122,22 +125,21 @@ class ActorWorker(Worker):
             self.shard.reload("params")
             items = stream_hf_weights(self.shard.module, self.shard.arch,
                                       state.tp_group() if lay.tp_size > 1 else None, lay.tp_size, emit=lay.tp_rank == 0)
-            buckets = list(make_buckets(items, bucket_mb << 20))
-        out = []
-        for k, bucket in enumerate(buckets):
-            out.append((describe(bucket, lay.pp_rank, k, len(buckets)), to_transport(bucket)))
-        return out
+            packed = export_buckets(items, bucket_mb << 20, lay.pp_rank)
+        payloads = ObjectStore().send([bucket for _, bucket in packed])  # engine/weight_transport.py
+        return list(zip([info for info, _ in packed], payloads))
 
     # ---------------------------------------------------------------- log-probs
     def _log_prob(self, shard: ModelShard, batch: dict, b: Batching) -> dict:
         temperature = self.config.rollout.temperature
 
-        def loss_fn(logits, mb):
-            lp, _ = self._token_logprob(shard, logits, mb, compute_entropy=False, temperature=temperature)
+        def loss_fn(hidden, mb):
+            lp, _ = self._token_logprob(shard, hidden, mb, compute_entropy=False, temperature=temperature)
             return lp.sum() * 0, {"log_prob": lp}
 
         groups = self._groups(batch, b, sync_count=False)
-        res = shard.forward(actor_micro_batches(batch, groups, pad_id=self.pad_id), loss_fn)
+        with hidden_head(shard.module):
+            res = shard.forward(actor_micro_batches(batch, groups, pad_id=self.pad_id), loss_fn)
         if not res:  # not the last pipeline stage: nothing to return
             return {"log_prob": None}
         lp = restore_order([r["log_prob"] for r in res], groups, batch["prompt_ids"].shape[0])
@@ -163,25 +165,41 @@ class ActorWorker(Worker):
                                                             r.log_prob_max_token_len_per_gpu))
 
     # ---------------------------------------------------------------- updates
-    @register(Dispatch.DP, collect="mean")
-    def update_actor(self, batch: dict, num_mini_batches: int) -> dict:
-        """PPO-clip on GRPO advantages (+ optional KL to the reference), ppo_epochs x mini-batches."""
+    @register(Dispatch.DP, collect="mean_concat")
+    def update_actor(self, batch: dict, num_mini_batches: int, on_policy: bool = False,
+                     rollout_is: tuple[str, float] | None = None) -> dict:
+        """PPO-clip on GRPO advantages (+ optional KL to the reference), ppo_epochs x mini-batches.
+        ``on_policy`` (one epoch, one mini-batch: the policy at the update's forward is the one the
+        old log-probs would be computed with): no ``old_log_prob`` in the batch; the update's own
+        log-probs, detached, stand in for them (verl's on-policy shortcut), ``rollout_is`` = (level,
+        threshold) weights are computed from them per micro-batch (they are per row), and the
+        result carries them as ``log_prob`` [B, R] (the controller's ``rollout/logprob_diff_*``)."""
         a = self.config.actor
         policy_loss = algos.get_policy_loss(a.policy_loss)
         kl_fn = algos.get_kl_penalty(a.kl_loss_type) if a.use_kl_loss else None
-
+        if on_policy and (a.ppo_epochs != 1 or num_mini_batches != 1):
+            raise ValueError(f"on_policy needs one epoch and one mini-batch, got ppo_epochs={a.ppo_epochs}, "
+                             f"{num_mini_batches} mini-batches")
         temperature = self.config.rollout.temperature
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # on-policy: (rows, log-probs) per micro-batch
 
-        def loss_fn(logits, mb):
-            lp, ent = self._token_logprob(self.shard, logits, mb, compute_entropy=a.entropy_coeff > 0, training=True,
+        def loss_fn(hidden, mb):
+            lp, ent = self._token_logprob(self.shard, hidden, mb, compute_entropy=a.entropy_coeff > 0,
                                           temperature=temperature)
             mask, agg = mb["response_mask"], mb["agg"]  # agg: this mini-batch's global denominators
-            loss, m = policy_loss(mb["old_log_prob"], lp, mb["advantages"], mask,
+            old, is_weights = mb.get("old_log_prob"), mb.get("rollout_is_weights")
+            if on_policy:
+                old = lp.detach()
+                kept.append((mb["rows"], old.cpu()))
+                if rollout_is is not None:
+                    is_weights, _ = algos.rollout_is_weights(old, mb["rollout_log_prob"].to(old.device), mask,
+                                                             *rollout_is)
+            loss, m = policy_loss(old, lp, mb["advantages"], mask,
                                   clip_ratio_low=a.clip_ratio_low, clip_ratio_high=a.clip_ratio_high,
                                   clip_ratio_c=a.clip_ratio_c, loss_agg_mode=a.loss_agg_mode,
-                                  is_weights=mb.get("rollout_is_weights"), **agg)
+                                  is_weights=is_weights, **agg)
             out = {f"actor/{k}": float(v) for k, v in m.items()}
-            out["actor/pg_loss"] = float(loss) * mb["share_scale"]
+            out["actor/pg_loss"] = float(loss) * mb.get("metric_scale", mb["share_scale"])
             if kl_fn is not None:
                 kl = algos.agg_loss(kl_fn(lp, mb["ref_log_prob"]), mask, a.loss_agg_mode, **agg)
                 loss = loss + a.kl_loss_coef * kl
@@ -192,18 +210,43 @@ class ActorWorker(Worker):
                 out["actor/entropy"] = float(e) * mb["share_scale"]
             return loss * mb["share_scale"], out
 
-        extra = ["old_log_prob", "advantages"] + (["ref_log_prob"] if kl_fn else [])
+        extra = (["rollout_log_prob"] if rollout_is else []) if on_policy else ["old_log_prob"]
+        extra += ["advantages"] + (["ref_log_prob"] if kl_fn else [])
         extra += ["rollout_is_weights"] if "rollout_is_weights" in batch else []
+        sft = self._sft_companion(batch)  # actor.sft_loss_coef: teacher rows ride along (sft_* keys)
         with self.memory.phase("update"):
-            return self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs)
+            out = self._train(batch, extra, loss_fn, num_mini_batches, a.ppo_epochs, sft)
+        if on_policy and kept:  # the last pipeline stage: every row's log-probs, in the batch's order
+            lp = torch.zeros(batch["responses"].shape, dtype=kept[0][1].dtype)
+            for rows, x in kept:
+                lp[rows] = x
+            out["log_prob"] = lp
+        return out
+
+    def _sft_companion(self, batch: dict):
+        """``actor.sft_loss_coef`` > 0: the step's teacher responses (``sft_*`` keys of ``batch``, one row
+        per prompt, removed from it) and the loss they add to every policy mini-batch: coef x their
+        token-mean NLL (T = 1, as ``sft_step``), in the same optimizer step as the policy loss."""
+        rows = {k[4:]: batch.pop(k) for k in [k for k in batch if k.startswith("sft_")]}
+        coef = self.config.actor.sft_loss_coef
+        if not rows or coef == 0:
+            return None
+        a = self.config.actor
+
+        def loss_fn(hidden, mb):
+            lp, _ = self._token_logprob(self.shard, hidden, mb, compute_entropy=False)
+            loss, _ = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode, **mb["agg"])
+            return coef * loss * mb["share_scale"], {"actor/sft_mix_loss": float(loss) * mb["metric_scale"]}
+
+        return rows, loss_fn
 
     @register(Dispatch.DP, collect="mean")
     def sft_step(self, batch: dict) -> dict:
         """Cross-entropy on the teacher responses (the paper's warmup for the generator)."""
         a = self.config.actor
 
-        def loss_fn(logits, mb):
-            lp, _ = self._token_logprob(self.shard, logits, mb, compute_entropy=False, training=True)
+        def loss_fn(hidden, mb):
+            lp, _ = self._token_logprob(self.shard, hidden, mb, compute_entropy=False)
             loss, _ = algos.sft_loss(lp, mb["response_mask"], a.loss_agg_mode, **mb["agg"])
             return loss * mb["share_scale"], {"actor/sft_loss": float(loss) * mb["share_scale"]}
 
@@ -212,13 +255,15 @@ class ActorWorker(Worker):
         with self.memory.phase("sft"):
             return self._train(b, [], loss_fn, 1, 1)
 
-    def _train(self, batch, extra, loss_fn, num_mini_batches, epochs) -> dict:
+    def _train(self, batch, extra, loss_fn, num_mini_batches, epochs, companion=None) -> dict:
         """``epochs`` x mini-batches, one optimizer step each. A micro-batch's loss is its exact share
         of the mini-batch loss (``agg_loss`` with the mini-batch's denominator summed over every
         micro-batch and data-parallel replica), times ``share_scale`` = micro-batches x replicas,
         which undoes Megatron's mean over micro-batches and DDP's mean over replicas: the gradient is
         that of the whole mini-batch at once, whatever the micro-batching (token-mean weighs every
-        token equally, not every micro-batch)."""
+        token equally, not every micro-batch). ``companion``: (rows, loss_fn) of a second loss split into
+        the same number of mini-batches, whose micro-batches join each policy mini-batch's optimizer step
+        (``_sft_companion``); each loss keeps its own denominator."""
         a = self.config.actor
         b = Batching(a.ppo_micro_batch_size_per_gpu, a.use_dynamic_bsz, a.ppo_max_token_len_per_gpu)
         rows = batch["prompt_ids"].shape[0]
@@ -234,7 +279,11 @@ class ActorWorker(Worker):
                 mbs = actor_micro_batches(part, groups, tuple(extra), pad_id=self.pad_id)
                 for mb in mbs:
                     mb["agg"], mb["share_scale"] = agg, float(len(mbs) * self.layout.dp_size)
-                results, info = self.shard.train_step(mbs, loss_fn)
+                fn = loss_fn
+                if companion is not None:
+                    mbs, fn = self._with_companion(mbs, loss_fn, companion, i // mini, num_mini_batches, b)
+                with hidden_head(self.shard.module):  # loss_fn gets hidden states, applies the head itself
+                    results, info = self.shard.train_step(mbs, fn)
                 skipped += int(info["nonfinite"])
                 metrics += [dict(r) for r in results]
                 metrics.append({"actor/grad_norm": info["grad_norm"], "actor/lr": info["lr"]})
@@ -242,3 +291,24 @@ class ActorWorker(Worker):
         out["actor/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
         out["actor/optimizer_state_bytes"] = float(self.shard.optimizer_state_bytes())
         return out
+
+    def _with_companion(self, mbs, loss_fn, companion, index, count, b):
+        """Mini-batch ``index`` of ``count``: the policy's micro-batches plus the companion rows' share,
+        every micro-batch scaled by the joint count (Megatron averages over all of them), each loss's
+        metric by its own count (so it reads as that loss)."""
+        rows, extra_fn = companion
+        n = rows["prompt_ids"].shape[0]
+        step = -(-n // count)
+        part = {k: v[index * step:(index + 1) * step] for k, v in rows.items()}
+        groups = self._groups(part, b, sync_count=True)
+        denom = algos.agg_denominator(part["response_mask"], self.config.actor.loss_agg_mode, self.max_response_length)
+        agg = {"denominator": state.all_reduce_dp([denom])[0], "horizon": self.max_response_length}
+        more = actor_micro_batches(part, groups, (), pad_id=self.pad_id)
+        dp = self.layout.dp_size
+        for mb in mbs:
+            mb["metric_scale"] = float(len(mbs) * dp)
+        for mb in more:
+            mb["agg"], mb["metric_scale"], mb["companion"] = agg, float(len(more) * dp), True
+        for mb in mbs + more:
+            mb["share_scale"] = float((len(mbs) + len(more)) * dp)
+        return mbs + more, lambda hidden, mb: (extra_fn if mb.get("companion") else loss_fn)(hidden, mb)

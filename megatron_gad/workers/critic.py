@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_gad import algos
 from megatron_gad.config import CriticConfig
 from megatron_gad.config_checks import critic_controls_on
 from megatron_gad.engine.model_shard import ModelShard, megatron_kwargs
@@ -72,6 +73,9 @@ class CriticWorker(Worker):
         if init_from:  # e.g. the critic of a warmup run
             self.shard.load_weights(init_from)
         self.memory.settle()  # off the device until its first pass (the first rollout runs before it)
+        self._embeddings = None  # critic.r1_coef: the last forward's input embeddings (a graph node)
+        if config.r1_coef > 0:
+            self.shard.module.embedding.register_forward_hook(lambda m, i, out: setattr(self, "_embeddings", out))
 
     def _head(self):
         head = self.shard.module.output_layer
@@ -116,12 +120,13 @@ class CriticWorker(Worker):
         b = Batching(c.ppo_micro_batch_size_per_gpu, c.use_dynamic_bsz, c.ppo_max_token_len_per_gpu, self.align)
         groups = self._equal_count(lambda k: pair_groups(batch, n, b, min_count=k), b.dynamic)
         mbs = [pair_micro_batch(batch, parts, align=self.align) for parts in groups]
-        pairs_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n)])[0]
+        pairs_total, teachers_total = state.all_reduce_dp([float(batch["prompt_ids"].shape[0] * n),
+                                                           float(batch["prompt_ids"].shape[0])])
         t_eos = ends_with_eos(batch["teacher_response"], t_mask, eos)  # [B]
         s_eos = ends_with_eos(batch["responses"], s_mask, eos)  # [B, n]
         for mb, parts in zip(mbs, groups):
             mb["share_scale"] = float(len(mbs) * self.layout.dp_size)
-            mb["pairs_total"] = pairs_total
+            mb["pairs_total"], mb["teachers_total"] = pairs_total, teachers_total
             # per pair (teacher_of order): identical scored token ids, and EOS on one side only
             ident, mismatch = [], []
             for part in parts:
@@ -133,10 +138,27 @@ class CriticWorker(Worker):
                     mismatch.append(bool(t_eos[g] != s_eos[g, j]))
             mb["identical"] = torch.tensor(ident, dtype=torch.bool)
             mb["eos_mismatch"] = torch.tensor(mismatch, dtype=torch.bool)
+            # where each scored sequence belongs in [B] teachers / [B, n] students (``_scores``)
+            mb["teacher_rows"] = torch.tensor([part.group for part in parts], dtype=torch.long)
+            mb["student_rows"] = torch.tensor([part.group * n + j for part in parts for j in part.students],
+                                              dtype=torch.long)
         return mbs
 
-    def _pair_loss(self, prefix: str, swap: bool = False):
-        """``swap``: draw this step's swapped pairs (training only; ``critic.swap_prob``)."""
+    @staticmethod
+    def _scores(results: list[dict], rows: int, n: int) -> dict:
+        """Pop the per-sequence scores the pair loss kept (``_pair_loss(keep_scores=True)``) from
+        the micro-batches' results and place them: teacher [rows], student [rows, n]."""
+        t = torch.zeros(rows, dtype=torch.float32)
+        s = torch.zeros(rows * n, dtype=torch.float32)
+        for r in results:
+            t[r.pop("_teacher_rows")] = r.pop("_teacher_scores")
+            s[r.pop("_student_rows")] = r.pop("_student_scores")
+        return {"teacher_scores": t, "student_scores": s.view(rows, n)}
+
+    def _pair_loss(self, prefix: str, swap: bool = False, keep_scores: bool = False):
+        """``swap``: draw this step's swapped pairs (training only; ``critic.swap_prob``).
+        ``keep_scores``: each micro-batch's result also holds its sequences' scores from this forward
+        (before any optimizer step: the rewards, ``update_critic(return_scores=True)``)."""
         gen = None
         if swap and self.config.swap_prob > 0:  # reproducible: seed, update count, replica
             gen = torch.Generator().manual_seed(self.config.megatron.seed * 1_000_003
@@ -160,29 +182,49 @@ class CriticWorker(Worker):
             m = dict(m, identical_pairs=ident.float().mean(), eos_mismatch=mb["eos_mismatch"].float().mean(),
                      identical_pair_gap=gap[ident].max() if bool(ident.any()) else torch.zeros(()))
             share = pairs / mb["pairs_total"] * mb["share_scale"]  # mean over this micro-batch's pairs -> share
+            extra = 0.0
+            if self.config.r1_coef > 0 and torch.is_grad_enabled():  # training only: R1 on the teachers
+                t_live = sequence_scores(hidden, mb["last"][:k], w, b, pool[:k] if pool is not None else None)
+                r1 = algos.r1_penalty(t_live, self._embeddings, self.config.r1_coef, mb["teachers_total"])
+                extra = r1 * mb["share_scale"]  # its share of the mean over the mini-batch's teachers
+                m["r1_penalty"] = r1.detach() * mb["teachers_total"] / k if k else r1.detach()
             out = {f"{prefix}{key}": float(v) * share for key, v in m.items()}
             if "swap" in controls:
                 out[f"{prefix}swapped_pairs"] = float(controls["swap"].float().mean()) * share
-            return loss * share, out
+            if keep_scores:
+                out.update(_teacher_scores=t.float().cpu(), _teacher_rows=mb["teacher_rows"],
+                           _student_scores=s.float().cpu(), _student_rows=mb["student_rows"])
+            return loss * share + extra, out
 
         return loss_fn
 
-    @register(Dispatch.DP, collect="mean")
-    def evaluate_pairs(self, batch: dict, n: int) -> dict:
-        """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ..."""
+    @register(Dispatch.DP, collect="mean_concat")
+    def evaluate_pairs(self, batch: dict, n: int, return_scores: bool = False) -> dict:
+        """Held-out critic metrics (no update): ``val/d_loss``, ``val/d_acc``, ... ``return_scores``:
+        also ``teacher_scores`` [B] and ``student_scores`` [B, n] (as ``compute_scores`` gives them)."""
         with self.memory.phase("evaluate"):
-            return reduce_metrics(self.shard.forward(self._pair_micro_batches(batch, n), self._pair_loss("val/")))
+            results = self.shard.forward(self._pair_micro_batches(batch, n),
+                                         self._pair_loss("val/", keep_scores=return_scores))
+        scores = self._scores(results, batch["prompt_ids"].shape[0], n) if return_scores else {}
+        return dict(reduce_metrics(results), **scores)
 
-    @register(Dispatch.DP, collect="mean")
-    def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0) -> dict:
+    @register(Dispatch.DP, collect="mean_concat")
+    def update_critic(self, batch: dict, n: int, lr_scale: float = 1.0, return_scores: bool = False) -> dict:
         """batch: prompts [B, P], teacher responses [B, Rt], student responses [B, n, R].
-        ``lr_scale``: this update's learning rate times this (the saturation guard)."""
-        loss_fn = self._pair_loss("critic/", swap=True)
+        ``lr_scale``: this update's learning rate times this (the saturation guard).
+        ``return_scores``: also ``teacher_scores`` [B] and ``student_scores`` [B, n] read from the
+        first forward, which precedes every optimizer step of this call: the scores of the critic
+        before this update, i.e. what ``compute_scores`` returns (the rewards), without its pass."""
         metrics = []
         skipped = 0
+        scores = {}
         with self.memory.phase("update_critic"):
             for epoch in range(self.config.ppo_epochs):
-                results, info = self.shard.train_step(self._pair_micro_batches(batch, n), loss_fn, lr_scale)
+                keep = return_scores and epoch == 0
+                results, info = self.shard.train_step(self._pair_micro_batches(batch, n),
+                                                      self._pair_loss("critic/", swap=True, keep_scores=keep), lr_scale)
+                if keep:
+                    scores = self._scores(results, batch["prompt_ids"].shape[0], n)
                 skipped += int(info["nonfinite"])
                 if epoch == 0:  # later passes score pairs already trained on: d_acc would look better
                     metrics += [dict(r) for r in results]
@@ -190,4 +232,4 @@ class CriticWorker(Worker):
         out = reduce_metrics(metrics)
         out["critic/nonfinite_updates"] = float(skipped)  # optimizer updates skipped (non-finite loss/grad)
         out.update(self.memory.metrics)  # this step's reward pass (scored before the update) included
-        return out
+        return dict(out, **scores)

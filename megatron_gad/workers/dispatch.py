@@ -12,7 +12,8 @@ worker_group.WorkerGroup`, which reads the method's declaration and
   stage, the rank that holds complete outputs) — merged by the method's ``collect`` rule:
   ``"concat"`` (dicts of tensors concatenated along dim 0 in replica order, so row order is the
   input's; replicas' results of different widths are right-padded with 0 to the widest, masks mark
-  what is valid) or ``"mean"`` (metric dicts averaged over replicas).
+  what is valid) or ``"mean"`` (metric dicts averaged over replicas), or ``"mean_concat"`` (both in
+  one dict: tensors with a row dimension concatenated, scalars averaged).
 
 On a rank, a ``Dispatch.DP`` method returns ``None`` except on the collector, so a method body never
 checks which rank it runs on. Only the pure split/merge functions live here (no Ray, no Megatron):
@@ -37,7 +38,7 @@ class Dispatch(enum.Enum):
     DP = "dp"  # first argument split over data-parallel replicas; each replica's collector result
 
 
-COLLECT_RULES = ("list", "concat", "mean")
+COLLECT_RULES = ("list", "concat", "mean", "mean_concat")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,10 @@ def merge(collect: str, per_replica: list[Any]) -> Any:
         return reduce_metrics(per_replica)
     if collect == "concat":
         return {k: _cat_ragged([r[k] for r in per_replica]) for k in per_replica[0]}
+    if collect == "mean_concat":  # metrics (scalars) averaged, per-row tensors concatenated
+        rows = [k for k, v in per_replica[0].items() if isinstance(v, torch.Tensor) and v.dim() > 0]
+        out = reduce_metrics([{k: v for k, v in r.items() if k not in rows} for r in per_replica])
+        return dict(out, **{k: _cat_ragged([r[k] for r in per_replica]) for k in rows})
     return per_replica
 
 

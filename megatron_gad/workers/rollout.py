@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from megatron_gad.config import RolloutConfig
 from megatron_gad.engine.vllm_engine import VLLMEngine, pad_outputs, unpadded_prompts
-from megatron_gad.engine.weight_sync import BucketInfo, WeightSyncError, check_manifest, from_transport, verified_items
+from megatron_gad.engine.weight_sync import BucketInfo, WeightSyncError, check_manifest, verified_items
+from megatron_gad.engine.weight_transport import ObjectStore
 from megatron_gad.models.arch import arch_from_hf_config, read_hf_config
 from megatron_gad.models.hf import hf_param_shapes
 from megatron_gad.parallel.state import Layout
@@ -51,10 +54,13 @@ class RolloutWorker:
         return True
 
     @register(Dispatch.DP, collect="concat")
-    def generate(self, batch: dict, seed: int, temperature: float | None = None, greedy: bool = False) -> dict:
+    def generate(self, batch: dict, seed: int, temperature: float | None = None, greedy: bool = False,
+                 sync_follows: bool = False) -> dict:
         """batch: prompt_ids/prompt_mask [B, P] and ``row_seed`` [B] (each row's sampling seed, set by
         the controller so a sample does not depend on the engine it lands on) -> responses,
-        response_mask, rollout_log_prob [B, R]."""
+        response_mask, rollout_log_prob [B, R]. ``sync_follows``: the actor's weights change before
+        the next sample, so the engine drops its weights at sleep instead of backing them up (it is
+        stale, refusing to sample, until the sync)."""
         if self.stale:
             raise WeightSyncError(f"rollout engine {self.layout.rank} refuses to sample: {self.stale}")
         r = self.config
@@ -66,7 +72,9 @@ class RolloutWorker:
                                         temperature=temperature or r.temperature, top_k=r.top_k, top_p=r.top_p,
                                         greedy=greedy)
         finally:
-            self.engine.sleep()
+            self.engine.sleep(keep_weights=not sync_follows)
+            if self.engine.weights_dropped:
+                self.stale = "its weights were dropped at sleep for the weight sync that follows"
         return pad_outputs(outs, self.pad_id)
 
     @register(Dispatch.ALL)
@@ -77,10 +85,11 @@ class RolloutWorker:
             raise WeightSyncError(f"weight sync: {len(manifest)} manifest entries but {len(payloads)} payloads")
         check_manifest(manifest, self.expected)
         start = time.perf_counter()
-        self.engine.wake_up()
+        self.engine.wake_up(weights_only=True)  # memory for the weights; no KV cache for a load
         try:
             self.stale = "a weight update failed part-way; it needs a complete sync"
-            self.engine.load_weights(verified_items(manifest, lambda k: from_transport(payloads[k])))
+            device = "cuda" if torch.cuda.is_available() else None  # verify where the weights go
+            self.engine.load_weights(verified_items(manifest, ObjectStore().fetcher(manifest, payloads), device))
             self.stale = None
         finally:
             self.engine.sleep()

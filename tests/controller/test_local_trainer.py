@@ -43,7 +43,9 @@ def test_local_workers_run_warmup_then_gad(assets, tmp_path):
     run = str(tmp_path / "run")
     got = run_local(_three_steps, 1, _overrides(assets, run))[0]
     assert not got["ray_imported"]  # the local path never touches Ray
-    assert got["phases"] == ["gen", "reward", "old_log_prob", "ref", "adv", "update_critic", "update_actor", "save"]
+    # trainer.lean_step (on by default; one PPO epoch, one mini-batch): rewards from the critic's update,
+    # no old log-prob pass (tests/controller/test_lean_step.py: the same numbers as the separate passes)
+    assert got["phases"] == ["gen", "update_critic", "ref", "adv", "update_actor", "save"]
     assert got["after"] != got["before"] and got["opt_bytes"][0] > 0
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -53,7 +55,7 @@ def test_local_workers_run_warmup_then_gad(assets, tmp_path):
     assert {"critic/d_loss", "critic/d_acc", "response_length/mean", "timing_s/gen",
             "timing_s/update_critic"} <= set(rows[0])
     assert {"actor/pg_loss", "actor/kl", "reward/mean", "critic/d_acc", "timing_s/update_actor",
-            "timing_s/reward"} <= set(rows[1])
+            "rollout/logprob_diff_max"} <= set(rows[1])
     assert rows[1]["actor/optimizer_state_bytes"] > 0
     # the actor's per-phase device bytes reach the step's metrics: a frozen-warmup step only samples;
     # the reference's weights (on the host by default) come in for its pass only, beside the policy's

@@ -85,7 +85,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _gone(pids, timeout=30.0):
+def _gone(pids, timeout=120.0):  # returns as soon as they are gone; the bound is for a loaded 2-core machine
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not any(_alive(p) for p in pids):

@@ -75,9 +75,10 @@ def test_planner_bytes_equal_measured(tmp_path):
     from megatron_gad.planner import rank_state_bytes, stage_params
     from megatron_gad.tools.tiny_models import make_hf_model
 
-    # qwen2: tied embeddings (the actor's PP>1 shared copy) and QKV bias; the critic from llama
+    # qwen2: tied embeddings (the actor's PP>1 shared copy) and QKV bias; the critic from qwen3 (GQA and no
+    # bias as llama, plus the per-head q/k norms)
     paths = {"actor": make_hf_model(str(tmp_path / "q"), "qwen2", seed=1),
-             "critic": make_hf_model(str(tmp_path / "l"), "llama", seed=2)}
+             "critic": make_hf_model(str(tmp_path / "l"), "qwen3", seed=2)}
     rows = [r for rank in run_local(_run, 4, paths) for r in rank]
     assert len(rows) == 4 * len(LAYOUTS) * len(CASES)
     for r in rows:

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:
-    with socket.socket() as s:  # Ray uses the port and the next one (client server)
+    with socket.socket() as s:  # the Ray head's GCS port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
@@ -64,16 +64,35 @@ def _calls(state: Path) -> list[dict]:
     return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
 
 
-def _wait_for(predicate, proc, timeout: float, what: str) -> None:
+def _logs_text(run: Path) -> str:
+    logs = run / "logs"
+    if not logs.is_dir():
+        return ""
+    return "".join(f"--- {p.name}\n" + p.read_text(errors="replace") for p in sorted(logs.iterdir()) if p.is_file())
+
+
+# Bounds for a loaded 2-core machine (Ray's start-up alone has taken over a minute there): the waits end
+# as soon as the event happens, so a generous bound costs nothing when the job is healthy.
+START_TIMEOUT = 420
+JOB_TIMEOUT = 900
+
+
+def _wait_for(predicate, proc, timeout: float, what: str, run: Path) -> None:
+    """Polls ``predicate`` until it holds; fails with the job's log tail if the job ended or time ran out."""
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, f"the job ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended (exit {proc.returncode}) before {what}; logs:\n{_logs_text(run)[-4000:]}")
+        if time.time() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}; logs:\n{_logs_text(run)[-4000:]}")
         time.sleep(0.5)
 
 
-def _logs_text(run: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in (run / "logs").iterdir() if p.is_file())
+def _wait_exit(proc, run: Path) -> int:
+    try:
+        return proc.wait(timeout=JOB_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the job did not end within {JOB_TIMEOUT} s; logs:\n{_logs_text(run)[-4000:]}")
 
 
 def test_rendered_script_runs_tiny_job_and_refuses_tokenless_client(job):
@@ -82,7 +101,8 @@ def test_rendered_script_runs_tiny_job_and_refuses_tokenless_client(job):
     token_file = job["run"] / ".slurm" / job["job_id"] / "ray_token"
     batch_out = job["run"] / "logs" / f"megatron-gad-{job['job_id']}.out"
     try:
-        _wait_for(lambda: batch_out.exists() and "joined Ray" in batch_out.read_text(), proc, 180, "Ray to start")
+        _wait_for(lambda: batch_out.exists() and "joined Ray" in batch_out.read_text(), proc, START_TIMEOUT,
+                  "Ray to start", job["run"])
         token = token_file.read_text().strip()
         assert len(token) == 64 and (token_file.stat().st_mode & 0o777) == 0o600
         # a client without the token (no env, no default token file under HOME) is refused
@@ -99,7 +119,7 @@ def test_rendered_script_runs_tiny_job_and_refuses_tokenless_client(job):
             out, _ = client.communicate()
         assert "CONNECTED" not in out
         assert "InvalidAuthToken" in out or "Unauthenticated" in out, out[-2000:]
-        assert proc.wait(timeout=600) == 0, _logs_text(job["run"])[-4000:]
+        assert _wait_exit(proc, job["run"]) == 0, _logs_text(job["run"])[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -128,11 +148,12 @@ def test_usr1_saves_requeues_and_resumes(job):
     metrics = job["run"] / "metrics.jsonl"
     pid_file = job["state"] / "batch.pid"
     try:
-        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc, 400, "step 1")
+        _wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, proc, START_TIMEOUT + 300,
+                  "step 1", job["run"])
         batch_pid, restart = pid_file.read_text().split()
         assert restart == "0"
         os.kill(int(batch_pid), signal.SIGUSR1)  # what `--signal=B:USR1@300` does
-        assert proc.wait(timeout=600) == 0, _logs_text(job["run"])[-4000:]
+        assert _wait_exit(proc, job["run"]) == 0, _logs_text(job["run"])[-4000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -150,3 +171,26 @@ def test_usr1_saves_requeues_and_resumes(job):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
     assert "trainer.resume_mode=auto" in script.read_text()
+
+
+def test_a_ray_start_that_exits_stops_the_job_at_once(job, tmp_path):
+    """A node whose `ray start` exits (here: a `ray` that prints an error and exits 1, as Ray does when an
+    option needs a missing extra) ends the job within seconds with exit 3, naming the node and its log,
+    instead of waiting JOIN_TIMEOUT (120 s here) for nodes to join."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "ray").write_text("#!/bin/bash\necho 'ValueError: ray start failed on purpose' >&2\nexit 1\n")
+    (shim / "ray").chmod(0o755)
+    script = job["render"](steps=2)
+    env = dict(job["env"], PATH=f"{shim}:{job['env']['PATH']}")
+    start = time.monotonic()
+    proc = subprocess.Popen(["sbatch", str(script)], env=env)
+    rc = _wait_exit(proc, job["run"])
+    elapsed = time.monotonic() - start
+    out = (job["run"] / "logs" / f"megatron-gad-{job['job_id']}.out").read_text()
+    assert rc == 3, out[-3000:]
+    assert "Ray on fake0 exited with status 1" in out and "ray start failed on purpose" in out, out[-3000:]
+    assert f"Ray did not start on fake0 (log: {job['run']}/logs/ray-head.log)" in out, out[-3000:]
+    assert "joined Ray" not in out and not (job["run"] / "metrics.jsonl").exists()
+    assert elapsed < 100, f"the job took {elapsed:.0f} s to stop (JOIN_TIMEOUT is 120 s)"
+    assert not (job["run"] / ".slurm" / job["job_id"] / "ray_token").exists()

@@ -52,7 +52,7 @@ def test_help_does_not_import_megatron():
     code = ("import sys; from megatron_gad import cli\n"
             "try:\n    cli.main(['generate', '--help'])\nexcept SystemExit: pass\n"
             "assert 'megatron.core' not in sys.modules and 'torch' not in sys.modules, 'heavy import'")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -112,6 +112,32 @@ def test_demo_dispatches_lazily(fake_command, capsys):
     calls.clear()
     _run(["demo"], capsys)
     assert (calls[0].seeds, calls[0].out, calls[0].quick) == (1, "outputs/demo", False)
+
+
+def _raising(monkeypatch, exc):
+    mod = types.ModuleType("megatron_gad.controller.trainer")
+
+    def main_train(args):
+        raise exc
+
+    mod.main_train = main_train
+    monkeypatch.setitem(sys.modules, "megatron_gad.controller.trainer", mod)
+
+
+def test_failed_rank_prints_its_traceback_not_the_parents(monkeypatch, capsys):
+    from megatron_gad.errors import DistributedRunError
+
+    _raising(monkeypatch, DistributedRunError("distributed run failed:\nrank 1: Traceback ...\nZeroDivisionError"))
+    code, _, err = _run(["train", "cfg.yaml"], capsys)
+    assert code == 1
+    assert err == "megatron-gad train: distributed run failed:\nrank 1: Traceback ...\nZeroDivisionError\n"
+
+
+def test_other_runtime_errors_keep_their_traceback(monkeypatch, capsys):
+    # the type decides, not the text: a bug whose message happens to start like the launcher's is not hidden
+    _raising(monkeypatch, RuntimeError("distributed run of something else broke"))
+    with pytest.raises(RuntimeError, match="distributed run of something else"):
+        _run(["train", "cfg.yaml"], capsys)
 
 
 # ---------------------------------------------------------------- input checks (no launch)

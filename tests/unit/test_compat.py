@@ -55,6 +55,45 @@ def test_lmops_override_list_loads_and_validates():
     assert (cfg.trainer.max_actor_ckpt_to_keep, cfg.data.train_batch_size) == (2, 64)
 
 
+# LMOps' GAD-stage launch script (gad/scripts/train/gpt5-chat-filtered-7b-adversarial-lr1e-6.sh), its overrides in
+# its order with the shell variables filled in: every one names a setting megatron-gad honours.
+LMOPS_GAD = [
+    "algorithm.adv_estimator=grpo", "data.prompt_key=content", "data.train_files=/d/train.parquet",
+    "data.val_files=/d/test.parquet", "data.train_batch_size=256", "data.val_batch_size=600",
+    "data.max_prompt_length=2048", "data.max_response_length=1536", "data.truncation=right",
+    "actor_rollout_ref.model.path=/m/actor", "actor_rollout_ref.actor.optim.lr=1e-6",
+    "actor_rollout_ref.actor.grad_clip=0.2",
+    "actor_rollout_ref.model.use_remove_padding=True", "actor_rollout_ref.actor.ppo_mini_batch_size=256",
+    "actor_rollout_ref.actor.use_dynamic_bsz=True", "actor_rollout_ref.actor.ppo_max_token_len_per_gpu=12288",
+    "actor_rollout_ref.actor.use_kl_loss=True", "actor_rollout_ref.actor.entropy_coeff=0.0",
+    "actor_rollout_ref.actor.kl_loss_coef=0.001", "actor_rollout_ref.actor.kl_loss_type=low_var_kl",
+    "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1",
+    "actor_rollout_ref.model.enable_gradient_checkpointing=True",
+    "actor_rollout_ref.actor.fsdp_config.param_offload=False",
+    "actor_rollout_ref.actor.fsdp_config.optimizer_offload=False",
+    "actor_rollout_ref.rollout.tensor_model_parallel_size=1", "actor_rollout_ref.rollout.name=vllm",
+    "actor_rollout_ref.rollout.temperature=0.8", "actor_rollout_ref.rollout.gpu_memory_utilization=0.7",
+    "actor_rollout_ref.rollout.n=8", "actor_rollout_ref.ref.fsdp_config.param_offload=False",
+    "critic.model.path=/m/critic", "critic.optim.lr=1e-6", "critic.model.use_remove_padding=True",
+    "critic.ppo_max_token_len_per_gpu=12288", "critic.grad_clip=0.2", "algorithm.kl_ctrl.kl_coef=0.001",
+    "trainer.val_before_train=True", "trainer.critic_warmup=0", "trainer.logger=['console','wandb']",
+    "trainer.project_name=p", "trainer.experiment_name=e", "trainer.n_gpus_per_node=8", "trainer.nnodes=1",
+    "trainer.save_freq=50", "trainer.test_freq=50", "trainer.default_hdfs_dir=null", "trainer.total_epochs=4",
+    "actor_rollout_ref.rollout.enforce_eager=False", "actor_rollout_ref.rollout.free_cache_engine=False",
+    "trainer.default_local_dir=/tmp/e",
+]
+
+
+def test_lmops_gad_script_runs_unchanged():
+    """Only the rollout engine's TP differs from the script (2 there; one vLLM engine per GPU here)."""
+    cfg = load_config(None, LMOPS_GAD)
+    validate(cfg, arch={})
+    a, d = cfg.actor_rollout_ref.actor, cfg.data
+    assert (d.truncation, cfg.trainer.val_before_train, a.ppo_mini_batch_size, d.train_batch_size) == \
+        ("right", True, 256, 256)
+    assert (a.use_kl_loss, a.kl_loss_coef, cfg.actor_rollout_ref.rollout.temperature) == (True, 0.001, 0.8)
+
+
 def test_yaml_file_takes_the_same_keys(tmp_path):
     path = tmp_path / "verl.yaml"
     path.write_text("actor_rollout_ref:\n  actor:\n    grad_clip: 0.7\n    fsdp_config: {param_offload: false}\n"
@@ -68,9 +107,7 @@ def test_yaml_file_takes_the_same_keys(tmp_path):
     ("actor_rollout_ref.actor.fsdp_config.param_offload=True", "actor_rollout_ref.actor.megatron.tensor_model"),
     ("critic.model.fsdp_config.fsdp_size=8", "critic.megatron.tensor_model_parallel_size"),
     ("actor_rollout_ref.actor.ulysses_sequence_parallel_size=4", "sequence_parallel=true"),
-    ("trainer.val_before_train=True", "trainer.test_freq"),
     ("algorithm.use_kl_in_reward=True", "use_kl_loss=true"),
-    ("data.truncation=left", "data.on_bad_row=skip"),
     ("actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.1", "optim.lr_warmup_steps"),
     ("actor_rollout_ref.actor.optim.warmup_style=linear_decay", "lr_scheduler"),
 ])

@@ -85,15 +85,20 @@ def test_dump_reloads_equal(tmp_path):
     assert json.loads(json.dumps(to_dict(cfg))) == to_dict(cfg)  # plain types only
 
 
-@pytest.mark.parametrize("name", ["gad_warmup.yaml", "gad.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["gad_warmup.yaml", "gad_joint_warmup.yaml", "gad.yaml", "demo.yaml"])
 def test_shipped_configs_validate(name):
     cfg = load_config(str(CONFIGS / name))
     validate(cfg)
+    if name.startswith("gad"):  # LMOps: one actor update per step
+        assert cfg.actor_rollout_ref.actor.ppo_mini_batch_size == cfg.data.train_batch_size == 256
     if name == "gad.yaml":
         assert cfg.trainer.critic_warmup == 0 and cfg.actor_rollout_ref.actor.use_kl_loss
         assert cfg.actor_rollout_ref.rollout.n == 8 and cfg.actor_rollout_ref.rollout.temperature == 0.8
     if name == "gad_warmup.yaml":
         assert cfg.trainer.critic_warmup == 10 and cfg.trainer.warmup.mode == "frozen"
+    if name == "gad_joint_warmup.yaml":  # the paper's: SFT beside the critic, the first 10 steps critic-only
+        w = cfg.trainer.warmup
+        assert (w.mode, w.critic_only_steps, w.until_d_acc, cfg.trainer.total_epochs) == ("sft", 10, None, 1)
     if name == "demo.yaml":
         assert cfg.trainer.device == "cpu"
 

@@ -124,7 +124,9 @@ def test_vllm_engines_are_in_the_layout_and_ray_resources_hold_them():
     sb = _sbatch(text)
     per_node = pr.bundles // req.nodes
     assert int(sb["gpus-per-node"]) >= per_node and int(sb["cpus-per-task"]) >= per_node
-    assert 'ray start --head' in text and '--num-gpus="$GPUS_PER_NODE" --num-cpus="$SLURM_CPUS_PER_TASK"' in text
+    assert 'ray start "$@" --block' in text and 'start_ray "$head_node" "$LOGS/ray-head.log" --head' in text
+    assert '--num-gpus="$GPUS_PER_NODE" --num-cpus="$SLURM_CPUS_PER_TASK"' in text
+    assert "--ray-client-server-port" not in text  # needs ray[client], which the project does not install
     assert cfg.actor_rollout_ref.rollout.name == "vllm"
     # the native sampler: no engines, the two roles split each GPU in half
     native = _header(render_script(GAD, [OUT, "actor_rollout_ref.rollout.name=megatron"], req))

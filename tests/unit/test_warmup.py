@@ -35,3 +35,12 @@ def test_state_round_trip():
     t = WarmupSchedule(10, [0.6, 0.7], patience=3)
     t.load_state_dict(s.state_dict())
     assert run(t, [0.63]) == ["warmup"] and t.done and t.ended_at == 3
+
+
+def test_joint_warmup_trains_the_actor_after_the_critic_only_steps():
+    s = WarmupSchedule(5, critic_only_steps=2)
+    due = []
+    while s.active():
+        due.append(s.sft_due())
+        s.observe(0.5)
+    assert due == [False, False, True, True, True]

@@ -96,3 +96,68 @@ def test_payload_missing_a_tensor_is_detected(model):
     del buckets[0][name]
     with pytest.raises(WeightSyncError, match=rf"payload does not match its manifest; parameters not received: {name}"):
         list(verified_items(manifest, lambda k: buckets[k]))
+
+
+# ---------------------------------------------------------------- checksums and host copies (issue 22)
+def test_checksums_match_float64_reference():
+    """float32 sums on the tensor's device agree with an fp64 reduction (the independent reference)
+    within the receiver's tolerance, for the dtypes weights travel in."""
+    from megatron_gad.engine.weight_sync import _tolerance, checksums
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(4096, 257, generator=g) * 0.02, (torch.randn(1000, generator=g) + 0.5).bfloat16(),
+          torch.randn(3, 5, generator=g).half(), torch.zeros(7)]
+    got = checksums(ts)
+    assert got.shape == (4, 2) and got.dtype == torch.float32
+    for t, (s, a) in zip(ts, got.tolist()):
+        ref_s, ref_a = float(t.double().sum()), float(t.double().abs().sum())
+        assert abs(s - ref_s) <= _tolerance(ref_a, t.numel()) and abs(a - ref_a) <= _tolerance(ref_a, t.numel())
+
+
+def test_checksums_tolerate_another_reduction_order_but_not_another_tensor():
+    """A receiver that reduces in another order (another device) accepts the payload; a payload of the
+    same shape holding other values (a bucket of another step) or one changed element is refused."""
+    g = torch.Generator().manual_seed(1)
+    sd = {"a": torch.randn(512, 384, generator=g), "b": torch.randn(384, generator=g)}
+    manifest = [describe(sd, 0, 0, 1)]
+    reordered = {"a": sd["a"].flip(0).flip(0).t().contiguous().t(), "b": sd["b"].clone()}
+    assert [n for n, _ in verified_items(manifest, lambda k: reordered)] == ["a", "b"]
+    other = {"a": torch.randn(512, 384, generator=g), "b": sd["b"]}
+    with pytest.raises(WeightSyncError, match="a is corrupted"):
+        list(verified_items(manifest, lambda k: other))
+    one = {"a": sd["a"].clone(), "b": sd["b"]}
+    one["a"][7, 7] += 1.0
+    with pytest.raises(WeightSyncError, match="a is corrupted"):
+        list(verified_items(manifest, lambda k: one))
+
+
+def test_pack_buckets_ship_exact_bytes_without_needless_copies():
+    """A whole contiguous CPU tensor is sent as is (no copy); a view into a larger storage (a QKV
+    split) is copied so that pickling it ships its own bytes only; checksums are those of the host
+    tensors; the buckets equal ``make_buckets``' grouping."""
+    from megatron_gad.engine.weight_sync import export_buckets, pack_buckets
+
+    fused = torch.randn(12, 16)
+    whole = torch.randn(64, 16)
+    items = [("q", fused[:4]), ("k", fused[4:8]), ("w", whole)]
+    (bucket, sums), = list(pack_buckets(items, 1 << 20))
+    assert bucket["w"].data_ptr() == whole.data_ptr()
+    for n in ("q", "k"):
+        assert bucket[n].untyped_storage().nbytes() == 4 * 16 * 4 and torch.equal(bucket[n], dict(items)[n])
+    assert torch.equal(sums, torch.tensor([[float(t.sum()), float(t.abs().sum())] for _, t in items]))
+    info, _ = export_buckets(items, 4 * 16 * 4, stage=1)[1]
+    assert (info.stage, info.index, info.count, info.names) == (1, 1, 3, ("k",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pack_buckets_from_gpu_pinned_and_verified_on_gpu():
+    from megatron_gad.engine.weight_sync import export_buckets
+
+    items = [("a", torch.randn(1024, 1024, device="cuda").bfloat16()), ("b", torch.randn(333, device="cuda"))]
+    packed = export_buckets(items, 1 << 30, 0)
+    (info, bucket), = packed
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in bucket.values())
+    assert all(torch.equal(bucket[n].cuda(), t) for n, t in items)
+    got = list(verified_items([info], lambda k: bucket, device="cuda"))
+    assert [t.device.type for _, t in got] == ["cuda", "cuda"]
