@@ -118,7 +118,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"{_fmt(speed, '.2f') + ('x' if speed else '')} | {_fmt(r.get('maxrel_out'), '.1e')} | "
                      f"{_fmt(r.get('maxrel_grads'), '.1e')} |")
     if meta["device"] == "cpu":
-        lines += ["", "flex on CPU: forward only (no CPU backward in torch), uncompiled (materialises the scores)."]
+        lines += ["", "flex on CPU: forward only (no CPU backward in torch), uncompiled (materialises the scores). "
+                  "Times come from a shared 2-core box under heavy load: compare backends within one pack size "
+                  "(each row's cases ran minutes apart), not absolute values."]
     return "\n".join(lines) + "\n"
 
 

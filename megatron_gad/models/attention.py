@@ -332,17 +332,18 @@ class CoreAttention(PackedDotProductAttention):
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
     def _sdpa_packed(self, query, key, value, cu):
-        """One SDPA call per segment (host bounds cached per micro-batch); outputs concatenated, so the
-        backward splits the gradient instead of copying the whole of it once per segment."""
+        """One SDPA call per segment (host bounds cached per micro-batch) on splits of q/k/v, outputs
+        concatenated: the backward neither zero-fills nor copies a full-size gradient per segment."""
         bounds = host_bounds(cu)
         if bounds[0] != 0 or bounds[-1] != query.shape[0]:
             raise ValueError(f"cu_seqlens {bounds} do not cover the {query.shape[0]} packed tokens")
         outs = []
-        for s, e in itertools.pairwise(bounds):
-            if e == s:
+        sizes = [e - s for s, e in itertools.pairwise(bounds)]
+        for q, k, v in zip(query.split(sizes), key.split(sizes), value.split(sizes)):
+            if q.shape[0] == 0:
                 continue
-            q, k, v = (x[s:e].transpose(0, 1)[None] for x in (query, key, value))
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                               v.transpose(0, 1)[None], is_causal=True, scale=self.softmax_scale,
                                                enable_gqa=self._gqa())
             outs.append(o[0].transpose(0, 1))
         return torch.cat(outs, dim=0)

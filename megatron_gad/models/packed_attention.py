@@ -161,20 +161,20 @@ class PackedDotProductAttention(DotProductAttention):
         key, value = self._expand_kv(key, value, head_dim=1)
         outs = []
         causal_cache: dict[int, torch.Tensor] = {}
-        for s, e in segs:
-            n = e - s
+        # split (one backward cat) rather than sliced per segment (each slice's backward writes a
+        # zero-filled full-size gradient), and outputs concatenated rather than written into slices of
+        # one buffer (whose backward copied the whole gradient once per segment): the same bits
+        sizes = [e - s for s, e in segs]
+        for q, k, v in zip(query.split(sizes), key.split(sizes), value.split(sizes)):
+            n = q.shape[0]
             if n == 0:
                 continue
             if n not in causal_cache:
                 causal_cache[n] = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(1)
             # [n, np, hn] -> [1, np, n, hn]
-            q = query[s:e].transpose(0, 1)[None]
-            k = key[s:e].transpose(0, 1)[None]
-            v = value[s:e].transpose(0, 1)[None]
-            ctx = self._attend(q, k, v, causal_cache[n])
+            ctx = self._attend(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                               causal_cache[n])
             outs.append(ctx[0].transpose(0, 1))
-        # concatenated (not written into slices of one buffer): the backward then splits the gradient
-        # instead of copying all of it once per segment; the values are the same bits
         return torch.cat(outs, dim=0).reshape(T, self.hidden_size_per_partition)
 
     # ------------------------------------------------------------------ unpacked, TE-like masking
