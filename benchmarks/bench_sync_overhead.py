@@ -54,7 +54,7 @@ def one(ws, items, bucket_bytes: int) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--before-ref", default="main")
+    p.add_argument("--before-ref", default="72c66bb", help="revision before issue 22")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bucket-mb", type=int, default=512)
     p.add_argument("--out", default=RESULTS)

@@ -240,7 +240,7 @@ def verified_items(manifest: list[BucketInfo], fetch: Callable[[int], dict[str, 
         got = checksums(bucket.values())
         for (name, t), s, a, (s2, a2) in zip(bucket.items(), info.sums, info.abs_sums, got.tolist()):
             tol = _tolerance(a, t.numel())
-            if abs(s2 - s) > tol or abs(a2 - a) > tol:
+            if not (abs(s2 - s) <= tol and abs(a2 - a) <= tol):  # so that a NaN or Inf payload fails too
                 raise WeightSyncError(f"{info.label}: {name} is corrupted (checksum {s2:.6g}/{a2:.6g}, "
                                       f"sent {s:.6g}/{a:.6g})")
         yield from bucket.items()

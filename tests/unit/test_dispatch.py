@@ -109,5 +109,18 @@ def test_real_workers_declare_their_methods():
         dispatch_spec(ActorWorker, name)
     for name in ("compute_scores", "update_critic", "evaluate_pairs", "save", "load"):
         dispatch_spec(CriticWorker, name)
-    assert dispatch_spec(CriticWorker, "update_critic").collect == "mean"
+    # metrics averaged, the scores before the update (trainer.lean_step's rewards) concatenated
+    assert dispatch_spec(CriticWorker, "update_critic").collect == "mean_concat"
     assert dispatch_spec(ActorWorker, "generate").collect == "concat"
+
+
+def test_mean_concat_averages_metrics_and_concatenates_rows():
+    import torch
+
+    from megatron_gad.workers.dispatch import merge
+
+    a = {"loss": 1.0, "acc": torch.tensor(0.5), "scores": torch.tensor([[1.0, 2.0]])}
+    b = {"loss": 3.0, "acc": torch.tensor(1.0), "scores": torch.tensor([[3.0, 4.0], [5.0, 6.0]])}
+    got = merge("mean_concat", [a, b])
+    assert got["loss"] == 2.0 and got["acc"] == 0.75
+    assert torch.equal(got["scores"], torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]))
