@@ -174,13 +174,13 @@ def _capture(rank, world, overrides):
     seen = {"critic": [], "actor": []}
     upd_c, upd_a = tr.critic.update_critic, tr.actor.update_actor
 
-    def critic(pairs, n, *a):
+    def critic(pairs, n, *a, **kw):
         seen["critic"].append(_groups(pairs["responses"], pairs["response_mask"], n))
-        return upd_c(pairs, n, *a)
+        return upd_c(pairs, n, *a, **kw)
 
-    def actor(batch, num_mini):
+    def actor(batch, num_mini, **kw):
         seen["actor"].append(_groups(batch["responses"], batch["response_mask"], tr.n))
-        return upd_a(batch, num_mini)
+        return upd_a(batch, num_mini, **kw)
 
     tr.critic.update_critic, tr.actor.update_actor = critic, actor
     tr.fit()
