@@ -22,6 +22,9 @@ import os
 import pytest
 import torch
 
+# the pipeline-schedule forward of the packed-attention tests (same batches, same logits kept)
+from test_packed_attention import _run_batches as _run
+
 FAMILIES = ("llama", "qwen2")
 BACKENDS = ("eager", "sdpa", "flex")
 ATOL = 1e-5
@@ -56,33 +59,6 @@ def _build(path, tp, pp, backend):
     full = hfmap.hf_to_mcore(hfmap.read_hf_state_dict(path), arch, VOCAB_PAD)
     hfmap.load_full_state_dict(model, full, lay.tp_rank, lay.tp_size)
     return model.eval()
-
-
-def _forward_step(data_iterator, model):
-    from functools import partial
-
-    batch = next(data_iterator)
-    if "packed" in batch:
-        p = batch["packed"]
-        out = model(p.input_ids, p.position_ids, None, packed_seq_params=p.packed_seq_params(),
-                    runtime_gather_output=True)
-    else:
-        out = model(batch["input_ids"], batch["position_ids"], batch["mask_4d"], runtime_gather_output=True)
-    return out, partial(_keep, batch)
-
-
-def _keep(batch, logits):
-    return logits.sum() * 0.0, {"logits": logits.detach()[..., :VOCAB].clone()}
-
-
-def _run(model, batches, seq_length):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    with torch.no_grad():
-        out = get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter(batches),
-                                          model=[model], num_microbatches=len(batches), seq_length=seq_length,
-                                          micro_batch_size=1, forward_only=True)
-    return [o["logits"] for o in out] if out else []
 
 
 def _grads(model, packed):
