@@ -647,6 +647,23 @@ def check_gad_steps(rec: Recorder, smoke: bool) -> None:
                wall_incl_build_s=wall, d_acc=",".join(f"{r.get('critic/d_acc', math.nan):.3f}" for r in rows))
 
 
+def throughput_model(gpu: bool):
+    """(arch, batch, sequence length, timed repetitions) of the throughput rows (``throughput`` here,
+    ``vs_transformers`` in gpu_checks_attention.py: the same model and batch): a random ~1B Llama on a GPU,
+    a tiny one (GQA) for --smoke."""
+    from megatron_gad.models.arch import Arch
+
+    if gpu:
+        arch = Arch(model_type="llama", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16,
+                    ffn_hidden_size=5632, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False, head_dim=128)
+        return arch, 2, 2048, 8
+    arch = Arch(model_type="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                ffn_hidden_size=128, vocab_size=256, max_position_embeddings=256, rope_theta=10000.0,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False, head_dim=16)
+    return arch, 2, 128, 2
+
+
 def check_throughput(rec: Recorder, smoke: bool) -> None:
     """Forward+backward of a random Llama-like model in bf16 (Megatron local spec: unfused
     attention, no TE), fixed-length rows: tokens/s, model TFLOP/s (6 N + 12 L H S per token, N without
@@ -655,20 +672,10 @@ def check_throughput(rec: Recorder, smoke: bool) -> None:
     something is badly wrong: fp32 math, host syncs, a CPU path). Smoke: a tiny model, reported only."""
     import torch
 
-    from megatron_gad.models.arch import Arch
     from megatron_gad.models.build import build_model
 
     gpu = torch.cuda.is_available()
-    if gpu:
-        arch = Arch(model_type="llama", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16,
-                    ffn_hidden_size=5632, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False, head_dim=128)
-        B, S, reps = 2, 2048, 8
-    else:
-        arch = Arch(model_type="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-                    ffn_hidden_size=128, vocab_size=256, max_position_embeddings=256, rope_theta=10000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False, head_dim=16)
-        B, S, reps = 2, 128, 2
+    arch, B, S, reps = throughput_model(gpu)
     with _megatron_process():
         from megatron_gad.parallel import state
 

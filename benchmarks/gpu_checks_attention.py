@@ -158,20 +158,10 @@ def check_vs_transformers(rec, smoke: bool) -> None:
     import gpu_check as gc
     import torch
 
-    from megatron_gad.models.arch import Arch
     from megatron_gad.models.build import build_model
 
     gpu = torch.cuda.is_available()
-    if gpu:
-        arch = Arch(model_type="llama", hidden_size=2048, num_layers=16, num_heads=16, num_kv_heads=16,
-                    ffn_hidden_size=5632, vocab_size=32000, max_position_embeddings=4096, rope_theta=10000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False, head_dim=128)
-        B, S, reps = 2, 2048, 8
-    else:
-        arch = Arch(model_type="llama", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                    ffn_hidden_size=128, vocab_size=256, max_position_embeddings=256, rope_theta=10000.0,
-                    rms_norm_eps=1e-5, tie_word_embeddings=False, qkv_bias=False, head_dim=16)
-        B, S, reps = 2, 128, 2
+    arch, B, S, reps = gc.throughput_model(gpu)  # the `throughput` row's model and batch
     dev = gc._device()
     ids = torch.randint(0, arch.vocab_size, (B, S), device=dev)
     pos = torch.arange(S, device=dev)[None].expand(B, S)
