@@ -131,7 +131,8 @@ def _shard(role, path, spec: str, seed: int, with_optimizer: bool):
 
     original = build.layer_spec
     if spec != "local":  # layer_spec is read only while building the model
-        build.layer_spec = lambda arch: _te_like_spec(attn_extra_state=spec == "te_attn_extra")
+        extra = spec == "te_attn_extra"
+        build.layer_spec = lambda arch, attention_backend="auto": _te_like_spec(attn_extra_state=extra)
     try:
         shard = ModelShard(role, path, 1, 1, seed=seed)
     finally:
